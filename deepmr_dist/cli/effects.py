@@ -1,0 +1,29 @@
+"""``deepmr effects``: mutation effects and standard errors from a run store."""
+
+from __future__ import annotations
+
+import argparse
+
+from deepmr_dist.cluster import connect
+from deepmr_dist.effects import write_effects
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "effects",
+        help="compute effect and effect_se (covariance-aware) into the store's 'effects' group",
+    )
+    p.add_argument("--store", required=True, help="run store written by `deepmr predict`")
+    p.add_argument("--ddof", type=int, choices=(0, 1), default=0, help="0 as the paper (default) or 1")
+    p.add_argument("--cluster", default="local", help="'local' (default) or a scheduler address")
+    p.add_argument("--n-workers", type=int, help="workers of the local cluster")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=run_effects)
+
+
+def run_effects(args: argparse.Namespace) -> int:
+    with connect(args.cluster, n_workers=args.n_workers, verbose=not args.quiet):
+        effects = write_effects(args.store, ddof=args.ddof)
+    sizes = ", ".join(f"{k}={v}" for k, v in effects.sizes.items())
+    print(f"{args.store}: wrote group 'effects' ({sizes}, ddof={args.ddof})")
+    return 0

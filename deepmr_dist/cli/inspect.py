@@ -1,0 +1,34 @@
+"""``deepmr inspect``: what a run store holds and how far its run got."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from deepmr_dist import schema
+from deepmr_dist.store import FINGERPRINT_ATTR, open_run
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("inspect", help="summarise a run store: groups, sizes, completion, provenance")
+    p.add_argument("store", help="run store")
+    p.set_defaults(func=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    groups = open_run(args.store)
+    ism = groups[schema.ISM]
+    done = int(ism["complete"].sum().compute())
+    n = ism.sizes["locus"]
+    print(f"run store {args.store}")
+    print(f"  ISM complete: {done}/{n} loci ({100.0 * done / n:.1f} %)")
+    print(f"  tasks: {', '.join(map(str, ism.task.values))}; members: {ism.sizes['member']}; length: {ism.sizes['position']} bp")
+    for name, ds in groups.items():
+        print(f"\n[{name}]")
+        print("  dims: " + ", ".join(f"{k}={v}" for k, v in ds.sizes.items()))
+        for var in ds.data_vars.values():
+            chunks = var.data.chunksize if hasattr(var.data, "chunksize") else var.shape
+            print(f"  {var.name:<10} {str(var.dims):<50} {str(var.dtype):<8} {var.nbytes / 2**20:10.2f} MiB  chunks {chunks}")
+    provenance = {k: v for k, v in ism.attrs.items() if k != FINGERPRINT_ATTR}
+    print("\nprovenance:\n" + json.dumps(provenance, indent=2, default=str))
+    return 0

@@ -1,0 +1,102 @@
+"""Stage 2: mutation effects with covariance-aware standard errors, lazily.
+
+For member i, mutant m and reference r of one locus and task,
+``d_i = f_i(m) - f_i(r)``; ``effect = mean_i d_i`` and ``effect_se = sd_i d_i``,
+which equals ``sqrt(var(f(m)) + var(f(r)) - 2 cov(f(m), f(r)))`` across members.
+Computing the SD of the differences directly (in float64) avoids the
+cancellation of the three-term form; round-off below zero is clamped to 0.
+Everything is elementwise within a locus chunk, so the dask graph is
+blockwise along ``locus`` and memory stays proportional to one chunk.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from deepmr_dist import schema, store
+from deepmr_dist.errors import DeepMRError, StoreError
+
+
+def compute_effects(ism: xr.Dataset, *, ddof: int = 0) -> xr.Dataset:
+    """Mutation effects and their standard errors from an ``ism`` Dataset (lazy if ``ism`` is).
+
+    Parameters
+    ----------
+    ism
+        Dataset with ``ref_pred`` (locus, member, task) and ``mut_pred``
+        (locus, member, position, allele, task).
+    ddof
+        Delta degrees of freedom of the variance across members: 0 as the
+        paper, 1 for the unbiased sample variance.
+
+    Returns
+    -------
+    xr.Dataset
+        ``effect`` and ``effect_se`` (locus, position, allele, task), float64,
+        NaN at each position's reference allele.
+    """
+    if ddof not in (0, 1):
+        raise DeepMRError(f"ddof must be 0 or 1, got {ddof}")
+    n_members = ism.sizes["member"]
+    if n_members - ddof < 1:
+        raise DeepMRError(f"{n_members} member(s) cannot give a standard error with ddof={ddof}")
+    diff = ism["mut_pred"].astype(np.float64) - ism["ref_pred"].astype(np.float64)
+    effect = diff.mean("member", skipna=False)
+    var = ((diff - effect) ** 2).sum("member", skipna=False) / (n_members - ddof)
+    effect_se = np.sqrt(var.clip(min=0.0))
+    out = xr.Dataset(
+        {
+            "effect": effect.transpose(*schema.VARIABLES["effect"].dims),
+            "effect_se": effect_se.transpose(*schema.VARIABLES["effect_se"].dims),
+        }
+    )
+    for name in ("effect", "effect_se"):
+        out[name].attrs["description"] = schema.VARIABLES[name].description
+    out.attrs["ddof"] = ddof
+    out.attrs["n_members"] = n_members
+    return schema.validate(out, schema.EFFECTS)
+
+
+def write_effects(
+    path: str,
+    *,
+    ddof: int = 0,
+    storage_options: Mapping[str, Any] | None = None,
+    require_complete: bool = True,
+) -> xr.Dataset:
+    """Compute effects from the store's ``ism`` group and write them to its ``effects`` group.
+
+    The computation runs on the active Dask scheduler (a distributed client if
+    one is set), one locus chunk at a time per task.
+
+    Raises
+    ------
+    StoreError
+        If ISM predictions are missing for some loci (``require_complete``).
+    """
+    ism = store.open_run(path, storage_options=storage_options)[schema.ISM]
+    if require_complete:
+        done = ism["complete"].values
+        if not done.all():
+            missing = ism.locus.values[~done]
+            raise StoreError(
+                f"{path}: {missing.size} loci have no ISM predictions yet (first: {missing[0]!r}); "
+                "run `deepmr predict` on this store first"
+            )
+    effects = compute_effects(ism, ddof=ddof)
+    coords_to_drop = [c for c in effects.coords if c not in effects.dims and "locus" not in effects[c].dims]
+    effects = effects.drop_vars(coords_to_drop)
+    chunk_loci = ism["mut_pred"].data.chunksize[0]
+    effects.to_zarr(
+        path,
+        group=schema.EFFECTS,
+        mode="w",
+        consolidated=False,
+        encoding=store.encoding_for(effects, chunk_loci),
+        storage_options=storage_options,
+    )
+    return xr.open_zarr(path, group=schema.EFFECTS, consolidated=False, storage_options=storage_options)

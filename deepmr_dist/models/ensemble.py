@@ -1,0 +1,151 @@
+"""Ensemble members: loading, MC-dropout with frozen masks, fingerprints.
+
+A model spec is what a user passes as ``--model`` (repeatable):
+
+* a TorchScript file (``torch.jit.save``), one member per file, or
+* an entry point ``package.module:factory``; ``factory()`` returns one
+  ``torch.nn.Module`` or a list of them (one per member).
+
+With ``mc_dropout=N`` the spec must name exactly one Python model; its members
+are N copies whose ``nn.Dropout`` layers are replaced by :class:`FrozenDropout`
+masks, each mask fixed for the reference and every one of its mutants (so the
+covariance between mutant and reference predictions keeps its meaning).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from deepmr_dist.errors import InputError
+
+
+class FrozenDropout(nn.Module):
+    """Dropout with one mask, drawn once from a seed and reused for every input.
+
+    The mask covers one example (``x.shape[1:]``) and is broadcast over the
+    batch, so identical inputs give identical outputs.
+    """
+
+    def __init__(self, p: float, seed: int) -> None:
+        super().__init__()
+        self.p = float(p)
+        self.seed = int(seed)
+        self._masks: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+
+    def mask(self, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """The frozen mask (scaled by 1/(1-p)) for one example of ``shape``."""
+        key = (shape, device)
+        if key not in self._masks:
+            generator = torch.Generator().manual_seed(self.seed)
+            keep = torch.rand(shape, generator=generator) >= self.p
+            self._masks[key] = (keep.to(torch.float32) / (1.0 - self.p)).to(device)
+        return self._masks[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.mask(tuple(x.shape[1:]), x.device).to(x.dtype)
+
+
+def freeze_dropout(model: nn.Module, seed: int) -> nn.Module:
+    """A copy of ``model`` (in eval mode) with every ``nn.Dropout`` replaced by a :class:`FrozenDropout`.
+
+    Raises
+    ------
+    InputError
+        If the model has no ``nn.Dropout`` layer (MC-dropout would give identical members).
+    """
+    member = copy.deepcopy(model).eval()
+    dropouts = [(name, m) for name, m in member.named_modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    if not dropouts:
+        raise InputError("MC-dropout needs a model with nn.Dropout layers, but this model has none")
+    for index, (name, module) in enumerate(dropouts):
+        parent_name, _, attr = name.rpartition(".")
+        parent = member.get_submodule(parent_name) if parent_name else member
+        setattr(parent, attr, FrozenDropout(module.p, seed=seed * 1_000_003 + index))
+    return member
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load as the ensemble.
+
+    Parameters
+    ----------
+    sources
+        TorchScript paths and/or ``package.module:factory`` entry points.
+    mc_dropout
+        Number of frozen dropout masks (0: the sources are the members).
+    mc_seed
+        Seed of the dropout masks.
+    """
+
+    sources: tuple[str, ...]
+    mc_dropout: int = 0
+    mc_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.sources:
+            raise InputError("no model given: pass --model at least once")
+        if self.mc_dropout < 0:
+            raise InputError(f"--mc-dropout must be >= 0, got {self.mc_dropout}")
+
+
+def _load_source(source: str) -> list[nn.Module]:
+    path = Path(source)
+    if path.is_file():
+        try:
+            return [torch.jit.load(str(path), map_location="cpu")]
+        except RuntimeError as exc:
+            raise InputError(
+                f"model file {source} is not a TorchScript archive (save members with torch.jit.save, "
+                f"or give an entry point package.module:factory): {str(exc).splitlines()[0]}"
+            ) from None
+    if ":" in source:
+        module_name, _, factory_name = source.partition(":")
+        try:
+            factory = getattr(importlib.import_module(module_name), factory_name)
+        except (ImportError, AttributeError) as exc:
+            raise InputError(f"cannot load model entry point {source!r}: {exc}") from None
+        built = factory()
+        members = list(built) if isinstance(built, (list, tuple)) else [built]
+        if not members or not all(isinstance(m, nn.Module) for m in members):
+            raise InputError(f"entry point {source!r} must return a torch.nn.Module or a list of them")
+        return members
+    raise InputError(f"model {source!r} is neither an existing TorchScript file nor an entry point package.module:factory")
+
+
+def load_members(spec: ModelSpec, device: torch.device | str = "cpu") -> list[nn.Module]:
+    """Load every ensemble member in eval mode on ``device``."""
+    members = [m for source in spec.sources for m in _load_source(source)]
+    if spec.mc_dropout:
+        if len(members) != 1:
+            raise InputError(f"--mc-dropout needs exactly one model, got {len(members)} members")
+        if isinstance(members[0], torch.jit.ScriptModule):
+            raise InputError("--mc-dropout needs a Python model (an entry point), not a TorchScript archive")
+        members = [freeze_dropout(members[0], seed=spec.mc_seed * 10_007 + i) for i in range(spec.mc_dropout)]
+    return [m.to(device).eval() for m in members]
+
+
+def member_names(spec: ModelSpec, n_members: int) -> list[str]:
+    """Names of the ``member`` coordinate."""
+    prefix = "mask" if spec.mc_dropout else "member"
+    return [f"{prefix}{i}" for i in range(n_members)]
+
+
+def fingerprint(members: Sequence[nn.Module], spec: ModelSpec) -> str:
+    """A SHA-256 over every member's parameters and buffers and the MC-dropout settings."""
+    digest = hashlib.sha256(f"mc_dropout={spec.mc_dropout};mc_seed={spec.mc_seed}".encode())
+    for member in members:
+        digest.update(type(member).__name__.encode())
+        for name, tensor in member.state_dict().items():
+            digest.update(name.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,303 @@
+"""Stage 1: distributed saturation mutagenesis into the run store.
+
+The client validates inputs and the model, writes the store's template, then
+submits one Dask task per incomplete locus chunk. Each task runs on a worker
+(requesting ``GPU=1`` on GPU clusters), loads the ensemble once per worker
+through :data:`deepmr_dist.cluster.MODEL_CACHE`, predicts its chunk on the
+device and writes it with one chunk-aligned region write, ``complete`` last.
+Rerunning on the same store computes only the chunks that are not complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import xarray as xr
+from distributed import Client, as_completed
+
+from deepmr_dist import __version__, store
+from deepmr_dist.cluster import MODEL_CACHE, task_resources, worker_device
+from deepmr_dist.errors import DeepMRError, ModelOutputError, StoreError
+from deepmr_dist.ism.engine import make_runner, saturation_mutagenesis
+from deepmr_dist.models.ensemble import ModelSpec, fingerprint, load_members, member_names
+from deepmr_dist.models.heads import OutputHead
+from deepmr_dist.sequence import N_CODE, codes_to_onehot
+
+
+@dataclass(frozen=True)
+class ISMSettings:
+    """How predictions are made; part of the store's fingerprint.
+
+    Parameters
+    ----------
+    head
+        Reads task predictions from the model output.
+    chunk_loci
+        Loci per store chunk and per Dask task.
+    mutant_batch
+        Mutants per forward pass on the device.
+    incremental
+        Recompute only the positions a mutation touches where the model allows it (exact either way).
+    """
+
+    head: OutputHead = OutputHead()
+    chunk_loci: int = 16
+    mutant_batch: int = 2048
+    incremental: bool = True
+
+    def __post_init__(self) -> None:
+        if self.chunk_loci < 1:
+            raise DeepMRError(f"chunk size must be >= 1 locus, got {self.chunk_loci}")
+        if self.mutant_batch < 1:
+            raise DeepMRError(f"mutant batch must be >= 1, got {self.mutant_batch}")
+
+
+@dataclass(frozen=True)
+class PredictReport:
+    """What a ``predict`` call did."""
+
+    store: str
+    n_loci: int
+    n_chunks: int
+    chunks_computed: int
+    mutant_predictions: int
+    seconds: float
+
+    @property
+    def rate(self) -> float:
+        """Mutant predictions per second of wall time."""
+        return self.mutant_predictions / self.seconds if self.seconds > 0 else float("nan")
+
+
+def _ensemble(spec: ModelSpec, model_fp: str, length: int, incremental: bool) -> list[Any]:
+    device = worker_device()
+
+    def load() -> list[Any]:
+        return [make_runner(m, length, incremental=incremental) for m in load_members(spec, device)]
+
+    return MODEL_CACHE.get((model_fp, str(device), length, incremental), load)
+
+
+def check_predictions(
+    ref_pred: np.ndarray, mut_pred: np.ndarray, codes: np.ndarray, locus_ids: np.ndarray
+) -> None:
+    """Raise :class:`ModelOutputError` naming the first locus with a non-finite prediction.
+
+    ``mut_pred`` is NaN by design at each position's reference allele; every other entry must be finite.
+    """
+    identity = np.zeros(mut_pred.shape[0:1] + mut_pred.shape[2:4], dtype=bool)
+    rows, cols = np.nonzero(codes != N_CODE)
+    identity[rows, cols, codes[rows, cols]] = True
+    bad_mut = ~np.isfinite(mut_pred) & ~identity[:, None, :, :, None]
+    bad = ~np.isfinite(ref_pred).all(axis=(1, 2)) | bad_mut.any(axis=(1, 2, 3, 4))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ModelOutputError(
+            f"the model predicted NaN or inf for locus {locus_ids[i]!r} ({int(bad.sum())} locus/loci affected)"
+        )
+
+
+def predict_chunk(
+    path: str,
+    start: int,
+    stop: int,
+    spec: ModelSpec,
+    model_fp: str,
+    settings: ISMSettings,
+    storage_options: Mapping[str, Any] | None = None,
+    threads: int | None = None,
+) -> int:
+    """Dask task: predict loci ``start:stop`` of the store at ``path`` and write them. Returns the locus count."""
+    if threads:
+        torch.set_num_threads(threads)
+    codes = store.read_sequences(path, start, stop, storage_options)
+    runners = _ensemble(spec, model_fp, codes.shape[1], settings.incremental)
+    device = worker_device()
+    x = codes_to_onehot(torch.from_numpy(codes).to(device))
+    ref, mut = saturation_mutagenesis(runners, settings.head, x, mutant_batch=settings.mutant_batch)
+    ref_np, mut_np = ref.cpu().numpy(), mut.cpu().numpy()
+    check_predictions(ref_np, mut_np, codes, store.read_locus_ids(path, start, stop, storage_options))
+    store.write_ism_chunk(path, start, ref_np, mut_np, storage_options)
+    return stop - start
+
+
+def predict_in_memory(loci: xr.Dataset, spec: ModelSpec, settings: ISMSettings = ISMSettings()) -> xr.Dataset:
+    """The ``ism`` group for ``loci`` computed in this process, without a cluster or a store."""
+    members = load_members(spec, worker_device())
+    runners = [make_runner(m, loci.sizes["position"], incremental=settings.incremental) for m in members]
+    codes = loci["sequence"].values
+    x = codes_to_onehot(torch.from_numpy(codes).to(worker_device()))
+    ref, mut = saturation_mutagenesis(runners, settings.head, x, mutant_batch=settings.mutant_batch)
+    ref_np, mut_np = ref.cpu().numpy(), mut.cpu().numpy()
+    check_predictions(ref_np, mut_np, codes, loci.locus.values)
+    tasks = settings.head.names(_n_outputs(members[0], settings.head, loci))
+    template = store.ism_template(loci, member_names(spec, len(members)), tasks, settings.chunk_loci)
+    return template.assign(
+        ref_pred=(template.ref_pred.dims, ref_np),
+        mut_pred=(template.mut_pred.dims, mut_np),
+        complete=(("locus",), np.ones(loci.sizes["locus"], dtype=bool)),
+    )
+
+
+def _n_outputs(member: torch.nn.Module, head: OutputHead, loci: xr.Dataset) -> int:
+    """Number of model outputs before task selection, from one reference forward pass."""
+    x = codes_to_onehot(torch.from_numpy(loci["sequence"].values[:1]).to(worker_device()))
+    with torch.inference_mode():
+        raw = member(x)
+    all_tasks = OutputHead(head.output_index, head.profile_axis, None, "none")(raw, 1)
+    return int(all_tasks.shape[1])
+
+
+def _validate_model(members: list[torch.nn.Module], head: OutputHead, loci: xr.Dataset) -> list[str]:
+    """Run each member on the first locus through the head; return the task names."""
+    x = codes_to_onehot(torch.from_numpy(loci["sequence"].values[:1]).to(worker_device()))
+    with torch.inference_mode():
+        for i, member in enumerate(members):
+            pred = head(member(x), 1)
+            if not torch.isfinite(pred).all():
+                raise ModelOutputError(
+                    f"member {i} predicted NaN or inf for locus {loci.locus.values[0]!r}"
+                )
+    return head.names(_n_outputs(members[0], head, loci))
+
+
+def run_fingerprint(model_fp: str, loci: xr.Dataset, settings: ISMSettings) -> str:
+    """SHA-256 over the model, the sequences with their ids, and the ISM settings."""
+    digest = hashlib.sha256(model_fp.encode())
+    digest.update(np.ascontiguousarray(loci["sequence"].values).tobytes())
+    digest.update("\n".join(map(str, loci.locus.values)).encode())
+    digest.update(json.dumps(asdict(settings), sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def predict(
+    loci: xr.Dataset,
+    spec: ModelSpec,
+    path: str,
+    *,
+    client: Client,
+    settings: ISMSettings = ISMSettings(),
+    overwrite: bool = False,
+    progress: bool = True,
+    storage_options: Mapping[str, Any] | None = None,
+) -> PredictReport:
+    """Predict every locus and mutant into the run store at ``path`` on the cluster of ``client``.
+
+    Parameters
+    ----------
+    loci
+        Sequences (see :mod:`deepmr_dist.sequence`).
+    spec
+        The ensemble.
+    path
+        Store location (a directory or an fsspec URL).
+    client
+        Dask client of the cluster that runs the ISM tasks.
+    settings
+        Head, chunking and batching.
+    overwrite
+        Replace a store made by another model, other inputs or other settings (otherwise refused).
+    progress
+        Show a progress bar on stderr.
+
+    Raises
+    ------
+    StoreError
+        If ``path`` holds a store of a different run and ``overwrite`` is False.
+    ModelOutputError
+        If the model's output does not fit the head or is not finite (a store created by this call is removed).
+    """
+    t0 = time.perf_counter()
+    members = load_members(spec, worker_device())
+    tasks = _validate_model(members, settings.head, loci)
+    model_fp = fingerprint(members, spec)
+    run_fp = run_fingerprint(model_fp, loci, settings)
+    exists = store.store_exists(path, storage_options)
+    same_run = exists and store.read_fingerprint(path, storage_options) == run_fp
+    if exists and not same_run and not overwrite:
+        raise StoreError(
+            f"{path} was made by a different model, inputs or settings; "
+            "use another store or pass --overwrite to replace it"
+        )
+    created = not same_run
+    if created:
+        attrs = {
+            "deepmr_version": __version__,
+            "torch_version": torch.__version__,
+            "model_sources": list(spec.sources),
+            "mc_dropout": spec.mc_dropout,
+            "model_fingerprint": model_fp,
+            "settings": asdict(settings),
+        }
+        template = store.ism_template(loci, member_names(spec, len(members)), tasks, settings.chunk_loci)
+        store.create_store(
+            path, template, fingerprint=run_fp, attrs=attrs, chunk_loci=settings.chunk_loci, storage_options=storage_options
+        )
+    todo = store.incomplete_chunks(path, storage_options)
+    n_loci, chunk = store.ism_chunking(path, storage_options)
+    try:
+        _run_chunks(client, todo, path, spec, model_fp, settings, storage_options, progress)
+    except DeepMRError:
+        if created:
+            store.remove_store(path, storage_options)
+        raise
+    n_todo_loci = sum(b - a for a, b in todo)
+    length = loci.sizes["position"]
+    return PredictReport(
+        store=path,
+        n_loci=n_loci,
+        n_chunks=len(store.chunk_bounds(n_loci, chunk)),
+        chunks_computed=len(todo),
+        mutant_predictions=n_todo_loci * len(members) * 3 * length,
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def _run_chunks(
+    client: Client,
+    chunks: list[tuple[int, int]],
+    path: str,
+    spec: ModelSpec,
+    model_fp: str,
+    settings: ISMSettings,
+    storage_options: Mapping[str, Any] | None,
+    progress: bool,
+) -> None:
+    if not chunks:
+        return
+    from tqdm.auto import tqdm
+
+    resources = task_resources(client)
+    futures = [
+        client.submit(
+            predict_chunk,
+            path,
+            a,
+            b,
+            spec,
+            model_fp,
+            settings,
+            storage_options,
+            key=f"ism-{model_fp[:8]}-{a}",
+            resources=resources,
+            pure=False,
+            retries=1,
+        )
+        for a, b in chunks
+    ]
+    total = sum(b - a for a, b in chunks)
+    with tqdm(total=total, unit="locus", desc="ISM", disable=not progress, file=sys.stderr) as bar:
+        try:
+            for future in as_completed(futures):
+                bar.update(future.result())
+        except BaseException:
+            client.cancel(futures)
+            raise
