@@ -187,7 +187,7 @@ def read_bed_regions(bed: str | Path, genome: str | Path, width: int) -> xr.Data
                 )
             codes[i] = encode(fasta[chrom][int(s) : int(e)], name=f"{chrom}:{s}-{e}", source=str(genome))
     intervals = pd.DataFrame({"chrom": regions["chrom"], "start": starts, "end": ends})
-    ids = [n if n is not None else f"{c}:{s}-{e}" for n, c, s, e in zip(regions["name"], regions["chrom"], starts, ends)]
+    ids = [n if isinstance(n, str) else f"{c}:{s}-{e}" for n, c, s, e in zip(regions["name"], regions["chrom"], starts, ends)]
     return sequences_dataset(codes, ids, intervals=intervals)
 
 

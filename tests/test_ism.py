@@ -1,0 +1,170 @@
+"""The ISM engine against brute force: explicitly built mutant sequences predicted one by one."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from deepmr_dist.ism.engine import FullRecompute, apply_mutations, mutation_list, saturation_mutagenesis
+from deepmr_dist.models.architectures import SimulationCNN
+from deepmr_dist.models.ensemble import ModelSpec, freeze_dropout, load_members
+from deepmr_dist.models.heads import OutputHead
+
+BASES = "ACGT"
+
+
+def _onehot(seq: str) -> np.ndarray:
+    """Independent one-hot: rows A, C, G, T; N is the zero column."""
+    x = np.zeros((4, len(seq)), dtype=np.float32)
+    for j, base in enumerate(seq):
+        if base in BASES:
+            x[BASES.index(base), j] = 1.0
+    return x
+
+
+def _random_seqs(n: int, length: int, seed: int, with_n: bool = False) -> list[str]:
+    rng = np.random.default_rng(seed)
+    seqs = ["".join(rng.choice(list(BASES), length)) for _ in range(n)]
+    if with_n:
+        s = list(seqs[0])
+        s[0] = "N"
+        s[length // 2] = "N"
+        seqs[0] = "".join(s)
+    return seqs
+
+
+def brute_force(members: list[nn.Module], head: OutputHead, seqs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Predict every reference and every explicitly written mutant sequence, one locus at a time."""
+    length = len(seqs[0])
+    ref = None
+    mut = None
+    with torch.no_grad():
+        for i, seq in enumerate(seqs):
+            for m, member in enumerate(members):
+                r = head(member(torch.from_numpy(_onehot(seq)[None])), 1).numpy()[0]
+                if ref is None:
+                    ref = np.zeros((len(seqs), len(members), r.size))
+                    mut = np.full((len(seqs), len(members), length, 4, r.size), np.nan)
+                ref[i, m] = r
+                batch, slots = [], []
+                for p in range(length):
+                    for b, base in enumerate(BASES):
+                        if seq[p] != base:
+                            batch.append(_onehot(seq[:p] + base + seq[p + 1 :]))
+                            slots.append((p, b))
+                out = head(member(torch.from_numpy(np.stack(batch))), len(batch)).numpy()
+                for (p, b), row in zip(slots, out):
+                    mut[i, m, p, b] = row
+    return ref, mut
+
+
+def engine(members: list[nn.Module], head: OutputHead, seqs: list[str], **kw) -> tuple[np.ndarray, np.ndarray]:
+    x = torch.from_numpy(np.stack([_onehot(s) for s in seqs]))
+    ref, mut = saturation_mutagenesis([FullRecompute(m) for m in members], head, x, **kw)
+    return ref.numpy(), mut.numpy()
+
+
+def _check(members, head, seqs, **kw):
+    ref_e, mut_e = engine(members, head, seqs, **kw)
+    ref_b, mut_b = brute_force(members, head, seqs)
+    np.testing.assert_allclose(ref_e, ref_b, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(np.isnan(mut_e), np.isnan(mut_b))
+    np.testing.assert_allclose(mut_e, mut_b, rtol=1e-5, atol=1e-5)
+    return ref_e, mut_e
+
+
+class SmallConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 8, 5, padding=2)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.conv(x)).max(dim=-1).values)
+
+
+class ProfileModel(nn.Module):
+    """Returns (profile (batch, 2, L), counts (batch, 2)) like BPNet."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 2, 7, padding=3)
+        self.lin = nn.Linear(4 * 30, 2)
+
+    def forward(self, x):
+        return torch.nn.functional.softplus(self.conv(x)), self.lin(x.flatten(1))
+
+
+def test_ism__small_conv_matches_brute_force():
+    torch.manual_seed(0)
+    _check([SmallConv().eval()], OutputHead(), _random_seqs(3, 25, 1))
+
+
+def test_ism__batchnorm_dropout_in_eval_mode_match_brute_force():
+    torch.manual_seed(1)
+    model = SimulationCNN(length=40, dropout=0.3)
+    for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm1d)):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    _check([model.eval()], OutputHead(), _random_seqs(2, 40, 2))
+
+
+def test_ism__ensemble_of_three_with_n_positions_and_small_batches():
+    members = load_members(ModelSpec(("deepmr_dist.models.examples:simulation_ensemble",)))
+    seqs = _random_seqs(3, 100, 3, with_n=True)
+    _, mut = _check(members, OutputHead(), seqs, mutant_batch=97)
+    # identity edits are NaN; at N positions all four bases are mutants
+    assert not np.isnan(mut[0, :, 0]).any()
+    assert np.isnan(mut[1]).sum() == 3 * 100 * 2  # members x positions x tasks
+    assert mut.shape == (3, 3, 100, 4, 2)
+
+
+def test_ism__tuple_and_profile_outputs_through_heads():
+    torch.manual_seed(2)
+    model = ProfileModel().eval()
+    seqs = _random_seqs(2, 30, 4)
+    _check([model], OutputHead(output_index=0, profile_axis=-1, transform="log1p"), seqs)
+    _check([model], OutputHead(output_index=1, tasks=(1,)), seqs)
+
+
+def test_ism__mc_dropout_masks_are_frozen_and_match_brute_force():
+    torch.manual_seed(3)
+    spec = ModelSpec(("deepmr_dist.models.examples:simulation_cnn_with_dropout",), mc_dropout=3, mc_seed=5)
+    members = load_members(spec)
+    seqs = _random_seqs(2, 100, 5)
+    ref, _ = _check(members, OutputHead(), seqs)
+    assert not np.allclose(ref[:, 0], ref[:, 1]), "different masks must give different members"
+    # a mutant equal to its reference gives exactly zero difference under a frozen mask
+    x = torch.from_numpy(np.stack([_onehot(seqs[0])] * 2 + [_onehot(seqs[1])]))
+    with torch.inference_mode():
+        for member in members:
+            out = member(x)
+            assert torch.equal(out[0], out[1])
+
+
+def test_freeze_dropout__same_seed_same_mask_and_no_dropout_is_an_error():
+    from deepmr_dist.errors import InputError
+    from deepmr_dist.models.examples import simulation_cnn_with_dropout, simulation_ensemble
+
+    a, b = freeze_dropout(simulation_cnn_with_dropout(), 1), freeze_dropout(simulation_cnn_with_dropout(), 1)
+    x = torch.from_numpy(np.stack([_onehot(s) for s in _random_seqs(2, 100, 6)]))
+    with torch.inference_mode():
+        assert torch.equal(a(x), b(x))
+    with pytest.raises(InputError, match="has none"):
+        freeze_dropout(simulation_ensemble(1)[0], 1)
+
+
+def test_mutation_list__skips_identity_and_orders_by_locus_position_base():
+    x = torch.from_numpy(np.stack([_onehot("ACGN"), _onehot("TTTT")]))
+    locus, position, base = mutation_list(x)
+    assert locus.shape[0] == 3 * 3 + 4 + 3 * 4
+    keys = list(zip(locus.tolist(), position.tolist(), base.tolist()))
+    assert keys == sorted(keys)
+    assert (0, 0, 0) not in keys and (0, 3, 0) in keys
+    mutants = apply_mutations(x, locus, position, base)
+    changed = (mutants != x[locus]).any(dim=1)  # (mutant, position)
+    assert torch.equal(changed.sum(dim=1), torch.ones(locus.shape[0], dtype=torch.long))
+    assert torch.equal(changed.float().argmax(dim=1), position)
+    assert torch.equal(mutants[torch.arange(locus.shape[0]), :, position].argmax(dim=1), base)
