@@ -1,0 +1,347 @@
+"""Stages 3 and 4: local causal effects per locus (MR) and global ones (meta-analysis).
+
+:func:`local_ce` runs blockwise over the ``locus`` chunks of a (lazy) effects
+Dataset: each block holds every candidate instrument of its loci, so it is
+read once, every requested (exposure, outcome) pair is estimated from it by
+the numpy kernels of :mod:`deepmr_dist.mr`, and memory stays per block.
+:func:`global_ce` meta-analyses the local estimates of each (pair, method)
+across loci with :func:`deepmr_dist.meta.meta_analysis`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from deepmr_dist import instruments
+from deepmr_dist.errors import InputError
+from deepmr_dist.meta import META_METHODS, META_REASONS, meta_analysis
+
+__all__ = [
+    "GLOBAL_VARIABLES",
+    "LOCAL_VARIABLES",
+    "compact_instruments",
+    "global_ce",
+    "local_ce",
+    "pair_label",
+]
+
+LOCAL_VARIABLES: dict[str, str] = {
+    "local_ce": "estimate",
+    "local_se": "se",
+    "ci_lower": "ci_lower",
+    "ci_upper": "ci_upper",
+    "pvalue": "pvalue",
+    "intercept": "intercept",
+    "intercept_se": "intercept_se",
+    "intercept_pvalue": "intercept_pvalue",
+    "q": "q",
+    "i2gx": "i2gx",
+}
+"""Float variables of :func:`local_ce` and the ``MRResult`` field each comes from."""
+
+GLOBAL_VARIABLES: dict[str, str] = {
+    "global_ce": "estimate",
+    "global_se": "se",
+    "ci_lower": "ci_lower",
+    "ci_upper": "ci_upper",
+    "pvalue": "pvalue",
+    "tau2": "tau2",
+    "i2": "i2",
+    "h2": "h2",
+    "q": "q",
+    "q_pvalue": "q_pvalue",
+    "pi_lower": "pi_lower",
+    "pi_upper": "pi_upper",
+}
+"""Float variables of :func:`global_ce` and the ``MetaResult`` field each comes from."""
+
+_DIMS = ("pair", "locus", "method")
+_CANDIDATE_DIMS = ("position", "allele")
+
+
+def pair_label(exposure: str, outcome: str) -> str:
+    """The ``pair`` coordinate value: ``"EXPOSURE->OUTCOME"``."""
+    return f"{exposure}->{outcome}"
+
+
+def compact_instruments(mask: np.ndarray, *arrays: np.ndarray) -> list[np.ndarray]:
+    """Move the instruments of each row to the front, NaN-pad, and cut to the widest row.
+
+    Parameters
+    ----------
+    mask : ndarray of bool, shape (n, m)
+        True for instruments.
+    *arrays : ndarray, shape (n, m)
+
+    Returns
+    -------
+    list of ndarray, each float64 of shape ``(n, max(1, max_k))``; instruments
+    keep their order within the row.
+    """
+    counts = mask.sum(axis=1)
+    width = max(int(counts.max(initial=0)), 1)
+    order = np.argsort(~mask, axis=1, kind="stable")[:, :width]
+    keep = np.take_along_axis(mask, order, axis=1)
+    out = []
+    for arr in arrays:
+        picked = np.take_along_axis(np.asarray(arr, dtype=np.float64), order, axis=1)
+        out.append(np.where(keep, picked, np.nan))
+    if mask.shape[1] == 0:  # no candidates at all: one all-NaN column
+        out = [np.full((mask.shape[0], 1), np.nan) for _ in arrays]
+    return out
+
+
+# --------------------------------------------------------------------------- local CE
+
+
+def _check_pairs(effects: xr.Dataset, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+    pairs = [(str(e), str(o)) for e, o in pairs]
+    if not pairs:
+        raise ValueError("local_ce: no (exposure, outcome) pairs given")
+    labels = [pair_label(e, o) for e, o in pairs]
+    dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if dupes:
+        raise ValueError(f"local_ce: duplicate pair(s) {', '.join(dupes)}")
+    instruments.check_tasks(effects, sorted({t for pair in pairs for t in pair}))
+    return pairs
+
+
+def _check_methods(methods: Sequence[str]) -> list[str]:
+    from deepmr_dist.mr import METHODS
+
+    methods = list(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(
+            f"unknown MR method(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
+            f"valid: {', '.join(METHODS)}"
+        )
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"duplicate MR methods in {methods}")
+    return methods
+
+
+def _check_effects(effects: xr.Dataset) -> None:
+    for name in ("effect", "effect_se"):
+        if name not in effects:
+            raise InputError(f"effects dataset lacks variable {name!r}")
+        dims = set(effects[name].dims)
+        if dims != {"locus", "position", "allele", "task"}:
+            raise InputError(
+                f"effects/{name} has dims {effects[name].dims}, expected (locus, position, allele, task)"
+            )
+
+
+def _reason_dtype() -> np.dtype:
+    """Fixed-width unicode dtype wide enough for every MR reason code.
+
+    A fixed width (not ``object``) lets Zarr writes stay lazy: xarray would
+    otherwise load an object-dtype dask array to pick a string encoding.
+    """
+    from deepmr_dist.mr import REASONS
+
+    return np.dtype(f"<U{max(1, *(len(code) for code in REASONS))}")
+
+
+def _as_reasons(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    values = np.asarray(values, dtype=object)
+    width = max((len(str(v)) for v in values), default=0)
+    if width > dtype.itemsize // 4:
+        raise RuntimeError(f"MR kernel returned an unregistered reason code among {sorted(set(values))}")
+    return values.astype(dtype)
+
+
+def _block_local_ce(
+    block: xr.Dataset,
+    *,
+    pairs: list[tuple[str, str]],
+    methods: list[str],
+    rule: str,
+    threshold: float,
+    stats: dict[str, tuple[float, float]],
+    mr_options: dict[str, Any],
+) -> xr.Dataset:
+    """MR of every pair on one locus block (numpy in, numpy out)."""
+    from deepmr_dist.mr import estimate
+
+    order = ("locus", *_CANDIDATE_DIMS, "task")
+    eff = np.asarray(block["effect"].transpose(*order).values, dtype=np.float64)
+    ses = np.asarray(block["effect_se"].transpose(*order).values, dtype=np.float64)
+    n_loci, n_pos, n_all, n_task = eff.shape
+    eff = eff.reshape(n_loci, n_pos * n_all, n_task)
+    ses = ses.reshape(n_loci, n_pos * n_all, n_task)
+    tasks = [str(t) for t in block["task"].values]
+    shape = (len(pairs), n_loci, len(methods))
+    out = {name: np.full(shape, np.nan) for name in LOCAL_VARIABLES}
+    n_inst = np.zeros(shape, dtype=np.int64)
+    reason_dtype = _reason_dtype()
+    reason = np.full(shape, "", dtype=reason_dtype)
+    for p, (exposure, outcome) in enumerate(pairs):
+        ie, io = tasks.index(exposure), tasks.index(outcome)
+        center, scale = stats.get(exposure, (np.nan, np.nan))
+        mask = instruments.instrument_mask(eff[:, :, ie], ses[:, :, ie], rule, threshold, center, scale)
+        bx, bxse, by, byse = compact_instruments(
+            mask, eff[:, :, ie], ses[:, :, ie], eff[:, :, io], ses[:, :, io]
+        )
+        results = estimate(bx, bxse, by, byse, methods=tuple(methods), **mr_options)
+        for m, method in enumerate(methods):
+            res = results[method]
+            for name, field in LOCAL_VARIABLES.items():
+                out[name][p, :, m] = np.asarray(getattr(res, field), dtype=np.float64)
+            n_inst[p, :, m] = np.nan_to_num(np.asarray(res.n, dtype=np.float64), nan=0.0).astype(np.int64)
+            reason[p, :, m] = _as_reasons(res.reason, reason_dtype)
+    coords = {"locus": block["locus"].values}
+    data_vars = {name: (_DIMS, arr) for name, arr in out.items()}
+    data_vars["n_instruments"] = (_DIMS, n_inst)
+    data_vars["reason"] = (_DIMS, reason)
+    return xr.Dataset(data_vars, coords=coords)
+
+
+def _template(effects: xr.Dataset, n_pairs: int, n_methods: int) -> xr.Dataset:
+    locus_chunks = effects["effect"].chunksizes["locus"]
+    chunks = ((n_pairs,), locus_chunks, (n_methods,))
+    shape = (n_pairs, sum(locus_chunks), n_methods)
+    data_vars = {name: (_DIMS, da.empty(shape, chunks=chunks, dtype=np.float64)) for name in LOCAL_VARIABLES}
+    data_vars["n_instruments"] = (_DIMS, da.empty(shape, chunks=chunks, dtype=np.int64))
+    data_vars["reason"] = (_DIMS, da.empty(shape, chunks=chunks, dtype=_reason_dtype()))
+    return xr.Dataset(data_vars, coords={"locus": effects["locus"].values})
+
+
+def local_ce(
+    effects: xr.Dataset,
+    pairs: Sequence[tuple[str, str]],
+    methods: Sequence[str],
+    *,
+    rule: str = "pooled_z",
+    threshold: float,
+    ddof: int = 0,
+    **mr_options: Any,
+) -> xr.Dataset:
+    """Local causal effect of every (exposure, outcome) pair at every locus, lazily.
+
+    Parameters
+    ----------
+    effects : xr.Dataset
+        ``effect`` and ``effect_se`` with dims ``(locus, position, allele, task)``,
+        preferably dask-backed and chunked along ``locus`` only (other dims are
+        rechunked whole; a numpy-backed Dataset becomes one block).
+    pairs : sequence of (str, str)
+        ``(exposure, outcome)`` task names.
+    methods : sequence of str
+        MR estimators (:data:`deepmr_dist.mr.METHODS`).
+    rule, threshold, ddof
+        Instrument selection, see :mod:`deepmr_dist.instruments`; with
+        ``pooled_z`` the pooled mean/SD of every exposure are computed here in
+        one global reduction before the lazy graph is built.
+    **mr_options
+        Passed to :func:`deepmr_dist.mr.estimate` (``alpha``, ``egger_t_dist``,
+        ``n_boot``, ``seed``).
+
+    Returns
+    -------
+    xr.Dataset
+        Dims ``(pair, locus, method)``, dask-backed with the locus chunks of
+        ``effects``: float ``local_ce, local_se, ci_lower, ci_upper, pvalue,
+        intercept, intercept_se, intercept_pvalue, q, i2gx``, int
+        ``n_instruments`` and fixed-width str ``reason`` ("" where defined,
+        else a code of :data:`deepmr_dist.mr.REASONS`). Coords:
+        ``pair`` ("EXPOSURE->OUTCOME"), ``exposure(pair)``, ``outcome(pair)``,
+        ``locus``, ``method``. Attrs record the selection and MR options.
+    """
+    _check_effects(effects)
+    instruments.check_rule(rule, threshold)
+    pairs = _check_pairs(effects, pairs)
+    methods = _check_methods(methods)
+    tasks = sorted({t for pair in pairs for t in pair})
+    stats: dict[str, tuple[float, float]] = {}
+    if rule == "pooled_z":
+        stats = instruments.pooled_stats(effects, [e for e, _ in pairs], ddof=ddof)
+    ds = effects[["effect", "effect_se"]].sel(task=tasks).reset_coords(drop=True)
+    ds = ds.chunk({"position": -1, "allele": -1, "task": -1})  # numpy -> one dask block; dask: whole non-locus dims
+    kwargs = dict(pairs=pairs, methods=methods, rule=rule, threshold=float(threshold), stats=stats, mr_options=mr_options)
+    result = xr.map_blocks(_block_local_ce, ds, kwargs=kwargs, template=_template(ds, len(pairs), len(methods)))
+    result = result.assign_coords(
+        pair=[pair_label(e, o) for e, o in pairs],
+        exposure=("pair", [e for e, _ in pairs]),
+        outcome=("pair", [o for _, o in pairs]),
+        method=methods,
+    )
+    locus_coords = {
+        name: coord for name, coord in effects.coords.items() if coord.dims == ("locus",) and name != "locus"
+    }
+    result = result.assign_coords(locus_coords)  # e.g. locus intervals travel along
+    result.attrs = {
+        "instrument_rule": rule,
+        "instrument_threshold": float(threshold),
+        "instrument_ddof": int(ddof),
+        **{f"mr_{k}": v for k, v in mr_options.items()},
+    }
+    if rule == "pooled_z":
+        result.attrs["pooled_stats"] = {e: list(stats[e]) for e in stats}
+    return result
+
+
+# --------------------------------------------------------------------------- global CE
+
+
+def global_ce(
+    local: xr.Dataset,
+    *,
+    meta_method: str = "dl",
+    hksj: bool = False,
+    hksj_adhoc: bool = False,
+    alpha: float = 0.05,
+) -> xr.Dataset:
+    """Meta-analyse local CEs across loci, per (pair, method).
+
+    Loci whose ``local_ce`` or ``local_se`` is undefined (NaN, or a
+    non-positive SE) are excluded and counted in ``n_loci_undefined``;
+    ``k`` is the number of loci used. The local estimates are computed (one
+    pass over the lazy graph for both variables) and held in memory as
+    ``(pair x method, locus)`` float64 arrays.
+
+    Parameters
+    ----------
+    local : xr.Dataset
+        Output of :func:`local_ce` (lazy or computed).
+    meta_method : {"fe", "dl", "reml", "pm"}
+    hksj, hksj_adhoc, alpha
+        As :func:`deepmr_dist.meta.meta_analysis`.
+
+    Returns
+    -------
+    xr.Dataset
+        Dims ``(pair, method)``: float ``global_ce, global_se, ci_lower,
+        ci_upper, pvalue, tau2, i2, h2, q, q_pvalue, pi_lower, pi_upper``, int
+        ``k, n_loci_undefined``, str ``reason``; attrs ``meta_method``,
+        ``hksj``, ``hksj_adhoc``, ``alpha``.
+    """
+    if meta_method not in META_METHODS:
+        raise ValueError(f"unknown meta-analysis method {meta_method!r}; valid: {', '.join(META_METHODS)}")
+    pair_method = local[["local_ce", "local_se"]].transpose("pair", "method", "locus").compute()
+    n_pairs, n_methods, n_loci = pair_method["local_ce"].shape
+    est = pair_method["local_ce"].values.reshape(n_pairs * n_methods, n_loci)
+    se = pair_method["local_se"].values.reshape(n_pairs * n_methods, n_loci)
+    res = meta_analysis(est, se, meta_method, hksj=hksj, hksj_adhoc=hksj_adhoc, alpha=alpha)
+    dims = ("pair", "method")
+    shape = (n_pairs, n_methods)
+    data_vars = {name: (dims, getattr(res, field).reshape(shape)) for name, field in GLOBAL_VARIABLES.items()}
+    data_vars["k"] = (dims, res.k.reshape(shape))
+    data_vars["n_loci_undefined"] = (dims, (n_loci - res.k).reshape(shape))
+    width = max(len(code) for code in META_REASONS)
+    data_vars["reason"] = (dims, res.reason.astype(f"<U{width}").reshape(shape))
+    coords = {name: local[name] for name in ("pair", "method", "exposure", "outcome") if name in local.coords}
+    out = xr.Dataset(data_vars, coords=coords)
+    out.attrs = {
+        "meta_method": meta_method,
+        "hksj": bool(hksj),
+        "hksj_adhoc": bool(hksj_adhoc),
+        "alpha": float(alpha),
+        "n_loci": int(n_loci),
+    }
+    return out

@@ -1,0 +1,50 @@
+"""The `deepmr` command end to end on the bundled example: predict -> effects -> inspect -> lazy queries."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+import deepmr_dist
+from deepmr_dist.cli import main
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "loci.fa"
+MODEL = "deepmr_dist.models.examples:simulation_ensemble"
+
+
+def test_cli__predict_effects_inspect_on_the_bundled_example(tmp_path, capsys):
+    store = str(tmp_path / "run.zarr")
+    args = ["--model", MODEL, "--fasta", str(EXAMPLE), "--store", store, "--n-workers", "1", "--quiet"]
+    assert main(["predict", *args, "--chunk-loci", "24", "--tasks", "1,0", "--task-names", "exposure,outcome"]) == 0
+    assert "48 loci in 2 chunks; computed 2 chunk(s), 43,200 mutant predictions" in capsys.readouterr().out
+    assert main(["effects", "--store", store, "--n-workers", "1", "--quiet"]) == 0
+    assert main(["inspect", store]) == 0
+    out = capsys.readouterr().out
+    assert "ISM complete: 48/48 loci" in out and "[effects]" in out
+
+    run = deepmr_dist.open_run(store)
+    assert set(run) == {"ism", "effects"}
+    effects = xr.open_zarr(store, group="effects", consolidated=False)
+    assert effects.task.values.tolist() == ["outcome", "exposure"]
+    one = effects.effect.sel(locus="locus007", task="exposure").values
+    ism = run["ism"].sel(locus="locus007", task="exposure")
+    expected = (ism.mut_pred.astype("f8") - ism.ref_pred.astype("f8")).mean("member").values
+    np.testing.assert_allclose(one, expected, rtol=1e-12)
+    assert np.isnan(one).sum() == 100  # one reference allele per position
+
+    # rerun is a no-op: nothing left to compute
+    assert main(["predict", *args, "--chunk-loci", "24", "--tasks", "1,0", "--task-names", "exposure,outcome"]) == 0
+    assert "computed 0 chunk(s)" in capsys.readouterr().out
+
+
+def test_cli__effects_on_incomplete_store_is_refused(tmp_path, capsys):
+    from deepmr_dist import store
+    from deepmr_dist.sequence import read_fasta
+
+    path = str(tmp_path / "partial.zarr")
+    template = store.ism_template(read_fasta(EXAMPLE), ["m0"], ["t0"], 16)
+    store.create_store(path, template, fingerprint="x", attrs={}, chunk_loci=16)
+    assert main(["effects", "--store", path, "--n-workers", "1", "--quiet"]) == 2
+    assert "48 loci have no ISM predictions yet (first: 'locus000')" in capsys.readouterr().err
