@@ -1,0 +1,171 @@
+"""``estimate``: run several MR estimators over one batch of loci."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from deepmr_dist.errors import InputError
+from deepmr_dist.mr._data import MRData, prepare
+from deepmr_dist.mr.baseline import wald_mean
+from deepmr_dist.mr.egger import egger
+from deepmr_dist.mr.ivw import PENALIZED_IVW_FACTOR, ivw, penalized_ivw
+from deepmr_dist.mr.median import PENALIZED_MEDIAN_FACTOR, median_estimator
+from deepmr_dist.mr.mode import mbe
+from deepmr_dist.mr.result import FLOAT_FIELDS, MRResult
+from deepmr_dist.mr.robust import robust_egger, robust_ivw
+
+METHODS: tuple[str, ...] = (
+    "ivw",
+    "ivw_fixed",
+    "ivw_random",
+    "penalized_ivw",
+    "egger",
+    "robust_ivw",
+    "robust_egger",
+    "egger_paper",
+    "weighted_median",
+    "simple_median",
+    "penalized_weighted_median",
+    "mbe",
+    "wald_mean",
+)
+"""Names accepted by :func:`estimate`."""
+
+BOOTSTRAP_METHODS = frozenset({"weighted_median", "simple_median", "penalized_weighted_median", "mbe"})
+"""Methods whose standard error comes from a parametric bootstrap (``n_boot`` draws)."""
+
+EGGER_PAPER_ROBUST_ABOVE = 10
+"""egger_paper: robust MR-Egger with more than this many instruments, MR-Egger from 3 up to it."""
+
+
+def _subset(data: MRData, rows: np.ndarray) -> MRData:
+    return MRData(
+        bx=data.bx[rows], bxse=data.bxse[rows], by=data.by[rows], byse=data.byse[rows],
+        valid=data.valid[rows], n=data.n[rows],
+    )  # fmt: skip
+
+
+def _merge(data: MRData, parts: list[tuple[np.ndarray, MRResult]]) -> MRResult:
+    """Assemble a result from per-row-subset results (rows not covered stay as in the first part)."""
+    n_loci = data.n_loci
+    values = {name: np.full(n_loci, np.nan) for name in FLOAT_FIELDS}
+    reason = np.full(n_loci, "", dtype=object)
+    for rows, res in parts:
+        for name in FLOAT_FIELDS:
+            values[name][rows] = getattr(res, name)
+        reason[rows] = res.reason
+    return MRResult(n=data.n.copy(), reason=reason, **values)
+
+
+def egger_paper(data: MRData, *, alpha: float = 0.05, t_dist: bool = False, threads: int = 1) -> MRResult:
+    """The paper's per-locus rule: robust MR-Egger above 10 instruments, MR-Egger from 3 to 10.
+
+    Below three instruments the locus is undefined (``too_few_instruments``).
+    """
+    robust_rows = np.flatnonzero(data.n > EGGER_PAPER_ROBUST_ABOVE)
+    plain_rows = np.flatnonzero(data.n <= EGGER_PAPER_ROBUST_ABOVE)
+    parts = []
+    if plain_rows.size:
+        parts.append((plain_rows, egger(_subset(data, plain_rows), alpha=alpha, t_dist=t_dist)))
+    if robust_rows.size:
+        parts.append(
+            (robust_rows, robust_egger(_subset(data, robust_rows), alpha=alpha, t_dist=t_dist, threads=threads))
+        )
+    return _merge(data, parts)
+
+
+def estimate(
+    bx: np.ndarray,
+    bxse: np.ndarray,
+    by: np.ndarray,
+    byse: np.ndarray,
+    methods: Sequence[str] = ("ivw", "egger"),
+    *,
+    alpha: float = 0.05,
+    egger_t_dist: bool = False,
+    n_boot: int = 1000,
+    seed: int = 0,
+    penalization: float | None = None,
+    t_dist: bool = False,
+    mbe_phi: float = 1.0,
+    wald_ci_multiplier: float | None = None,
+    threads: int = 1,
+) -> dict[str, MRResult]:
+    """Run MR estimators on a batch of loci.
+
+    Parameters
+    ----------
+    bx, bxse, by, byse : array_like
+        ``(n_loci, max_k)`` float arrays, NaN-padded. An instrument is used iff all
+        four values are finite and ``bxse > 0`` and ``byse > 0``.
+    methods : sequence of str
+        Names from :data:`METHODS`.
+    alpha : float
+        1 - confidence level of every interval.
+    egger_t_dist : bool
+        MR-Egger family (egger, robust_egger, egger_paper): the package's
+        ``distribution = "t-dist"`` rule instead of normal intervals and p-values.
+    n_boot : int
+        Bootstrap replicates for the median methods and mbe (the package uses 10000).
+    seed : int
+        Bootstrap seed; draws are per instrument column (a locus alone gives the
+        same numbers as inside a batch).
+    penalization : float, optional
+        Multiplier of the heterogeneity p-values in the penalized weights. Default:
+        the package's values, 100 for ``penalized_ivw`` (first-order weights) and
+        20 for ``penalized_weighted_median``; a number overrides both.
+    t_dist : bool
+        IVW family, medians and mbe: t intervals/p-values with n - 1 degrees of freedom.
+    mbe_phi : float
+        Bandwidth multiplier of the mode-based estimate.
+    wald_ci_multiplier : float, optional
+        ``wald_mean`` interval half-width in SDs (2 reproduces the paper); default
+        the normal quantile.
+    threads : int
+        Worker threads over chunks of loci for the robust (MM) fits and the
+        bootstraps; results do not depend on it.
+
+    Returns
+    -------
+    dict of str to MRResult
+        One result per requested method, in request order.
+
+    Raises
+    ------
+    InputError
+        Unknown method, bad ``alpha``/``n_boot``, or malformed arrays.
+    """
+    methods = tuple(methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise InputError(f"unknown MR method(s) {unknown}; choose from {list(METHODS)}")
+    if not (0.0 < float(alpha) < 1.0):
+        raise InputError(f"alpha must lie strictly between 0 and 1, got {alpha}")
+    if BOOTSTRAP_METHODS.intersection(methods) and (int(n_boot) != n_boot or n_boot < 2):
+        raise InputError(f"n_boot must be an integer >= 2 for bootstrap methods, got {n_boot}")
+    if int(threads) < 1:
+        raise InputError(f"threads must be a positive integer, got {threads}")
+    data = prepare(bx, bxse, by, byse)
+    pen_ivw = PENALIZED_IVW_FACTOR if penalization is None else float(penalization)
+    pen_med = PENALIZED_MEDIAN_FACTOR if penalization is None else float(penalization)
+    boot = {"n_boot": int(n_boot), "seed": int(seed), "threads": int(threads)}
+    runners: dict[str, Callable[[], MRResult]] = {
+        "ivw": lambda: ivw(data, model="default", alpha=alpha, t_dist=t_dist),
+        "ivw_fixed": lambda: ivw(data, model="fixed", alpha=alpha, t_dist=t_dist),
+        "ivw_random": lambda: ivw(data, model="random", alpha=alpha, t_dist=t_dist),
+        "penalized_ivw": lambda: penalized_ivw(data, alpha=alpha, t_dist=t_dist, penalization=pen_ivw),
+        "egger": lambda: egger(data, alpha=alpha, t_dist=egger_t_dist),
+        "robust_ivw": lambda: robust_ivw(data, alpha=alpha, t_dist=t_dist, threads=threads),
+        "robust_egger": lambda: robust_egger(data, alpha=alpha, t_dist=egger_t_dist, threads=threads),
+        "egger_paper": lambda: egger_paper(data, alpha=alpha, t_dist=egger_t_dist, threads=threads),
+        "weighted_median": lambda: median_estimator(data, weighting="weighted", alpha=alpha, t_dist=t_dist, **boot),
+        "simple_median": lambda: median_estimator(data, weighting="simple", alpha=alpha, t_dist=t_dist, **boot),
+        "penalized_weighted_median": lambda: median_estimator(
+            data, weighting="penalized", alpha=alpha, t_dist=t_dist, penalization=pen_med, **boot
+        ),
+        "mbe": lambda: mbe(data, alpha=alpha, t_dist=t_dist, phi=mbe_phi, **boot),
+        "wald_mean": lambda: wald_mean(data, alpha=alpha, ci_multiplier=wald_ci_multiplier),
+    }
+    return {m: runners[m]() for m in dict.fromkeys(methods)}

@@ -1,0 +1,228 @@
+"""Incremental ISM runners agree with full forward passes on every mutant."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from deepmr_dist.ism.engine import FullRecompute, make_runner, mutation_list, saturation_mutagenesis
+from deepmr_dist.ism.incremental import IncrementalRunner, build_incremental_runner
+from deepmr_dist.models.architectures import SimulationCNN
+from deepmr_dist.models.heads import OutputHead
+
+bpnetlite = pytest.importorskip("bpnetlite")
+
+ATOL = 1e-5
+RTOL = 1e-5
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+def one_hot(n: int, length: int, n_columns: tuple[int, ...] = ()) -> torch.Tensor:
+    """Random one-hot sequences; the listed positions are ``N`` (all-zero) in every sequence."""
+    codes = torch.randint(0, 4, (n, length))
+    x = nn.functional.one_hot(codes, 4).transpose(1, 2).float().contiguous()
+    for p in n_columns:
+        x[:, :, p] = 0
+    return x
+
+
+def set_batchnorm_stats(model: nn.Module) -> nn.Module:
+    """Non-trivial running statistics and affine parameters, then eval mode."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.2, 0.2)
+    return model.eval()
+
+
+def assert_outputs_close(got: object, want: object) -> None:
+    if isinstance(want, torch.Tensor):
+        assert isinstance(got, torch.Tensor)
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=RTOL)
+    else:
+        assert isinstance(got, (tuple, list)) and len(got) == len(want)  # type: ignore[arg-type]
+        for g, w in zip(got, want):  # type: ignore[call-overload]
+            assert_outputs_close(g, w)
+
+
+def check_all_mutants(model: nn.Module, x: torch.Tensor, chunk: int = 2048) -> IncrementalRunner:
+    """Compare the incremental runner with full recomputation on every mutant of ``x``."""
+    runner = build_incremental_runner(model, x.shape[2])
+    assert isinstance(runner, IncrementalRunner)
+    full = FullRecompute(model)
+    locus, position, base = mutation_list(x)
+    with torch.inference_mode():
+        ref, cache = runner.reference(x)
+        assert_outputs_close(ref, model(x))
+        for start in range(0, locus.shape[0], chunk):
+            sl = slice(start, start + chunk)
+            got = runner.mutants(x, cache, locus[sl], position[sl], base[sl])
+            want = full.mutants(x, None, locus[sl], position[sl], base[sl])
+            assert_outputs_close(got, want)
+    return runner
+
+
+# --------------------------------------------------------------------------- models
+
+
+class DilatedResidualNet(nn.Module):
+    """Same-padded dilated residual convolutions, a crop, a profile and a pooled count head."""
+
+    def __init__(self, channels: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv1d(4, channels, 5, padding=2)
+        self.blocks = nn.ModuleList(
+            nn.Sequential(nn.Conv1d(channels, channels, 3, padding="same", dilation=d), nn.BatchNorm1d(channels))
+            for d in (1, 2, 4)
+        )
+        self.profile = nn.Conv1d(channels, 2, 7, padding=3)
+        self.count = nn.Linear(channels, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.stem(x))
+        for block in self.blocks:
+            h = h + nn.functional.gelu(block(h))
+        h = h[:, :, 3:-3]
+        return self.profile(h), self.count(h.mean(dim=-1))
+
+
+class MaskedConvNet(nn.Module):
+    """A frozen length-wise dropout mask, ``x.view(batch, -1)`` flattening and in-place ops."""
+
+    def __init__(self, length: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv1d(4, 6, 5)
+        self.conv2 = nn.Conv1d(6, 6, 3, padding=1, groups=2)
+        self.register_buffer("mask", (torch.rand(6, length - 4) > 0.3).float() / 0.7)
+        self.act = nn.ReLU(inplace=True)
+        self.dense = nn.Linear(6 * (length - 4), 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.conv1(x)) * self.mask
+        h = self.conv2(h)
+        h += 0.5
+        return self.dense(h.view(h.size(0), -1))
+
+
+class TransformerNet(nn.Module):
+    """Attention over embedded positions: nothing position-local after the embedding."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.encoder = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.encoder(self.embed(x.transpose(1, 2))).mean(dim=1))
+
+
+class LSTMNet(nn.Module):
+    """A recurrent model: nothing position-local."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 8, batch_first=True)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.lstm(x.permute(0, 2, 1))
+        return self.out(h[:, -1])
+
+
+def small_bpnet(trimming: int = 40) -> nn.Module:
+    return bpnetlite.BPNet(n_filters=16, n_layers=4, n_outputs=2, n_control_tracks=0, trimming=trimming, verbose=False).eval()
+
+
+# --------------------------------------------------------------------------- exactness
+
+
+def test_simulation_cnn__all_mutants_match_full_recompute() -> None:
+    model = set_batchnorm_stats(SimulationCNN(length=100))
+    check_all_mutants(model, one_hot(3, 100, n_columns=(0, 41, 99)))
+
+
+def test_dilated_residual_net__profile_and_pooled_counts_match() -> None:
+    model = set_batchnorm_stats(DilatedResidualNet())
+    check_all_mutants(model, one_hot(2, 60, n_columns=(0, 59)))
+
+
+def test_masked_net__frozen_mask_view_flatten_and_inplace_ops_match() -> None:
+    model = MaskedConvNet(50).eval()
+    check_all_mutants(model, one_hot(2, 50, n_columns=(1, 48)))
+
+
+def test_bpnet__profile_and_counts_match_including_edges_and_n() -> None:
+    model = small_bpnet()
+    check_all_mutants(model, one_hot(1, 400, n_columns=(0, 200, 399)))
+
+
+def test_chrombpnet__two_towers_match() -> None:
+    bias = bpnetlite.BPNet(n_filters=8, n_layers=2, n_outputs=1, n_control_tracks=0, trimming=30, verbose=False)
+    accessibility = small_bpnet(trimming=30)
+    accessibility.fconv = nn.Conv1d(16, 1, 75, padding=37)
+    model = bpnetlite.chrombpnet.ChromBPNet(bias, accessibility).eval()
+    check_all_mutants(model, one_hot(1, 200, n_columns=(100,)))
+
+
+def test_bpnet__windows_saturate_into_column_ranges_before_crop() -> None:
+    runner = check_all_mutants(small_bpnet(trimming=120), one_hot(1, 300))
+    kinds = {step.kind.value for step in runner.plan.steps.values()}
+    assert {"local", "range"} <= kinds
+
+
+# --------------------------------------------------------------------------- fallback
+
+
+@pytest.mark.parametrize(
+    "model",
+    [
+        LSTMNet(),
+        TransformerNet(),
+        torch.jit.script(nn.Sequential(nn.Conv1d(4, 4, 3), nn.ReLU())),
+    ],
+    ids=["lstm", "transformer", "torchscript"],
+)
+def test_build__unanalysable_model_returns_none(model: nn.Module) -> None:
+    assert build_incremental_runner(model.eval(), 30) is None
+
+
+def test_make_runner__unanalysable_model_falls_back_to_full_recompute() -> None:
+    assert isinstance(make_runner(LSTMNet().eval(), 30), FullRecompute)
+
+
+# --------------------------------------------------------------------------- engine
+
+
+def engine_outputs(members: list[nn.Module], head: OutputHead, x: torch.Tensor, incremental: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    runners = [make_runner(m, x.shape[2], incremental=incremental) for m in members]
+    kind = IncrementalRunner if incremental else FullRecompute
+    assert all(isinstance(r, kind) for r in runners)
+    return saturation_mutagenesis(runners, head, x, mutant_batch=500)
+
+
+@pytest.mark.parametrize(
+    ("build", "head", "length"),
+    [
+        (lambda: set_batchnorm_stats(SimulationCNN(length=100)), OutputHead(), 100),
+        (small_bpnet, OutputHead(output_index=1), 400),
+        (small_bpnet, OutputHead(output_index=0, profile_axis=-1, tasks=(1,)), 400),
+    ],
+    ids=["simulation-cnn", "bpnet-counts", "bpnet-profile"],
+)
+def test_saturation_mutagenesis__incremental_equals_full(build, head: OutputHead, length: int) -> None:
+    members = [build() for _ in range(2)]
+    x = one_hot(2, length, n_columns=(length // 2,))
+    ref_inc, mut_inc = engine_outputs(members, head, x, incremental=True)
+    ref_full, mut_full = engine_outputs(members, head, x, incremental=False)
+    torch.testing.assert_close(ref_inc, ref_full, atol=ATOL, rtol=RTOL)
+    torch.testing.assert_close(mut_inc, mut_full, atol=ATOL, rtol=RTOL, equal_nan=True)
+    n_tasks = mut_inc.shape[-1]
+    assert torch.isnan(mut_inc).sum() == 2 * 2 * (length - 1) * n_tasks

@@ -1,0 +1,140 @@
+"""IVW kernels against weighted least squares (numpy lstsq, statsmodels WLS) and the package vignette."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import statsmodels.api as sm
+from scipy import stats
+
+from deepmr_dist.mr import estimate
+
+# MendelianRandomization example data (ldlc, ldlcse, chdlodds, chdloddsse; 28 variants)
+LDLC = np.array([0.026, -0.044, -0.038, -0.023, -0.017, -0.031, -0.018, 0.046, 0.059, 0.004, 0.011, -0.005, 0.004,
+                 0.022, -0.005, -0.002, -0.002, 0.004, 0.011, 0.009, -0.011, -0.003, -0.012, 0.0003, -0.015, -0.008,
+                 0.009, -0.036])  # fmt: skip
+LDLCSE = np.array([0.004, 0.004, 0.004, 0.003, 0.003, 0.006, 0.004, 0.007, 0.004, 0.003, 0.004, 0.005, 0.005, 0.005,
+                   0.004, 0.004, 0.003, 0.004, 0.004, 0.003, 0.004, 0.003, 0.004, 0.003, 0.003, 0.004, 0.003,
+                   0.007])  # fmt: skip
+CHD = np.array([0.0677, -0.1625, -0.1054, -0.0619, -0.0834, -0.1278, -0.0408, 0.077, 0.157, -0.0305, 0.01, 0.1823,
+                -0.0408, 0.1989, 0.01, 0.0488, 0.01, -0.0408, -0.0305, -0.0408, -0.0202, -0.0619, 0.0296, 0.0677,
+                -0.0726, -0.0726, 0.0, 0.0198])  # fmt: skip
+CHDSE = np.array([0.0286, 0.03, 0.031, 0.0243, 0.0222, 0.0667, 0.0373, 0.0543, 0.0306, 0.0236, 0.0277, 0.0403,
+                  0.0344, 0.0335, 0.0378, 0.0292, 0.0253, 0.0319, 0.0316, 0.0241, 0.0285, 0.0217, 0.0298, 0.0239,
+                  0.022, 0.0246, 0.0255, 0.0647])  # fmt: skip
+
+
+def _simulate(seed: int, n_loci: int = 30, max_k: int = 25, min_k: int = 1):
+    rng = np.random.default_rng(seed)
+    bx = rng.normal(0.0, 0.3, (n_loci, max_k))
+    bxse = rng.uniform(0.02, 0.08, (n_loci, max_k))
+    byse = rng.uniform(0.02, 0.1, (n_loci, max_k))
+    by = 0.4 * bx + rng.normal(0.0, 1.0, (n_loci, max_k)) * byse * rng.uniform(0.5, 2.5, (n_loci, 1))
+    k = rng.integers(min_k, max_k + 1, n_loci)
+    pad = np.arange(max_k)[None, :] >= k[:, None]
+    for a in (bx, bxse, by, byse):
+        a[pad] = np.nan
+    return bx, bxse, by, byse, k
+
+
+def _rel(a, b):
+    return np.max(np.abs(np.asarray(a) - np.asarray(b)) / np.maximum(np.abs(np.asarray(b)), 1e-300))
+
+
+def test_ivw__matches_statsmodels_wls_per_locus():
+    bx, bxse, by, byse, k = _simulate(1, min_k=2)
+    res = estimate(bx, bxse, by, byse, methods=("ivw_fixed", "ivw_random", "ivw"))
+    for i in range(bx.shape[0]):
+        x, y, w = bx[i, : k[i]], by[i, : k[i]], byse[i, : k[i]] ** -2
+        fit = sm.WLS(y, x[:, None], weights=w).fit()
+        sigma = np.sqrt(fit.scale)
+        se_fixed = fit.bse[0] / sigma
+        assert _rel(res["ivw_fixed"].estimate[i], fit.params[0]) < 1e-8
+        assert _rel(res["ivw_fixed"].se[i], se_fixed) < 1e-8
+        assert _rel(res["ivw_random"].se[i], se_fixed * max(1.0, sigma)) < 1e-8
+        assert _rel(res["ivw_random"].rse[i], sigma) < 1e-8
+        expected_default = se_fixed * max(1.0, sigma) if k[i] >= 4 else se_fixed
+        assert _rel(res["ivw"].se[i], expected_default) < 1e-8
+        q = float(np.sum(w * (y - fit.params[0] * x) ** 2))
+        assert _rel(res["ivw"].q[i], q) < 1e-8
+        assert _rel(res["ivw"].q_pvalue[i], stats.chi2.sf(q, k[i] - 1)) < 1e-8
+        assert _rel(res["ivw"].i2[i] + 1e-300, max(0.0, (q - (k[i] - 1)) / q) + 1e-300) < 1e-8
+        f = np.mean((bx[i, : k[i]] / bxse[i, : k[i]]) ** 2)
+        assert _rel(res["ivw"].fstat[i], f) < 1e-12
+
+
+def test_ivw__matches_lstsq_on_sqrt_weighted_data():
+    bx, bxse, by, byse, k = _simulate(2, min_k=2)
+    res = estimate(bx, bxse, by, byse, methods=("ivw_fixed",))["ivw_fixed"]
+    for i in range(bx.shape[0]):
+        sw = 1.0 / byse[i, : k[i]]
+        coef, *_ = np.linalg.lstsq((bx[i, : k[i]] * sw)[:, None], by[i, : k[i]] * sw, rcond=None)
+        assert _rel(res.estimate[i], coef[0]) < 1e-8
+
+
+def test_ivw__normal_interval_and_pvalue():
+    bx, bxse, by, byse, _ = _simulate(3, min_k=2)
+    r = estimate(bx, bxse, by, byse, methods=("ivw",), alpha=0.1)["ivw"]
+    z = stats.norm.ppf(0.95)
+    np.testing.assert_allclose(r.ci_lower, r.estimate - z * r.se, rtol=1e-12)
+    np.testing.assert_allclose(r.ci_upper, r.estimate + z * r.se, rtol=1e-12)
+    np.testing.assert_allclose(r.pvalue, 2 * stats.norm.sf(np.abs(r.estimate / r.se)), rtol=1e-12)
+
+
+def test_ivw__t_dist_uses_n_minus_1_df():
+    bx, bxse, by, byse, k = _simulate(4, min_k=2)
+    r = estimate(bx, bxse, by, byse, methods=("ivw",), t_dist=True)["ivw"]
+    tq = stats.t.ppf(0.975, k - 1)
+    np.testing.assert_allclose(r.ci_upper, r.estimate + tq * r.se, rtol=1e-12)
+    np.testing.assert_allclose(r.pvalue, 2 * stats.t.sf(np.abs(r.estimate / r.se), k - 1), rtol=1e-12)
+
+
+def test_ivw__vignette_ldl_chd():
+    r = estimate(LDLC, LDLCSE, CHD, CHDSE, methods=("ivw",))["ivw"]
+    # MendelianRandomization vignette: IVW 2.834 (0.530), 95% CI 1.796, 3.873, RSE 1.920,
+    # Q = 99.5304 on 27 df, I^2 = 72.9%, F = 28.0
+    assert round(float(r.estimate[0]), 3) == 2.834
+    assert round(float(r.se[0]), 3) == 0.530
+    assert round(float(r.ci_lower[0]), 3) == 1.796 and round(float(r.ci_upper[0]), 3) == 3.873
+    assert round(float(r.rse[0]), 3) == 1.920
+    assert round(float(r.q[0]), 4) == 99.5304
+    assert round(100 * float(r.i2[0]), 1) == 72.9
+    assert round(float(r.fstat[0]), 1) == 28.0
+
+
+def test_ivw__single_instrument_is_the_ratio_estimate():
+    r = estimate([0.2], [0.05], [0.1], [0.04], methods=("ivw", "ivw_random"))
+    for res in r.values():
+        assert res.estimate[0] == pytest.approx(0.5, rel=1e-12)
+        assert res.se[0] == pytest.approx(0.04 / 0.2, rel=1e-12)
+        assert res.rse[0] == 1.0
+        assert np.isnan(res.q[0]) and res.reason[0] == ""
+
+
+def test_ivw__all_bx_zero_is_undefined():
+    r = estimate([[0.0, 0.0, 0.0]], [[0.1] * 3], [[0.1, 0.2, 0.3]], [[0.1] * 3], methods=("ivw",))["ivw"]
+    assert np.isnan(r.estimate[0]) and np.isnan(r.se[0])
+    assert r.reason[0] == "all_bx_zero"
+
+
+def test_penalized_ivw__matches_direct_formula():
+    bx, bxse, by, byse, k = _simulate(5, min_k=2)
+    by[:, 0] += 1.0  # an outlying first instrument
+    r = estimate(bx, bxse, by, byse, methods=("penalized_ivw",))["penalized_ivw"]
+    for i in range(bx.shape[0]):
+        x, y, se = bx[i, : k[i]], by[i, : k[i]], byse[i, : k[i]]
+        ratio = y / x
+        pen = stats.chi2.sf(x**2 / se**2 * (ratio - np.median(ratio)) ** 2, 1)
+        w = se**-2 * np.minimum(1.0, 100.0 * pen)
+        est = np.sum(w * x * y) / np.sum(w * x * x)
+        sigma = np.sqrt(np.sum(w * (y - est * x) ** 2) / (k[i] - 1)) if k[i] > 1 else 1.0
+        se_exp = (max(1.0, sigma) if k[i] >= 4 else 1.0) / np.sqrt(np.sum(w * x * x))
+        assert _rel(r.estimate[i], est) < 1e-8
+        assert _rel(r.se[i], se_exp) < 1e-8
+        assert np.isnan(r.q[i])
+
+
+def test_penalized_ivw__zero_bx_ratio_is_undefined():
+    r = estimate([[0.2, 0.0, 0.1]], [[0.1] * 3], [[0.1, 0.2, 0.3]], [[0.1] * 3], methods=("penalized_ivw",))
+    assert r["penalized_ivw"].reason[0] == "zero_bx"
+    assert np.isnan(r["penalized_ivw"].estimate[0])

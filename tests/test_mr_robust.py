@@ -1,0 +1,220 @@
+"""Robust (MM, lmrob) kernels: estimating equations, statsmodels RLM, exhaustive S search, vignette."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import numpy as np
+import statsmodels.api as sm
+
+from deepmr_dist.mr import estimate
+from deepmr_dist.mr._data import prepare
+from deepmr_dist.mr.robust import BB, C_CHI, C_PSI, lmrob_mm
+
+LDLC = np.array([0.026, -0.044, -0.038, -0.023, -0.017, -0.031, -0.018, 0.046, 0.059, 0.004, 0.011, -0.005, 0.004,
+                 0.022, -0.005, -0.002, -0.002, 0.004, 0.011, 0.009, -0.011, -0.003, -0.012, 0.0003, -0.015, -0.008,
+                 0.009, -0.036])  # fmt: skip
+LDLCSE = np.array([0.004, 0.004, 0.004, 0.003, 0.003, 0.006, 0.004, 0.007, 0.004, 0.003, 0.004, 0.005, 0.005, 0.005,
+                   0.004, 0.004, 0.003, 0.004, 0.004, 0.003, 0.004, 0.003, 0.004, 0.003, 0.003, 0.004, 0.003,
+                   0.007])  # fmt: skip
+CHD = np.array([0.0677, -0.1625, -0.1054, -0.0619, -0.0834, -0.1278, -0.0408, 0.077, 0.157, -0.0305, 0.01, 0.1823,
+                -0.0408, 0.1989, 0.01, 0.0488, 0.01, -0.0408, -0.0305, -0.0408, -0.0202, -0.0619, 0.0296, 0.0677,
+                -0.0726, -0.0726, 0.0, 0.0198])  # fmt: skip
+CHDSE = np.array([0.0286, 0.03, 0.031, 0.0243, 0.0222, 0.0667, 0.0373, 0.0543, 0.0306, 0.0236, 0.0277, 0.0403,
+                  0.0344, 0.0335, 0.0378, 0.0292, 0.0253, 0.0319, 0.0316, 0.0241, 0.0285, 0.0217, 0.0298, 0.0239,
+                  0.022, 0.0246, 0.0255, 0.0647])  # fmt: skip
+
+
+def _simulate(seed: int, n_loci: int = 40, max_k: int = 40, min_k: int = 3, outliers: float = 0.15):
+    rng = np.random.default_rng(seed)
+    bx = rng.normal(0.0, 0.2, (n_loci, max_k))
+    bxse = rng.uniform(0.02, 0.05, (n_loci, max_k))
+    byse = rng.uniform(0.02, 0.06, (n_loci, max_k))
+    by = 0.5 * bx + rng.normal(0.0, 1.0, (n_loci, max_k)) * byse * 1.5
+    out = rng.random((n_loci, max_k)) < outliers
+    by[out] += rng.normal(0.0, 0.4, out.sum())
+    k = rng.integers(min_k, max_k + 1, n_loci)
+    pad = np.arange(max_k)[None, :] >= k[:, None]
+    for a in (bx, bxse, by, byse):
+        a[pad] = np.nan
+    return bx, bxse, by, byse, k
+
+
+def _egger_design(bx, bxse, by, byse):
+    d = prepare(bx, bxse, by, byse)
+    inv = d.valid / d.byse
+    xt = np.stack([inv, np.abs(d.bx) * inv], axis=1)
+    return d, xt, np.sign(d.bx) * d.by * inv
+
+
+def _rho(u, c):
+    t = np.minimum((u / c) ** 2, 1.0)
+    return 1.0 - (1.0 - t) ** 3
+
+
+def _psi(u, c):
+    t = (u / c) ** 2
+    return np.where(t < 1, u * (1.0 - t) ** 2, 0.0)
+
+
+def _dpsi(u, c):
+    t = (u / c) ** 2
+    return np.where(t < 1, (1.0 - t) * (1.0 - 5.0 * t), 0.0)
+
+
+def test_robust__mm_and_s_solve_their_estimating_equations():
+    bx, bxse, by, byse, _ = _simulate(21)
+    d, xt, y = _egger_design(bx, bxse, by, byse)
+    fit = lmrob_mm(xt, y, d.valid, d.n)
+    assert fit.converged.all()
+    for i in range(d.n_loci):
+        m = d.valid[i]
+        x, yi, s = xt[i][:, m].T, y[i][m], fit.scale[i]
+        r = yi - x @ fit.coef[i]
+        g = _psi(r / s, C_PSI) @ x
+        assert np.all(np.abs(g) <= 1e-9 * np.sqrt((x**2).sum(axis=0)))
+        r0 = yi - x @ fit.coef_s[i]
+        assert abs(_rho(r0 / s, C_CHI).sum() / (m.sum() - 2) - BB) < 1e-10
+        g0 = _psi(r0 / s, C_CHI) @ x
+        assert np.all(np.abs(g0) <= 1e-9 * np.sqrt((x**2).sum(axis=0)))
+
+
+def test_robust__mm_step_matches_statsmodels_rlm_at_fixed_scale():
+    bx, bxse, by, byse, _ = _simulate(22, n_loci=25)
+    d, xt, y = _egger_design(bx, bxse, by, byse)
+    fit = lmrob_mm(xt, y, d.valid, d.n)
+    norm = sm.robust.norms.TukeyBiweight(c=C_PSI)
+    for i in range(d.n_loci):
+        m = d.valid[i]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rlm = sm.RLM(y[i][m], xt[i][:, m].T, M=norm).fit(
+                start_params=fit.coef_s[i], start_scale=fit.scale[i], update_scale=False,
+                conv="coefs", tol=1e-14, maxiter=2000,
+            )  # fmt: skip
+        np.testing.assert_allclose(fit.coef[i], rlm.params, rtol=1e-6, atol=1e-12)
+
+
+def _refine_s(x, y, beta):
+    """Plain per-locus S-iterations (refine_fast_s to convergence) and the final M-scale."""
+    p = x.shape[1]
+    r = y - x @ beta
+    s = 1.4826 * np.median(np.abs(r))
+    for _ in range(10000):
+        s = s * np.sqrt(_rho(r / s, C_CHI).sum() / (len(y) - p) / BB)
+        t = (r / s / C_CHI) ** 2
+        w = np.where(t < 1, (1 - t) ** 2, 0.0)
+        new = np.linalg.solve((x * w[:, None]).T @ x, (x * w[:, None]).T @ y)
+        done = np.linalg.norm(new - beta) <= 1e-14 * max(1e-14, np.linalg.norm(beta))
+        beta, r = new, y - x @ new
+        if done:
+            break
+    for _ in range(10000):
+        s2 = s * np.sqrt(_rho(r / s, C_CHI).sum() / (len(y) - p) / BB)
+        if abs(s2 - s) < 1e-15 * s:
+            break
+        s = s2
+    return beta, s
+
+
+def test_robust__s_estimate_is_the_best_of_all_refined_elemental_fits():
+    bx, bxse, by, byse, _ = _simulate(23, n_loci=10, max_k=12, min_k=12, outliers=0.3)
+    d, xt, y = _egger_design(bx, bxse, by, byse)
+    fit = lmrob_mm(xt, y, d.valid, d.n)
+    for i in range(d.n_loci):
+        x, yi = xt[i].T, y[i]
+        best_beta, best_s = None, np.inf
+        for pair in itertools.combinations(range(len(yi)), 2):
+            sub = list(pair)
+            if abs(np.linalg.det(x[sub])) < 1e-12:
+                continue
+            beta, s = _refine_s(x, yi, np.linalg.solve(x[sub], yi[sub]))
+            if s < best_s:
+                best_beta, best_s = beta, s
+        assert abs(fit.scale[i] - best_s) <= 1e-8 * best_s
+        np.testing.assert_allclose(fit.coef_s[i], best_beta, rtol=1e-6, atol=1e-10)
+
+
+def _avar1(x, r, r0, s):
+    """robustbase .vcov.avar1 written out for one locus."""
+    n = len(r)
+    rs, r0s = r / s, r0 / s
+    w = _dpsi(rs, C_PSI)
+    t0 = np.minimum((r0s / C_CHI) ** 2, 1.0)
+    w0 = 6.0 / C_CHI**2 * r0s * (1.0 - t0) ** 2
+    a_mat = np.linalg.inv(x.T @ (x * w[:, None])) * s
+    a = a_mat @ (x.T @ (w * rs)) / np.mean(w0 * r0s)
+    w = _psi(rs, C_PSI)
+    w0 = _rho(r0s, C_CHI)
+    xww = x.T @ (w * w0)
+    u1 = a_mat @ (x.T @ (x * (w**2)[:, None])) @ (n * a_mat)
+    u2 = np.outer(a, xww @ a_mat)
+    u3 = np.outer(a_mat @ xww, a)
+    u4 = np.mean(w0**2 - BB**2) * np.outer(a, a)
+    return (u1 - u2 - u3 + u4) / n
+
+
+def test_robust__covariance_is_vcov_avar1():
+    bx, bxse, by, byse, _ = _simulate(24, n_loci=20)
+    d, xt, y = _egger_design(bx, bxse, by, byse)
+    fit = lmrob_mm(xt, y, d.valid, d.n)
+    for i in range(d.n_loci):
+        m = d.valid[i]
+        x, yi = xt[i][:, m].T, y[i][m]
+        cov = _avar1(x, yi - x @ fit.coef[i], yi - x @ fit.coef_s[i], fit.scale[i])
+        if np.all(np.linalg.eigvalsh(cov) >= 0):
+            np.testing.assert_allclose(fit.cov[i], cov, rtol=1e-8)
+
+
+def test_robust_egger__vignette_ldl_chd():
+    r = estimate(LDLC, LDLCSE, CHD, CHDSE, methods=("robust_egger",))["robust_egger"]
+    # MendelianRandomization vignette (mr_allmethods, method = "egger"): Robust MR-Egger 3.256 (0.624),
+    # 95% CI 2.033, 4.479
+    assert round(float(r.estimate[0]), 3) == 3.256
+    assert round(float(r.se[0]), 3) == 0.624
+    assert round(float(r.ci_lower[0]), 3) == 2.033 and round(float(r.ci_upper[0]), 3) == 4.479
+
+
+def test_robust_ivw__resists_outliers():
+    rng = np.random.default_rng(25)
+    k = 60
+    bx = rng.uniform(0.1, 0.4, (1, k))
+    byse = np.full((1, k), 0.02)
+    by = 0.5 * bx + rng.normal(0, 0.02, (1, k))
+    by[0, :12] += 0.5  # 20% gross outliers
+    res = estimate(bx, np.full((1, k), 0.02), by, byse, methods=("ivw", "robust_ivw"))
+    assert abs(res["robust_ivw"].estimate[0] - 0.5) < 0.05
+    assert abs(res["ivw"].estimate[0] - 0.5) > 0.2
+
+
+def test_robust__exact_fit_keeps_estimate_without_se():
+    bx = np.array([[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.25]])
+    by = 0.3 * bx
+    by[0, -1] += 0.2
+    r = estimate(bx, np.full(bx.shape, 0.05), by, np.full(bx.shape, 0.05), methods=("robust_ivw",))["robust_ivw"]
+    assert r.reason[0] == "exact_fit"
+    assert abs(r.estimate[0] - 0.3) < 1e-10
+    assert np.isnan(r.se[0])
+
+
+def test_robust_egger__equal_abs_bx_is_singular():
+    r = estimate([[0.2, -0.2, 0.2, 0.2]], [[0.05] * 4], [[0.1, -0.12, 0.09, 0.11]], [[0.05] * 4],
+                 methods=("robust_egger",))["robust_egger"]  # fmt: skip
+    assert r.reason[0] == "singular_fit" and np.isnan(r.estimate[0])
+
+
+def test_robust_ivw__single_instrument_is_the_ratio_estimate():
+    r = estimate([0.2], [0.05], [0.1], [0.04], methods=("robust_ivw",))["robust_ivw"]
+    assert abs(r.estimate[0] - 0.5) < 1e-12 and abs(r.se[0] - 0.2) < 1e-12
+
+
+def test_egger_paper__switches_between_egger_and_robust_egger():
+    bx, bxse, by, byse, k = _simulate(26, n_loci=30, max_k=20, min_k=1)
+    res = estimate(bx, bxse, by, byse, methods=("egger", "robust_egger", "egger_paper"))
+    paper, plain, robust = res["egger_paper"], res["egger"], res["robust_egger"]
+    small = (k >= 3) & (k <= 10)
+    big = k > 10
+    np.testing.assert_array_equal(paper.estimate[small], plain.estimate[small])
+    np.testing.assert_array_equal(paper.se[big], robust.se[big])
+    assert np.all(paper.reason[k < 3] == "too_few_instruments")
