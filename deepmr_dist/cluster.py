@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import dask
 import torch
 from distributed import Client, LocalCluster
 
@@ -26,7 +27,14 @@ GPU_RESOURCE = "GPU"
 
 
 def _local_cluster(n_workers: int | None, threads_per_worker: int, memory_limit: str | float | None) -> Any:
-    if torch.cuda.is_available():
+    # Dask's nannies set MALLOC_TRIM_THRESHOLD_=65536 in workers, which halves torch's CPU speed
+    # (measured with benchmarks/bench_simulation.py); the nanny reads this when it is created.
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        if not torch.cuda.is_available():
+            workers = n_workers or max(1, min(4, os.cpu_count() or 1))
+            return LocalCluster(
+                n_workers=workers, threads_per_worker=threads_per_worker, processes=True, memory_limit=memory_limit
+            )
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError:
@@ -35,10 +43,6 @@ def _local_cluster(n_workers: int | None, threads_per_worker: int, memory_limit:
                 n_workers=1, threads_per_worker=1, processes=True, resources={GPU_RESOURCE: 1}, memory_limit=memory_limit
             )
         return LocalCUDACluster(threads_per_worker=1, resources={GPU_RESOURCE: 1}, memory_limit=memory_limit)
-    workers = n_workers or max(1, min(4, os.cpu_count() or 1))
-    return LocalCluster(
-        n_workers=workers, threads_per_worker=threads_per_worker, processes=True, memory_limit=memory_limit
-    )
 
 
 @contextmanager

@@ -296,7 +296,7 @@ def _run_chunks(
     total = sum(b - a for a, b in chunks)
     with tqdm(total=total, unit="locus", desc="ISM", disable=not progress, file=sys.stderr) as bar:
         try:
-            for future in as_completed(futures):
+            for future in as_completed(futures, loop=client.loop):
                 bar.update(future.result())
         except BaseException:
             client.cancel(futures)

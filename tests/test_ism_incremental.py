@@ -111,6 +111,25 @@ class MaskedConvNet(nn.Module):
         return self.dense(h.view(h.size(0), -1))
 
 
+class FunctionalNet(nn.Module):
+    """Functional convolution, channel concatenation, ``narrow``, channel softmax, an even
+    'same' kernel (asymmetric padding), then max pooling (not position-local) before a dense layer."""
+
+    def __init__(self, length: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(5, 4, 7) * 0.3)
+        self.bias = nn.Parameter(torch.randn(5) * 0.1)
+        self.even = nn.Conv1d(10, 6, 4, padding="same")
+        self.dense = nn.Linear(6 * ((length - 4) // 2), 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.conv1d(x, self.weight, self.bias, padding=3)
+        h = torch.cat([h, torch.tanh(h) * 2.0], dim=1).narrow(2, 2, x.shape[2] - 4)
+        h = self.even(torch.softmax(h, dim=1))
+        h = nn.functional.max_pool1d(h, 2)
+        return self.dense(h.flatten(1))
+
+
 class TransformerNet(nn.Module):
     """Attention over embedded positions: nothing position-local after the embedding."""
 
@@ -159,6 +178,13 @@ def test_masked_net__frozen_mask_view_flatten_and_inplace_ops_match() -> None:
     check_all_mutants(model, one_hot(2, 50, n_columns=(1, 48)))
 
 
+def test_functional_net__cat_narrow_softmax_and_pooled_tail_match() -> None:
+    model = FunctionalNet(40).eval()
+    runner = check_all_mutants(model, one_hot(2, 40, n_columns=(0, 39)))
+    kinds = {step.node.name: step.kind.value for step in runner.plan.steps.values()}
+    assert kinds["conv1d"] == "local" and kinds["max_pool1d"] == "plain"
+
+
 def test_bpnet__profile_and_counts_match_including_edges_and_n() -> None:
     model = small_bpnet()
     check_all_mutants(model, one_hot(1, 400, n_columns=(0, 200, 399)))
@@ -176,6 +202,21 @@ def test_bpnet__windows_saturate_into_column_ranges_before_crop() -> None:
     runner = check_all_mutants(small_bpnet(trimming=120), one_hot(1, 300))
     kinds = {step.kind.value for step in runner.plan.steps.values()}
     assert {"local", "range"} <= kinds
+
+
+def test_bpnet__selected_output_skips_the_profile_layers() -> None:
+    model = small_bpnet()
+    x = one_hot(1, 400, n_columns=(7,))
+    runner = build_incremental_runner(model, 400, outputs=(1,))
+    assert runner is not None
+    assert "fconv" not in {n.name for n in runner.plan.steps}
+    locus, position, base = mutation_list(x)
+    with torch.inference_mode():
+        ref, cache = runner.reference(x)
+        profile, counts = runner.mutants(x, cache, locus, position, base)
+        want = FullRecompute(model).mutants(x, None, locus, position, base)
+    assert ref[0] is None and profile is None
+    torch.testing.assert_close(counts, want[1], atol=ATOL, rtol=RTOL)
 
 
 # --------------------------------------------------------------------------- fallback
@@ -212,8 +253,8 @@ def engine_outputs(members: list[nn.Module], head: OutputHead, x: torch.Tensor, 
     ("build", "head", "length"),
     [
         (lambda: set_batchnorm_stats(SimulationCNN(length=100)), OutputHead(), 100),
-        (small_bpnet, OutputHead(output_index=1), 400),
-        (small_bpnet, OutputHead(output_index=0, profile_axis=-1, tasks=(1,)), 400),
+        (small_bpnet, OutputHead(output_index=1), 300),
+        (small_bpnet, OutputHead(output_index=0, profile_axis=-1, tasks=(1,)), 300),
     ],
     ids=["simulation-cnn", "bpnet-counts", "bpnet-profile"],
 )

@@ -138,3 +138,15 @@ def test_penalized_ivw__zero_bx_ratio_is_undefined():
     r = estimate([[0.2, 0.0, 0.1]], [[0.1] * 3], [[0.1, 0.2, 0.3]], [[0.1] * 3], methods=("penalized_ivw",))
     assert r["penalized_ivw"].reason[0] == "zero_bx"
     assert np.isnan(r["penalized_ivw"].estimate[0])
+
+
+def test_penalized_ivw__penalization_argument_overrides_the_package_factor():
+    bx, bxse, by, byse, k = _simulate(6, min_k=5)
+    by[:, 0] += 1.0
+    r = estimate(bx, bxse, by, byse, methods=("penalized_ivw",), penalization=20.0)["penalized_ivw"]
+    for i in range(bx.shape[0]):
+        x, y, se = bx[i, : k[i]], by[i, : k[i]], byse[i, : k[i]]
+        ratio = y / x
+        pen = stats.chi2.sf(x**2 / se**2 * (ratio - np.median(ratio)) ** 2, 1)
+        w = se**-2 * np.minimum(1.0, 20.0 * pen)
+        assert _rel(r.estimate[i], np.sum(w * x * y) / np.sum(w * x * x)) < 1e-8

@@ -86,14 +86,16 @@ class Step:
 class Plan:
     """The analysed graph of one member at one sequence length."""
 
-    graph: fx.Graph
     steps: dict[fx.Node, Step]
     x: fx.Node
     outputs: Any
     length: int
     consts: dict[fx.Node, Any]
-    examples: dict[fx.Node, Any]
+    shapes: dict[fx.Node, torch.Tensor]
+    """Meta tensors with the shape and dtype of each tracked node for a batch of two."""
     pads: dict[fx.Node, tuple[int, int]] = field(default_factory=dict)
+    finite: bool = False
+    """Whether window columns outside the sequence always hold finite values (no log, exp, division...)."""
 
     def step(self, node: fx.Node) -> Step:
         """The step of ``node``."""
@@ -263,8 +265,38 @@ class _Analysis:
 
     def _rule(self, node: fx.Node) -> R.Rule | None:
         return (
-            self._conv(node) or self._folded_norm(node) or self._crop(node) or self._cat(node) or self._elementwise(node)
+            self._conv(node)
+            or self._folded_norm(node)
+            or self._fused_relu(node)
+            or self._crop(node)
+            or self._cat(node)
+            or self._elementwise(node)
         )
+
+    def _fused_relu(self, node: fx.Node) -> R.Rule | None:
+        """A ReLU whose input is a convolution (possibly through folded norms) used only by it."""
+        source = node.args[0] if node.args else None
+        if not self._is_relu(node) or len(node.args) != 1 or not self._tracked(source):
+            return None
+        producer = source
+        while isinstance(self.steps[producer].rule, R.ElementwiseRule) and self.steps[producer].rule.folded:
+            if len(producer.users) != 1:
+                return None
+            producer = producer.args[0]
+        conv = self.steps[producer].rule
+        if not isinstance(conv, R.ConvRule) or conv.first_layer or conv.relu or len(producer.users) != 1:
+            return None
+        if len(source.users) != 1:
+            return None
+        conv.fuse_relu()
+        return R.ElementwiseRule(node, R.identity, [source], [])
+
+    def _is_relu(self, node: fx.Node) -> bool:
+        if node.op == "call_module":
+            return isinstance(self._module(node), nn.ReLU)
+        if node.op == "call_method":
+            return node.target in ("relu", "relu_")
+        return node.op == "call_function" and node.target in R.RELU_FUNCTIONS
 
     def _folded_norm(self, node: fx.Node) -> R.Rule | None:
         """An eval-mode ``BatchNorm1d`` that is the only user of a convolution: folded into it."""
@@ -282,7 +314,7 @@ class _Analysis:
         if module.affine:
             scale, shift = scale * module.weight, shift * module.weight + module.bias
         conv.fold(scale.detach(), shift.detach())
-        return R.ElementwiseRule(node, _identity, [source], [])
+        return R.ElementwiseRule(node, R.identity, [source], [])
 
     def _module(self, node: fx.Node) -> nn.Module | None:
         return self.gm.get_submodule(str(node.target)) if node.op == "call_module" else None
@@ -529,8 +561,8 @@ class _Analysis:
                 step.kind = Kind.PLAIN
             elif step.kind is Kind.DELTA:
                 assert step.delta is not None
-                source = node.args[0]
-                if self.steps[step.delta.source].kind is not Kind.LOCAL or self.steps[source].kind is Kind.PLAIN:
+                fused = not isinstance(step.delta, R.LinearRule) or self.steps[node.args[0]].kind is Kind.FUSED
+                if self.steps[step.delta.source].kind is not Kind.LOCAL or not fused:
                     step.kind = Kind.PLAIN
 
     def pads(self) -> dict[fx.Node, tuple[int, int]]:
@@ -577,10 +609,11 @@ class _Analysis:
         pads = self.pads()
         for step in self.steps.values():
             if step.kind is Kind.DELTA and isinstance(step.delta, R.LinearRule):
-                left, width = self.steps[step.delta.source].extent
-                step.delta.pad(max(0, -left), max(0, self.length - 1 + left + width - self._length(step.delta.source)))
+                step.delta.prepare(self.steps[step.delta.source].extent, self.length)
         consts = {n: self.values[n] for n, s in self.steps.items() if s.kind is Kind.CONST}
-        return Plan(self.gm.graph, self.steps, self.x, self.outputs, self.length, consts, self.values, pads)
+        finite = not any(_may_overflow(s.node) for s in self.steps.values() if s.kind is Kind.LOCAL)
+        shapes = {n: self.values[n].to("meta") for n, s in self.steps.items() if s.tracked}
+        return Plan(self.steps, self.x, self.outputs, self.length, consts, shapes, pads, finite)
 
 
 def analyse(
@@ -633,8 +666,11 @@ def _ancestors(structure: Any) -> set[fx.Node]:
 # --------------------------------------------------------------------------- argument helpers
 
 
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
+def _may_overflow(node: fx.Node) -> bool:
+    """Whether an operation can turn finite inputs into inf or NaN."""
+    if node.op == "call_method":
+        return str(node.target).rstrip("_") in R.NON_FINITE_METHODS
+    return node.op == "call_function" and INPLACE_FUNCTIONS.get(node.target, node.target) in R.NON_FINITE_FUNCTIONS
 
 
 def _bind(node: fx.Node, names: tuple[str, ...]) -> dict[str, Any]:

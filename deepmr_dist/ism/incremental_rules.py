@@ -42,6 +42,8 @@ class Inputs(Protocol):
     """What a rule may read while it runs (implemented by the runner)."""
 
     batch: W.Batch
+    finite: bool
+    """Whether window columns outside the sequence are known to hold finite values."""
 
     def window(self, node: fx.Node, extent: Extent, zero_pad: bool = False) -> torch.Tensor:
         """A local source's window, widened with reference columns to ``extent``.
@@ -110,7 +112,8 @@ class ConvRule(Rule):
     On the model input itself (``first_layer``), a mutant's window is the
     reference output plus the weights times the change of one one-hot column,
     with no convolution at all. An eval-mode batch norm right after the
-    convolution can be folded into its weights (:meth:`fold`).
+    convolution can be folded into its weights (:meth:`fold`), and a ReLU
+    after it applied in place (:meth:`fuse_relu`).
     """
 
     def __init__(
@@ -132,20 +135,26 @@ class ConvRule(Rule):
         self.pad_left = pad_left
         self.reach = dilation * (self.kernel - 1)
         self.first_layer = first_layer and groups == 1
+        self.relu = False
         self._set_weights(weight, bias)
 
     def _set_weights(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
-        self.raw_weight, self.bias = weight, bias
-        self.weight = W.conv_weight(weight)
+        self.weight, self.bias = weight, bias
+        self.conv = W.Conv(weight, bias, self.dilation, self.groups)
         # Row c of a one-hot change maps to window columns j = 0, d, ..., reach,
         # column j taking kernel tap (kernel - 1 - j / dilation).
         flipped = weight.flip(2).permute(1, 2, 0)  # (in, kernel, out)
         self.delta_weight = flipped.reshape(weight.shape[1], -1).contiguous()
 
+    def fuse_relu(self) -> None:
+        """Apply ReLU in place on the convolution's output (not on a first layer: its delta needs pre-activations)."""
+        assert not self.first_layer
+        self.relu = True
+
     def fold(self, scale: torch.Tensor, shift: torch.Tensor) -> None:
         """Apply ``out * scale + shift`` (per output channel) inside the convolution."""
         bias = shift if self.bias is None else self.bias * scale + shift
-        self._set_weights(self.raw_weight * scale[:, None, None], bias)
+        self._set_weights(self.weight * scale[:, None, None], bias)
 
     def extent(self, extents: Sequence[Extent]) -> Extent:
         left, width = extents[0]
@@ -165,14 +174,17 @@ class ConvRule(Rule):
             return self._first_layer(io, extent)
         source_left = extent[0] - self.pad_left
         data = io.window(self.sources[0], (source_left, extent[1] + self.reach), zero_pad=self.pad_left > 0)
-        return W.conv(data, self.weight, self.bias, self.dilation, self.groups)
+        return self._activate(self.conv(data))
 
     def run_range(self, io: Inputs, lo: int, hi: int) -> torch.Tensor:
         need_lo, need_hi = self.input_range(0, lo, hi)
         # Zero columns needed on both sides are left to the convolution's own padding.
         padding = max(0, min(-need_lo, need_hi - io.length(self.sources[0])))
         data = io.columns(self.sources[0], need_lo + padding, need_hi - padding)
-        return W.conv(data, self.weight, self.bias, self.dilation, self.groups, padding)
+        return self._activate(self.conv(data, padding))
+
+    def _activate(self, out: torch.Tensor) -> torch.Tensor:
+        return out.relu_() if self.relu else out
 
     def _first_layer(self, io: Inputs, extent: Extent) -> torch.Tensor:
         batch = io.batch
@@ -185,6 +197,11 @@ class ConvRule(Rule):
 
 
 # --------------------------------------------------------------------------- elementwise and friends
+
+
+def identity(x: torch.Tensor) -> torch.Tensor:
+    """The operation of a node whose work was folded into the node before it."""
+    return x
 
 
 class ElementwiseRule(Rule):
@@ -205,6 +222,11 @@ class ElementwiseRule(Rule):
         self.call = call
         self.sources = tuple(dict.fromkeys(sources))
         self.length_consts = frozenset(length_consts)
+
+    @property
+    def folded(self) -> bool:
+        """Whether the operation was folded into its source (the node is an alias)."""
+        return self.call is identity
 
     def extent(self, extents: Sequence[Extent]) -> Extent:
         return union(extents)
@@ -269,11 +291,17 @@ class DeltaRule:
         raise NotImplementedError
 
     @staticmethod
-    def change(io: Inputs, source: fx.Node, extent: Extent, length: int) -> torch.Tensor:
-        """``mutant - reference`` over the window, as rows ``(n, width, channels)``; zero outside the sequence."""
+    def change(io: Inputs, source: fx.Node, extent: Extent, length: int, mask: bool = True) -> torch.Tensor:
+        """``mutant - reference`` over the window, as rows ``(n, width, channels)``.
+
+        With ``mask``, columns outside the sequence are zero; otherwise they hold whatever the window held there.
+        """
         batch = io.batch
-        rows = io.window(source, extent).transpose(1, 2) - io.reference(source).gather_rows(batch, *extent)
-        return rows.masked_fill_(~batch.valid(extent[0], extent[1], length), 0)
+        ref = io.reference(source).gather_rows(batch, *extent)
+        rows = torch.sub(io.window(source, extent).transpose(1, 2), ref, out=ref)
+        if mask:
+            W.zero_outside(rows, batch.valid(extent[0], extent[1], length), io.finite)
+        return rows
 
 
 class MeanRule(DeltaRule):
@@ -297,10 +325,13 @@ class MeanRule(DeltaRule):
 class LinearRule(DeltaRule):
     """``Linear`` over the flattened ``(channels, length)`` activation.
 
-    Only the weight columns under a mutant's window see a change: mutants are
+    Only the weight rows under a mutant's window see a change: mutants are
     bucketed by position and each bucket multiplies its changes by its own
     slice of the weight (one batched matrix product).
     """
+
+    MAX_STACK = 1 << 26
+    """Largest number of elements of the pre-sliced weight stack; above it, slices are strided views."""
 
     def __init__(self, node: fx.Node, source: fx.Node, weight: torch.Tensor, channels: int, length: int) -> None:
         self.node = node
@@ -308,35 +339,47 @@ class LinearRule(DeltaRule):
         out = weight.shape[0]
         # (length, channels, out): row l holds the weights of column l, channels-last like the windows.
         self.weight = weight.view(out, channels, length).permute(2, 1, 0).contiguous()
-        self.padded = self.weight
-        self.pad_left = 0
+        self.stack = self.weight.view(length, 1, -1)
+        self.first = 0
 
-    def pad(self, left: int, right: int) -> None:
-        """Zero weight rows for window columns outside the sequence."""
+    def prepare(self, extent: Extent, positions: int) -> None:
+        """Stack the weight slices seen by windows at ``extent`` for positions ``0 .. positions - 1``.
+
+        Rows outside the sequence get zero weights.
+        """
+        left, width = extent
         length, channels, out = self.weight.shape
-        padded = self.weight.new_zeros((left + length + right, channels, out))
-        padded[left : left + length] = self.weight
-        self.padded = padded
-        self.pad_left = left
+        pad_left, pad_right = max(0, -left), max(0, positions - 1 + left + width - length)
+        padded = self.weight.new_zeros((pad_left + length + pad_right, channels, out))
+        padded[pad_left : pad_left + length] = self.weight
+        stack = padded.as_strided((padded.shape[0] - width + 1, width * channels, out), (channels * out, out, 1))
+        self.stack = stack.contiguous() if stack.numel() <= self.MAX_STACK else stack
+        self.first = left + pad_left
 
     def run(self, io: Inputs, extent: Extent, length: int) -> torch.Tensor:
         batch = io.batch
-        change = self.change(io, self.source, extent, length)
-        order = torch.argsort(batch.position, stable=True)
-        positions, bucket, counts = torch.unique_consecutive(
-            batch.position[order], return_inverse=True, return_counts=True
-        )
-        slot = batch.arange(batch.size) - (torch.cumsum(counts, 0) - counts)[bucket]
-        rows = change.new_zeros((positions.shape[0], int(counts.max()), change[0].numel()))
-        rows[bucket, slot] = change[order].reshape(batch.size, -1)
-        out = torch.bmm(rows, self._windows(extent[1])[positions + extent[0] + self.pad_left])[bucket, slot]
-        result = torch.empty_like(out).index_copy_(0, order, out)
-        return io.reference_output(self.node)[batch.locus] + result
+        # Columns outside the sequence meet zero weights, so finite garbage there needs no mask.
+        change = self.change(io, self.source, extent, length, mask=not io.finite).view(batch.size, -1)
+        low = int(batch.position.min())
+        bucket = batch.position - low
+        slot = _rank_within(bucket)
+        n_buckets = int(bucket.max()) + 1
+        rows = change.new_zeros((n_buckets, int(slot.max()) + 1, change.shape[1]))
+        rows[bucket, slot] = change
+        start = low + self.first
+        out = torch.bmm(rows, self.stack[start : start + n_buckets])
+        return torch.add(io.reference_output(self.node)[batch.locus], out[bucket, slot])
 
-    def _windows(self, width: int) -> torch.Tensor:
-        """View ``(start, width * channels, out)`` of the padded weight rows ``[start, start + width)``."""
-        rows, channels, out = self.padded.shape
-        return self.padded.as_strided((rows - width + 1, width * channels, out), (channels * out, out, 1))
+
+def _rank_within(groups: torch.Tensor) -> torch.Tensor:
+    """For each element, how many earlier elements share its group."""
+    order = torch.argsort(groups, stable=True)
+    ordered = groups[order]
+    index = torch.arange(groups.shape[0], device=groups.device)
+    first = torch.ones_like(ordered, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    run_start = torch.cummax(torch.where(first, index, 0), dim=0).values
+    return torch.empty_like(index).index_put_((order,), index - run_start)
 
 
 # --------------------------------------------------------------------------- operation tables
@@ -369,9 +412,19 @@ CHANNEL_FUNCTIONS: frozenset[Any] = frozenset({F.softmax, F.log_softmax, torch.s
 
 CHANNEL_METHODS: frozenset[str] = frozenset({"softmax", "log_softmax"})
 
+NON_FINITE_FUNCTIONS: frozenset[Any] = frozenset({
+    torch.log, torch.log1p, torch.sqrt, torch.rsqrt, torch.exp, torch.expm1, torch.div, torch.true_divide,
+    operator.truediv, torch.pow, operator.pow,
+})  # fmt: skip
+"""Elementwise operations that can turn finite values into inf or NaN."""
+
+NON_FINITE_METHODS: frozenset[str] = frozenset({"log", "log1p", "sqrt", "rsqrt", "exp", "expm1", "div", "pow"})
+
 DROPOUT_FUNCTIONS: frozenset[Any] = frozenset({F.dropout, F.dropout1d, F.alpha_dropout, F.feature_alpha_dropout})
 
 REDUCTIONS: dict[Any, bool] = {torch.mean: True, torch.sum: False, "mean": True, "sum": False}
 """Reductions with a delta rule: target -> whether it divides by the length (mean)."""
 
 CAT_FUNCTIONS: frozenset[Any] = frozenset({torch.cat, torch.concat, torch.concatenate})
+
+RELU_FUNCTIONS: frozenset[Any] = frozenset({torch.relu, F.relu, torch.relu_, F.relu_})

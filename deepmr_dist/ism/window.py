@@ -21,11 +21,6 @@ def channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
-def rows_of(t: torch.Tensor) -> torch.Tensor:
-    """View a ``(batch, channels, length)`` tensor as ``(batch, length, channels)`` rows (copy if needed)."""
-    return t.transpose(1, 2).contiguous()
-
-
 @dataclass
 class Batch:
     """The mutants of one call, with index tensors cached for the call.
@@ -85,6 +80,17 @@ class PaddedRef:
         self.pad_left = pad_left
         self.padded_length = pad_left + length + pad_right
         self.channels = channels
+        self._spans: dict[int, torch.Tensor] = {}
+
+    def spans(self, width: int) -> torch.Tensor:
+        """Overlapping view ``(start row, width * channels)``: row ``i`` holds rows ``i .. i + width - 1``.
+
+        Gathering whole spans from it copies one contiguous block per mutant.
+        """
+        if width not in self._spans:
+            flat = self.rows.view(-1)
+            self._spans[width] = flat.as_strided((self.rows.shape[0] - width + 1, width * self.channels), (self.channels, 1))
+        return self._spans[width]
 
     def gather_rows(self, batch: Batch, left: int | torch.Tensor, width: int) -> torch.Tensor:
         """Rows ``(n, width, channels)`` of columns ``position + left + arange(width)`` per mutant.
@@ -97,17 +103,11 @@ class PaddedRef:
             start = batch.position + (left + self.pad_left)
         if not self.shared:
             start = start + batch.locus * self.padded_length
-        index = (start[:, None] + batch.arange(width)).view(-1)
-        return self.rows.index_select(0, index).view(batch.size, width, self.channels)
+        return self.spans(width).index_select(0, start).view(batch.size, width, self.channels)
 
     def gather(self, batch: Batch, left: int, width: int) -> torch.Tensor:
         """Columns ``position + left + arange(width)`` per mutant as a ``(n, channels, width)`` window."""
         return self.gather_rows(batch, left, width).transpose(1, 2)
-
-    def gather_fixed(self, batch: Batch, lo: int, hi: int) -> torch.Tensor:
-        """Columns ``[lo, hi)`` for every mutant, ``(n, channels, hi - lo)`` channels-last."""
-        start = torch.full_like(batch.position, lo)
-        return self.gather_rows(batch, start, hi - lo).transpose(1, 2)
 
 
 def span(
@@ -118,6 +118,7 @@ def span(
     extra_left: int,
     extra_right: int,
     mask_length: int | None,
+    finite: bool = False,
 ) -> torch.Tensor:
     """Extend a window with reference columns on each side.
 
@@ -134,6 +135,8 @@ def span(
     mask_length
         When given, window columns outside ``[0, mask_length)`` are set to zero
         (the zero padding a convolution reads there); otherwise they are kept.
+    finite
+        Whether the window is known to hold only finite values (see :func:`zero_outside`).
 
     Returns
     -------
@@ -144,8 +147,18 @@ def span(
     middle = rows[:, extra_left : extra_left + width]
     middle.copy_(window.transpose(1, 2))
     if mask_length is not None:
-        middle.masked_fill_(~batch.valid(left, width, mask_length), 0)
+        zero_outside(middle, batch.valid(left, width, mask_length), finite)
     return rows.transpose(1, 2)
+
+
+def zero_outside(rows: torch.Tensor, valid: torch.Tensor, finite: bool) -> torch.Tensor:
+    """Zero the rows ``(n, width, channels)`` where ``valid`` ``(n, width, 1)`` is false, in place.
+
+    With ``finite`` (the rows hold no inf or NaN) a multiplication does it, much faster than a masked fill.
+    """
+    if finite:
+        return rows.mul_(valid.to(rows.dtype))
+    return rows.masked_fill_(~valid, 0)
 
 
 def materialize(
@@ -176,23 +189,63 @@ def pad_columns(data: torch.Tensor, pad_left: int, pad_right: int) -> torch.Tens
     return out.transpose(1, 2)
 
 
-def conv(
-    data: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    dilation: int,
-    groups: int,
-    padding: int = 0,
-) -> torch.Tensor:
-    """1-d convolution on channels-last ``(n, channels, width)`` via a 2-d oneDNN kernel.
+class Conv:
+    """A 1-d convolution on channels-last ``(n, channels, width)`` activations.
 
-    ``weight`` is the 2-d channels-last form ``(out, in / groups, 1, kernel)``;
-    ``padding`` zero columns are added on both sides.
+    Most convolutions run on channels-last 2-d kernels (oneDNN, cuDNN). On the
+    CPU, with at most :attr:`FEW_OUTPUTS` output channels (profile heads),
+    oneDNN is slow, so the convolution is computed as one matrix product of
+    the input with every tap's weights followed by a strided sum along the
+    kernel's diagonal.
+
+    Parameters
+    ----------
+    weight
+        ``(out, in / groups, kernel)``.
+    bias
+        ``(out,)`` or ``None``.
+    dilation, groups
+        As in ``Conv1d``.
     """
-    out = F.conv2d(data.unsqueeze(2), weight, bias, 1, (0, padding), (1, dilation), groups)
-    return out.squeeze(2)
 
+    FEW_OUTPUTS = 4
+    CHUNK_ELEMENTS = 1 << 19
+    """Size of the per-chunk tap products in the few-outputs path (kept cache-sized)."""
 
-def conv_weight(weight: torch.Tensor) -> torch.Tensor:
-    """The channels-last 2-d form of a ``(out, in, kernel)`` Conv1d weight."""
-    return weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, dilation: int, groups: int) -> None:
+        self.out_channels, in_channels, self.kernel = weight.shape
+        self.bias = bias
+        self.dilation = dilation
+        self.groups = groups
+        self.few = self.out_channels <= self.FEW_OUTPUTS and groups == 1
+        # (in, kernel * out): column t * out + o holds tap t of output o.
+        self.taps = weight.permute(1, 2, 0).reshape(in_channels, -1).contiguous()
+        self.weight = weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)
+
+    def __call__(self, data: torch.Tensor, padding: int = 0) -> torch.Tensor:
+        """Convolve ``data`` with ``padding`` zero columns on both sides."""
+        if self.few and data.device.type == "cpu":
+            return self._few_outputs(data, padding)
+        out = F.conv2d(data.unsqueeze(2), self.weight, self.bias, 1, (0, padding), (1, self.dilation), self.groups)
+        return out.squeeze(2)
+
+    def _few_outputs(self, data: torch.Tensor, padding: int) -> torch.Tensor:
+        n, channels, width = data.shape
+        padded_width = width + 2 * padding
+        out_width = padded_width - self.dilation * (self.kernel - 1)
+        rows = data.transpose(1, 2)
+        out = data.new_empty((n, out_width, self.out_channels))
+        chunk = max(1, self.CHUNK_ELEMENTS // (padded_width * self.taps.shape[1]))
+        buffer = data.new_zeros((min(chunk, n), padded_width, channels))
+        for start in range(0, n, chunk):
+            m = min(chunk, n - start)
+            buffer[:m, padding : padding + width] = rows[start : start + m]
+            taps = (buffer[:m].view(-1, channels) @ self.taps).view(m, padded_width, self.kernel, self.out_channels)
+            s = taps.stride()
+            diagonal = taps.as_strided(
+                (m, out_width, self.kernel, self.out_channels), (s[0], s[1], self.dilation * s[1] + s[2], 1)
+            )
+            torch.sum(diagonal, dim=2, out=out[start : start + m])
+        if self.bias is not None:
+            out += self.bias
+        return out.transpose(1, 2)

@@ -4,7 +4,8 @@ Inputs are ``(n_loci, max_k)`` arrays padded with NaN. An instrument is used iff
 all four of ``bx, bxse, by, byse`` are finite and both standard errors are
 positive. :class:`MRData` keeps the arrays with unused entries replaced by
 harmless values (``bx = by = 0``, ``bxse = byse = 1``) plus the mask ``valid``,
-so kernels can run dense array code over the whole batch and mask sums.
+so kernels can run dense array code over the whole batch and mask sums. A batch
+without unused entries keeps the caller's arrays (kernels never write to them).
 """
 
 from __future__ import annotations

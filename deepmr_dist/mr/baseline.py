@@ -37,12 +37,17 @@ def wald_mean(
     """
     out = ResultBuilder(data.n, data.fstat())
     zero_bx = data.any_zero_bx()
-    use = data.valid & (data.bx != 0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        ratio = np.where(use, data.by / np.where(data.bx == 0, 1.0, data.bx), 0.0)
-        mean = ratio.sum(axis=1) / data.n
-        dev = np.where(use, ratio - mean[:, None], 0.0)
-        sd = np.sqrt((dev * dev).sum(axis=1) / (data.n - ddof))
+        if data.valid.all():  # dense batch: rows with a zero bx are flagged below
+            ratio = data.by / data.bx
+            mean = ratio.mean(axis=1)
+            sd = ratio.std(axis=1, ddof=ddof) if data.bx.shape[1] > ddof else np.full(data.n_loci, np.nan)
+        else:
+            use = data.valid & (data.bx != 0)
+            ratio = np.where(use, data.by / np.where(data.bx == 0, 1.0, data.bx), 0.0)
+            mean = ratio.sum(axis=1) / data.n
+            dev = np.where(use, ratio - mean[:, None], 0.0)
+            sd = np.sqrt(np.einsum("ij,ij->i", dev, dev) / (data.n - ddof))
     crit = z_quantile(alpha) if ci_multiplier is None else float(ci_multiplier)
     out["estimate"], out["se"] = mean, sd
     out["ci_lower"], out["ci_upper"] = mean - crit * sd, mean + crit * sd

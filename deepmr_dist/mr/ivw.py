@@ -21,6 +21,8 @@ fixed-effect standard error is its limit ``1 / sqrt(sum(bx^2 byse^-2))``.
 from __future__ import annotations
 
 import numpy as np
+
+from deepmr_dist.errors import InputError
 from deepmr_dist.mr._data import MRData, chi2_1_sf, chi2_sf, masked_sum, row_median_select, wald_inference
 from deepmr_dist.mr.result import MRResult, ResultBuilder
 
@@ -31,8 +33,6 @@ PENALIZED_IVW_FACTOR = 100.0
 
 def _random_mask(model: str, n: np.ndarray) -> np.ndarray:
     if model not in MODELS:
-        from deepmr_dist.errors import InputError
-
         raise InputError(f"IVW model must be one of {MODELS}, got {model!r}")
     if model == "fixed":
         return np.zeros(n.shape, dtype=bool)

@@ -19,6 +19,8 @@ Needs at least three instruments.
 from __future__ import annotations
 
 import numpy as np
+
+from deepmr_dist.errors import InputError
 from deepmr_dist.mr._data import MRData, chi2_1_sf, chunk_bounds, column_normals, run_chunks, wald_inference
 from deepmr_dist.mr.result import MRResult, ResultBuilder
 
@@ -83,8 +85,6 @@ def weighted_median(theta: np.ndarray, weights: np.ndarray, valid: np.ndarray, s
 def median_weights(data: MRData, weighting: str, penalization: float = PENALIZED_MEDIAN_FACTOR) -> np.ndarray:
     """Weights of ``mr_median(weighting = ...)`` (zero at unused entries)."""
     if weighting not in WEIGHTINGS:
-        from deepmr_dist.errors import InputError
-
         raise InputError(f"median weighting must be one of {WEIGHTINGS}, got {weighting!r}")
     if weighting == "simple":
         return np.where(data.valid, 1.0 / np.maximum(data.n, 1)[:, None], 0.0)

@@ -20,7 +20,15 @@ from __future__ import annotations
 import numpy as np
 import scipy.fft
 
-from deepmr_dist.mr._data import MRData, chunk_bounds, column_normals, mad, run_chunks, wald_inference
+from deepmr_dist.mr._data import (
+    MRData,
+    chunk_bounds,
+    column_normals,
+    mad,
+    row_median_select,
+    run_chunks,
+    wald_inference,
+)
 from deepmr_dist.mr.result import MRResult, ResultBuilder
 
 N_GRID = 512
@@ -45,8 +53,6 @@ def _sd(x: np.ndarray, valid: np.ndarray, n: np.ndarray) -> np.ndarray:
 
 
 def _mad_rows(x: np.ndarray, valid: np.ndarray, n: np.ndarray) -> np.ndarray:
-    from deepmr_dist.mr._data import row_median_select
-
     med = row_median_select(x, valid, n)
     return 1.4826 * row_median_select(np.abs(x - med[:, None]), valid, n)
 

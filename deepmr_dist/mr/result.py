@@ -9,10 +9,12 @@ NaN numbers and a short code in ``reason`` (see :data:`REASONS`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from deepmr_dist.errors import InputError
 
 if TYPE_CHECKING:  # pandas is imported lazily, only by ``to_frame``
     import pandas as pd
@@ -128,19 +130,12 @@ class MRResult:
         else:
             labels = np.asarray(list(loci), dtype=object)
             if labels.shape[0] != n_loci:
-                from deepmr_dist.errors import InputError
-
                 raise InputError(f"loci has {labels.shape[0]} labels but the result has {n_loci} loci")
         data: dict[str, object] = {"locus": labels, "method": np.full(n_loci, method, dtype=object), "n": self.n}
         for name in FLOAT_FIELDS:
             data[name] = getattr(self, name)
         data["reason"] = self.reason
         return pd.DataFrame(data, columns=list(COLUMNS))
-
-
-def result_fields() -> tuple[str, ...]:
-    """Names of all :class:`MRResult` fields in declaration order."""
-    return tuple(f.name for f in fields(MRResult))
 
 
 class ResultBuilder:

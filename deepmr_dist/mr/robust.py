@@ -22,7 +22,7 @@ Differences from robustbase, by design:
   the candidates are: the median ratio (plus the median intercept, and intercept 0,
   for Egger), least squares, and elemental fits (all of them when
   ``C(n, p) * n <= 4000``, e.g. every pair up to n = 20 for Egger; otherwise
-  ``1000 // n`` pairs from a fixed pseudo-random sequence, none above n = 100).
+  ``500 // n`` pairs from a fixed pseudo-random sequence, none above n = 50).
   Each candidate gets one S-iteration; a candidate replaces the best one only if
   its M-scale is smaller (robustbase's ``sum rho(r / s_best) < bb (n - p)`` test);
   the best is refined to convergence. With one basin of attraction around the bulk
@@ -73,7 +73,7 @@ K_FAST = 1
 """S-iterations applied to each candidate before comparison (``k.fast.s``)."""
 ELEMENTAL_BUDGET = 4000
 """Exhaustive elemental search while (number of subsets) x (instruments) stays below this."""
-ELEMENTAL_RANDOM_BUDGET = 1000
+ELEMENTAL_RANDOM_BUDGET = 500
 """Otherwise ``ELEMENTAL_RANDOM_BUDGET // n`` fixed pseudo-random elemental subsets ..."""
 ELEMENTAL_MIN = 10
 """... or none when that is fewer than this (large loci rely on the LS and median starts)."""
@@ -390,7 +390,7 @@ def _iterate(
     for _ in range(MAX_ITER):
         if not active.any():
             break
-        if active.sum() <= 0.5 * active.size and active.size > 4:
+        if active.sum() <= 0.7 * active.size and active.size > 4:
             idx = idx[active]
             sub = ch.subset(idx)
             active = np.ones(idx.size, dtype=bool)
@@ -648,7 +648,6 @@ def _vcov_avar1_impl(ch: _Chunk, beta: np.ndarray, beta_s: np.ndarray, s: np.nda
 
 def _s_estimate(ch: _Chunk, ok: np.ndarray) -> tuple[np.ndarray, ...]:
     """S-estimate per row: start beta, beta, scale, exact-fit flag, converged flag."""
-    m, p = ch.m, ch.p
     beta0, s0, exact = _s_start(ch, ok)
     go = ok & ~exact & np.isfinite(s0) & (s0 > 0)
     beta, scale, conv = _iterate(ch, go, beta0, np.where(go, s0, 1.0), _s_eval)
@@ -659,7 +658,7 @@ def _s_estimate(ch: _Chunk, ok: np.ndarray) -> tuple[np.ndarray, ...]:
 
 def _fit_chunk(xt: np.ndarray, y: np.ndarray, valid: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, ...]:
     """MM fit of one chunk; returns coef, coef_s, cov, scale, converged, exact, singular."""
-    m, p, k = xt.shape
+    m, p, _ = xt.shape
     ch = _Chunk(xt, y, valid, n)
     coef = np.full((m, p), np.nan)
     coef_s = np.full((m, p), np.nan)

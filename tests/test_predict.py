@@ -1,0 +1,507 @@
+"""Stage 1, distributed ISM into the run store: equality with the in-process engine,
+worker loss, resume after a crash, refusal of foreign stores, and bad inputs.
+
+Every test uses real parts: Dask worker processes, Zarr stores on disk, the
+example ensemble. The reference for every store is ``predict_in_memory`` (the
+same engine in this process, no cluster, no store).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+from distributed import Client, LocalCluster
+
+from conftest import EXAMPLE_ENSEMBLE, EXAMPLE_FASTA, assert_same_ism
+from deepmr_dist import store
+from deepmr_dist.cli import main
+from deepmr_dist.cluster import task_resources
+from deepmr_dist.errors import StoreError
+from deepmr_dist.models.ensemble import ModelSpec
+from deepmr_dist.predict import ISMSettings, predict, predict_in_memory
+
+ENSEMBLE = ModelSpec((EXAMPLE_ENSEMBLE,))
+DROPOUT_CNN = "deepmr_dist.models.examples:simulation_cnn_with_dropout"
+# The incremental engine is optional here; every store in this file is made by full recomputation.
+FULL = ISMSettings(incremental=False)
+# Stores compared bit for bit are made with the same settings: float32 GEMMs on the CPU may round
+# differently for different batch sizes (see test_predict__partial_last_chunk_...).
+CHUNK4 = ISMSettings(chunk_loci=4, incremental=False)
+N_LOCI, LENGTH, N_MEMBERS = 48, 100, 3
+CLI = [sys.executable, "-c", "import sys; from deepmr_dist.cli import main; sys.exit(main())"]
+# Environment of every process a test starts: one BLAS/torch thread each (2 cores, 2 workers).
+CHILD_ENV = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+BAD_MODELS = '''
+import torch
+from torch import nn
+
+
+class WrongShape(nn.Module):
+    """A profile (batch, 2, 7) where the default head expects (batch, tasks)."""
+
+    def forward(self, x):
+        return x[:, :2, :7] * 2.0
+
+
+class NaNOnKmer(nn.Module):
+    """Finite except for sequences with six C in a row: NaN there."""
+
+    def forward(self, x):
+        c_run = x[:, 1, :].unfold(1, 6, 1).sum(-1).amax(-1) >= 6
+        out = torch.stack([x[:, 0, :].sum(-1), x[:, 3, :].sum(-1)], dim=1)
+        return torch.where(c_run[:, None], torch.full_like(out, float("nan")), out)
+
+
+def wrong_shape():
+    return WrongShape()
+
+
+def nan_on_kmer():
+    return NaNOnKmer()
+'''
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def bad_models(tmp_path_factory):
+    """A package ``deepmr_test_bad_models`` importable here and in worker processes started later."""
+    root = tmp_path_factory.mktemp("models")
+    pkg = root / "deepmr_test_bad_models"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text(textwrap.dedent(BAD_MODELS))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(root))
+        mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
+        yield "deepmr_test_bad_models"
+
+
+@pytest.fixture(scope="module")
+def client(bad_models):
+    """An embedded cluster: 2 single-threaded worker processes (not the session's default client)."""
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    ) as cluster, Client(cluster, set_as_default=False) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def reference(example_loci):
+    """The ``ism`` group of the 48 example loci from the in-process engine."""
+    return predict_in_memory(example_loci, ENSEMBLE, FULL)
+
+
+@pytest.fixture(scope="module")
+def undisturbed(tmp_path_factory, client, example_loci):
+    """An uninterrupted ``predict`` of the example on the embedded cluster: (report, path)."""
+    path = str(tmp_path_factory.mktemp("undisturbed") / "run.zarr")
+    report = predict(example_loci, ENSEMBLE, path, client=client, settings=CHUNK4, progress=False)
+    return report, path
+
+
+def _complete_loci(path: Path | str) -> int:
+    """Loci marked complete in a store that another process may be writing (0 if unreadable yet)."""
+    try:
+        return int(zarr.open_array(str(path), path="ism/complete", mode="r")[:].sum())
+    except Exception:  # not created yet, or a chunk caught mid-write
+        return 0
+
+
+def _wait(predicate, timeout: float, what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            detail = f"\n--- log ---\n{log.read_text()[-4000:]}" if log is not None and log.exists() else ""
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}{detail}")
+        time.sleep(0.05)
+
+
+def _live_group_members(pgid: int) -> list[int]:
+    """Pids (not zombies) whose process group is ``pgid``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # state, ppid, pgrp, ...
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            pids.append(int(entry.name))
+    return pids
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Terminate one process this test started (by its pid), killing it if it lingers."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
+def _nan_at_reference_alleles(ism: xr.Dataset) -> None:
+    codes = ism["sequence"].values
+    identity = np.arange(4)[None, None, :] == codes[:, :, None]  # (locus, position, allele)
+    expected = np.broadcast_to(identity[:, None, :, :, None], ism["mut_pred"].shape)
+    np.testing.assert_array_equal(np.isnan(ism["mut_pred"].values), expected)
+    assert np.isfinite(ism["ref_pred"].values).all()
+
+
+# ----------------------------------------------------------------------------- 1. local cluster
+
+
+def test_predict__local_cluster_store_equals_in_memory_engine(client, example_loci, reference, undisturbed):
+    report, path = undisturbed
+    assert task_resources(client) is None  # CPU workers declare no GPU: tasks request nothing
+    assert (report.n_loci, report.n_chunks, report.chunks_computed) == (N_LOCI, 12, 12)
+    assert report.mutant_predictions == N_LOCI * N_MEMBERS * 3 * LENGTH
+    assert reference.sizes == {"locus": N_LOCI, "member": N_MEMBERS, "position": LENGTH, "allele": 4, "task": 2}
+
+    ism = xr.open_zarr(path, group="ism", consolidated=False)  # plain xarray, no project code
+    assert ism["mut_pred"].data.chunksize == (4, N_MEMBERS, LENGTH, 4, 2)
+    assert_same_ism(ism, reference)
+    _nan_at_reference_alleles(ism)
+    _nan_at_reference_alleles(reference)
+
+    again = predict(example_loci, ENSEMBLE, path, client=client, settings=CHUNK4, progress=False)
+    assert (again.chunks_computed, again.mutant_predictions) == (0, 0)
+
+
+def test_predict__partial_last_chunk_matches_in_memory_engine(tmp_path, client, example_loci, reference):
+    loci = example_loci.isel(locus=slice(0, 10))  # chunks 0:4, 4:8 and the partial 8:10
+    path = str(tmp_path / "run.zarr")
+    report = predict(loci, ENSEMBLE, path, client=client, settings=CHUNK4, progress=False)
+    assert (report.n_chunks, report.chunks_computed) == (3, 3)
+    ism = store.open_run(path)["ism"]
+    expected = reference.isel(locus=slice(0, 10))
+    _nan_at_reference_alleles(ism)
+    assert ism["complete"].values.all()
+    np.testing.assert_array_equal(ism["mut_pred"].values, expected["mut_pred"].values)
+    # A 2-locus reference batch goes through another float32 GEMM blocking than 48 loci at once.
+    np.testing.assert_allclose(ism["ref_pred"].values, expected["ref_pred"].values, rtol=1e-5, atol=1e-7)
+
+
+def test_predict__incremental_engine_matches_full_recompute(tmp_path, client, example_loci, reference):
+    pytest.importorskip("deepmr_dist.ism.incremental")
+    loci = example_loci.isel(locus=slice(0, 16))
+    path = str(tmp_path / "run.zarr")
+    settings = ISMSettings(chunk_loci=8, incremental=True)
+    predict(loci, ENSEMBLE, path, client=client, settings=settings, progress=False)
+    ism = store.open_run(path)["ism"]
+    expected = reference.isel(locus=slice(0, 16))
+    _nan_at_reference_alleles(ism)
+    np.testing.assert_allclose(ism["ref_pred"].values, expected["ref_pred"].values, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ism["mut_pred"].values, expected["mut_pred"].values, rtol=1e-5, atol=1e-6)
+    assert_same_ism(ism, predict_in_memory(loci, ENSEMBLE, settings))
+
+
+# ----------------------------------------------------------------------------- 2. worker killed mid-run
+
+
+@pytest.fixture
+def gpu_cluster(tmp_path):
+    """A scheduler and two ``--resources GPU=1`` workers started as separate processes.
+
+    Workers run without a nanny: a worker killed with SIGKILL stays dead (a lost machine),
+    so the run can only finish on the survivor. Yields (address, {name: Popen}, log dir).
+    """
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    procs: list[subprocess.Popen] = []
+
+    def start(name: str, args: list[str]) -> subprocess.Popen:
+        out = open(logs / f"{name}.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "dask", *args], stdout=out, stderr=subprocess.STDOUT, env=CHILD_ENV)
+        out.close()
+        procs.append(proc)
+        return proc
+
+    scheduler_file = tmp_path / "scheduler.json"
+    try:
+        start("scheduler", ["scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard", "--scheduler-file", str(scheduler_file)])
+
+        def address_known() -> bool:
+            try:
+                return bool(json.loads(scheduler_file.read_text()).get("address"))
+            except (OSError, ValueError):
+                return False
+
+        _wait(address_known, 60, "the scheduler", logs / "scheduler.log")
+        address = json.loads(scheduler_file.read_text())["address"]
+        assert address.startswith("tcp://127.0.0.1:")
+        workers = {
+            name: start(
+                name,
+                ["worker", address, "--name", name, "--nworkers", "1", "--nthreads", "1", "--resources", "GPU=1",
+                 "--no-nanny", "--host", "127.0.0.1", "--no-dashboard"],
+            )
+            for name in ("w0", "w1")
+        }
+        yield address, workers, logs
+    finally:
+        for proc in reversed(procs):
+            _stop(proc)
+
+
+def test_predict__worker_killed_mid_run_finishes_on_survivor_with_identical_store(tmp_path, gpu_cluster, undisturbed):
+    address, workers, logs = gpu_cluster
+    path = tmp_path / "run.zarr"
+    n_chunks = N_LOCI // 4
+    with Client(address, set_as_default=False, timeout="60s") as monitor:
+        monitor.wait_for_workers(2, timeout=60)
+        assert task_resources(monitor) == {"GPU": 1}
+        name_of = {addr: w["name"] for addr, w in monitor.scheduler_info(n_workers=-1)["workers"].items()}
+
+        log = logs / "predict.log"
+        with open(log, "w") as out:
+            run = subprocess.Popen(
+                [*CLI, "predict", "--fasta", str(EXAMPLE_FASTA), "--model", EXAMPLE_ENSEMBLE, "--store", str(path),
+                 "--cluster", address, "--chunk-loci", "4", "--full-recompute", "--quiet"],
+                stdout=out, stderr=subprocess.STDOUT, env=CHILD_ENV,
+            )
+        try:
+            restrictions: dict[str, dict] = {}
+            victim = None
+            done_at_kill = None
+            deadline = time.monotonic() + 300
+            while run.poll() is None:
+                assert time.monotonic() < deadline, log.read_text()[-4000:]
+                restrictions.update(
+                    monitor.run_on_scheduler(
+                        lambda dask_scheduler: {
+                            str(k): dict(ts.resource_restrictions or {})
+                            for k, ts in dask_scheduler.tasks.items()
+                            if str(k).startswith("ism-")
+                        }
+                    )
+                )
+                done = _complete_loci(path)
+                if victim is None and 0 < done < N_LOCI:
+                    busy = [a for a, keys in monitor.processing().items() if any(str(k).startswith("ism-") for k in keys)]
+                    if busy:  # mid-run, and this worker is executing a chunk right now
+                        victim = name_of[busy[0]]
+                        done_at_kill = done
+                        os.kill(workers[victim].pid, signal.SIGKILL)
+                time.sleep(0.05)
+        finally:
+            _stop(run)
+        assert run.returncode == 0, log.read_text()[-4000:]
+        assert victim is not None, "the run finished before a worker could be killed mid-run"
+        assert workers[victim].wait(10) == -signal.SIGKILL
+        survivor = ({"w0", "w1"} - {victim}).pop()
+        assert workers[survivor].poll() is None
+        remaining = monitor.scheduler_info(n_workers=-1)["workers"]
+        assert [w["name"] for w in remaining.values()] == [survivor]
+
+    assert 0 < done_at_kill < N_LOCI
+    # Every ISM task asked for the GPU resource (and ran only because the workers declare it).
+    assert restrictions and all(r == {"GPU": 1} for r in restrictions.values()), restrictions
+    assert store.incomplete_chunks(str(path)) == []
+    assert store.ism_chunking(str(path)) == (N_LOCI, 4)
+    assert_same_ism(store.open_run(str(path))["ism"], store.open_run(undisturbed[1])["ism"])
+    assert f"computed {n_chunks} chunk(s)" in log.read_text()
+
+
+# ----------------------------------------------------------------------------- 3. resume after a crash
+
+
+def test_predict__resume_after_sigkill_computes_only_missing_chunks(tmp_path, client, example_loci, undisturbed):
+    path = tmp_path / "run.zarr"
+    log = tmp_path / "predict.log"
+    n_chunks = N_LOCI // 4
+    with open(log, "w") as out:
+        run = subprocess.Popen(
+            [*CLI, "predict", "--fasta", str(EXAMPLE_FASTA), "--model", EXAMPLE_ENSEMBLE, "--store", str(path),
+             "--chunk-loci", "4", "--n-workers", "1", "--full-recompute", "--quiet"],
+            stdout=out, stderr=subprocess.STDOUT, env=CHILD_ENV, start_new_session=True,
+        )
+    try:
+        def some_chunk_done() -> bool:
+            assert run.poll() is None, f"deepmr predict ended before it was interrupted:\n{log.read_text()[-4000:]}"
+            return _complete_loci(path) >= 4
+
+        _wait(some_chunk_done, 300, "the first complete chunk", log)
+        # Crash the whole run at once: the CLI and the worker processes of its embedded cluster.
+        os.killpg(run.pid, signal.SIGKILL)
+        assert run.wait(10) == -signal.SIGKILL
+        _wait(lambda: not _live_group_members(run.pid), 30, "the killed run's processes to exit")
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait(10)
+
+    todo = store.incomplete_chunks(str(path))
+    assert 0 < len(todo) < n_chunks
+    # CHUNK4 is what the CLI run used (same fingerprint): the rerun resumes it.
+    report = predict(example_loci, ENSEMBLE, str(path), client=client, settings=CHUNK4, progress=False)
+    assert report.n_chunks == n_chunks
+    assert report.chunks_computed == len(todo)
+    assert report.mutant_predictions == sum(b - a for a, b in todo) * N_MEMBERS * 3 * LENGTH
+    assert store.incomplete_chunks(str(path)) == []
+    assert_same_ism(store.open_run(str(path))["ism"], store.open_run(undisturbed[1])["ism"])
+
+
+# ----------------------------------------------------------------------------- 4. store of another run
+
+
+def _snapshot(path: str) -> dict[str, bytes]:
+    root = Path(path)
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_predict__store_of_another_model_is_refused_untouched_and_replaced_with_overwrite(tmp_path, client, example_loci):
+    loci = example_loci.isel(locus=slice(0, 4))
+    settings = ISMSettings(chunk_loci=4, incremental=False)
+    two_masks = ModelSpec((DROPOUT_CNN,), mc_dropout=2)
+    three_masks = ModelSpec((DROPOUT_CNN,), mc_dropout=3)
+    path = str(tmp_path / "run.zarr")
+    predict(loci, two_masks, path, client=client, settings=settings, progress=False)
+    before = _snapshot(path)
+    assert any(k.startswith("ism/mut_pred/") for k in before)
+
+    others = [
+        (three_masks, settings),
+        (ModelSpec((DROPOUT_CNN,), mc_dropout=2, mc_seed=1), settings),
+        (ENSEMBLE, settings),
+        (two_masks, ISMSettings(chunk_loci=2, incremental=False)),
+    ]
+    for spec, other_settings in others:
+        with pytest.raises(StoreError, match="--overwrite") as err:
+            predict(loci, spec, path, client=client, settings=other_settings, progress=False)
+        assert path in str(err.value)
+        assert _snapshot(path) == before, spec
+
+    report = predict(loci, three_masks, path, client=client, settings=settings, overwrite=True, progress=False)
+    assert report.chunks_computed == 1
+    ism = store.open_run(path)["ism"]
+    assert ism["member"].values.tolist() == ["mask0", "mask1", "mask2"]
+    assert ism.attrs["mc_dropout"] == 3
+    assert_same_ism(ism, predict_in_memory(loci, three_masks, settings))
+
+
+# ----------------------------------------------------------------------------- 5. bad inputs
+
+
+def _write_fasta(path: Path, records: dict[str, str]) -> Path:
+    path.write_text("".join(f">{name}\n{seq}\n" for name, seq in records.items()))
+    return path
+
+
+def _cli_error(capsys, args: list[str]) -> str:
+    """Run ``deepmr predict`` in this process; it must fail with exit code 2 and one error line."""
+    capsys.readouterr()
+    code = main(["predict", "--quiet", *args])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("deepmr predict: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _bed_inputs(tmp_path: Path, bed_line: str) -> list[str]:
+    rng = np.random.default_rng(3)
+    genome = _write_fasta(tmp_path / "genome.fa", {"chr1": "".join(rng.choice(list("ACGT"), 200)), "chr2": "ACGT" * 60})
+    bed = tmp_path / "regions.bed"
+    bed.write_text(f"chr1\t50\t60\tok\n{bed_line}\n")
+    return ["--bed", str(bed), "--genome", str(genome), "--width", "100", "--model", EXAMPLE_ENSEMBLE]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["invalid_base", "unequal_lengths", "empty_fasta", "bed_past_chromosome_end", "bed_unknown_chromosome"],
+)
+def test_cli_predict__bad_sequences_are_one_line_errors_and_create_no_store(tmp_path, capsys, case):
+    fasta = tmp_path / "loci.fa"
+    if case == "invalid_base":
+        _write_fasta(fasta, {"r0": "ACGTACGTAC", "r1": "ACGTXCGTAC"})
+        args, expected = ["--fasta", str(fasta)], [str(fasta), "'r1'", "'X'", "position 5"]
+    elif case == "unequal_lengths":
+        _write_fasta(fasta, {"r0": "ACGTACGTAC", "r1": "ACGTACGTA"})
+        args, expected = ["--fasta", str(fasta)], [str(fasta), "'r0'", "'r1'", "10 bp", "9 bp"]
+    elif case == "empty_fasta":
+        fasta.write_text("")
+        args, expected = ["--fasta", str(fasta)], [str(fasta), "no records"]
+    elif case == "bed_past_chromosome_end":
+        args = _bed_inputs(tmp_path, "chr1\t180\t190\tlate")
+        expected = [f"{tmp_path / 'regions.bed'}:2", "chr1:135-235", "past the end", "0-200"]
+    else:
+        args = _bed_inputs(tmp_path, "chrZ\t50\t60\tnowhere")
+        expected = [f"{tmp_path / 'regions.bed'}:2", "'chrZ'", str(tmp_path / "genome.fa")]
+    if "--model" not in args:
+        args += ["--model", EXAMPLE_ENSEMBLE]
+    run_store = tmp_path / "run.zarr"
+    message = _cli_error(capsys, [*args, "--store", str(run_store)])
+    for part in expected:
+        assert part in message, message
+    assert not run_store.exists()
+
+
+def test_cli_predict__model_of_wrong_output_shape_is_one_line_error_and_creates_no_store(tmp_path, capsys, client, bad_models):
+    run_store = tmp_path / "run.zarr"
+    fasta = _write_fasta(tmp_path / "loci.fa", {"a": "ACGTACGTACGTACGT", "b": "TTTTACGTACGTAAAA"})
+    message = _cli_error(
+        capsys,
+        ["--fasta", str(fasta), "--model", f"{bad_models}:wrong_shape", "--store", str(run_store),
+         "--cluster", client.scheduler.address],
+    )
+    assert "(1, 2, 7)" in message and "profile axis" in message, message
+    assert not run_store.exists()
+
+
+@pytest.mark.xfail(strict=True, reason="library bug: the head's shape error does not name the model (DESIGN: errors name the input)")
+def test_cli_predict__model_of_wrong_output_shape_error_names_the_model(tmp_path, capsys, client, bad_models):
+    fasta = _write_fasta(tmp_path / "loci.fa", {"a": "ACGTACGTACGTACGT"})
+    message = _cli_error(
+        capsys,
+        ["--fasta", str(fasta), "--model", f"{bad_models}:wrong_shape", "--store", str(tmp_path / "run.zarr"),
+         "--cluster", client.scheduler.address],
+    )
+    assert f"{bad_models}:wrong_shape" in message, message
+
+
+def test_cli_predict__nan_output_names_the_locus_and_leaves_no_store(tmp_path, capsys, client, bad_models):
+    rng = np.random.default_rng(5)
+    at_only = lambda: "".join(rng.choice(list("AT"), 24))  # no single mutation makes CCCCCC  # noqa: E731
+    # "bad" is not the first locus, so the client-side check passes and a worker task finds it.
+    records = {"l0": at_only(), "l1": at_only(), "l2": at_only(), "bad": "ATATATCCCCCCATATATATATAT"}
+    fasta = _write_fasta(tmp_path / "loci.fa", records)
+    run_store = tmp_path / "run.zarr"
+    message = _cli_error(
+        capsys,
+        ["--fasta", str(fasta), "--model", f"{bad_models}:nan_on_kmer", "--store", str(run_store),
+         "--cluster", client.scheduler.address, "--chunk-loci", "1", "--full-recompute"],
+    )
+    assert "NaN or inf" in message and "'bad'" in message, message
+    assert "'l0'" not in message and "'l2'" not in message
+    assert not run_store.exists()
+
+
+def test_cli_predict__non_torchscript_model_file_is_one_line_error_and_creates_no_store(tmp_path, capsys, client):
+    model = tmp_path / "member0.pt"
+    model.write_bytes(b"this is not a TorchScript archive\n")
+    run_store = tmp_path / "run.zarr"
+    message = _cli_error(
+        capsys,
+        ["--fasta", str(EXAMPLE_FASTA), "--model", str(model), "--store", str(run_store), "--cluster", client.scheduler.address],
+    )
+    assert str(model) in message and "TorchScript" in message, message
+    assert "\n" not in message
+    assert not run_store.exists()
