@@ -156,15 +156,25 @@ def _n_outputs(member: torch.nn.Module, head: OutputHead, loci: xr.Dataset) -> i
     return int(all_tasks.shape[1])
 
 
-def _validate_model(members: list[torch.nn.Module], head: OutputHead, loci: xr.Dataset) -> list[str]:
-    """Run each member on the first locus through the head; return the task names."""
+def _validate_model(members: list[torch.nn.Module], spec: ModelSpec, head: OutputHead, loci: xr.Dataset) -> list[str]:
+    """Run each member on the first locus through the head; return the task names.
+
+    Raises
+    ------
+    ModelOutputError
+        Naming the model and member whose output does not fit the head or is not finite.
+    """
     x = codes_to_onehot(torch.from_numpy(loci["sequence"].values[:1]).to(worker_device()))
+    model = ", ".join(spec.sources)
     with torch.inference_mode():
         for i, member in enumerate(members):
-            pred = head(member(x), 1)
+            try:
+                pred = head(member(x), 1)
+            except ModelOutputError as exc:
+                raise ModelOutputError(f"model {model}, member {i}: {exc}") from None
             if not torch.isfinite(pred).all():
                 raise ModelOutputError(
-                    f"member {i} predicted NaN or inf for locus {loci.locus.values[0]!r}"
+                    f"model {model}, member {i} predicted NaN or inf for locus {loci.locus.values[0]!r}"
                 )
     return head.names(_n_outputs(members[0], head, loci))
 
@@ -217,7 +227,7 @@ def predict(
     """
     t0 = time.perf_counter()
     members = load_members(spec, worker_device())
-    tasks = _validate_model(members, settings.head, loci)
+    tasks = _validate_model(members, spec, settings.head, loci)
     model_fp = fingerprint(members, spec)
     run_fp = run_fingerprint(model_fp, loci, settings)
     exists = store.store_exists(path, storage_options)

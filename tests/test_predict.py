@@ -466,7 +466,6 @@ def test_cli_predict__model_of_wrong_output_shape_is_one_line_error_and_creates_
     assert not run_store.exists()
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: the head's shape error does not name the model (DESIGN: errors name the input)")
 def test_cli_predict__model_of_wrong_output_shape_error_names_the_model(tmp_path, capsys, client, bad_models):
     fasta = _write_fasta(tmp_path / "loci.fa", {"a": "ACGTACGTACGTACGT"})
     message = _cli_error(
