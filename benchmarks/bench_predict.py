@@ -128,16 +128,18 @@ def _deepmr_predict(loci, spec, settings, workers: int, path: str) -> tuple[floa
     """(wall s of the predict call, CPU s of client + workers, cluster start s, torch threads per worker, tasks)."""
     import torch
 
+    from deepmr_dist import store
     from deepmr_dist.cluster import connect
     from deepmr_dist.predict import predict
 
+    store.remove_store(path)  # a fresh store every round (an existing one would be resumed, not recomputed)
     t_start = time.perf_counter()
-    with connect("local", n_workers=workers, threads_per_worker=1, verbose=False) as client:
+    with connect("local", n_workers=workers, threads_per_worker=1, verbose=False) as client:  # what `deepmr predict` uses
         startup_s = time.perf_counter() - t_start
         threads = sorted(client.run(torch.get_num_threads).values())
         before = client.run(_worker_cpu_seconds)
         c0 = time.process_time()
-        report = predict(loci, spec, path, client=client, settings=settings, overwrite=True, progress=False)
+        report = predict(loci, spec, path, client=client, settings=settings, progress=False)
         cpu = time.process_time() - c0
         after = client.run(_worker_cpu_seconds)
     cpu += sum(after[w] - before[w] for w in before)

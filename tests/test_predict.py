@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -70,6 +71,24 @@ def wrong_shape():
 
 def nan_on_kmer():
     return NaNOnKmer()
+
+
+class Slow(nn.Module):
+    """Fixed weights (no RNG) and 0.3 s per forward call: runs that last long enough to overlap."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(-1.0, 1.0, 8).reshape(2, 4), requires_grad=False)
+
+    def forward(self, x):
+        import time
+
+        time.sleep(0.3)
+        return torch.einsum("bcl,tc->bt", x, self.weight)
+
+
+def slow():
+    return Slow()
 '''
 
 
@@ -356,6 +375,36 @@ def test_predict__resume_after_sigkill_computes_only_missing_chunks(tmp_path, cl
     assert report.mutant_predictions == sum(b - a for a, b in todo) * N_MEMBERS * 3 * LENGTH
     assert store.incomplete_chunks(str(path)) == []
     assert_same_ism(store.open_run(str(path))["ism"], store.open_run(undisturbed[1])["ism"])
+
+
+@pytest.mark.xfail(strict=True, reason="library bug: ISM task keys are ism-<model fingerprint>-<chunk start>, so "
+                   "two runs of one model on one cluster share tasks and one store is never written")
+def test_predict__concurrent_runs_of_one_model_into_two_stores_both_complete(tmp_path, client, example_loci, bad_models):
+    spec = ModelSpec((f"{bad_models}:slow",))
+    first, second = str(tmp_path / "first.zarr"), str(tmp_path / "second.zarr")
+    outcome: dict[str, object] = {}
+
+    def run_first() -> None:
+        try:
+            outcome["first"] = predict(example_loci, spec, first, client=client, settings=CHUNK4, progress=False)
+        except BaseException as exc:  # reported by the main thread
+            outcome["first"] = exc
+
+    thread = threading.Thread(target=run_first)
+    thread.start()
+    try:
+        _wait(lambda: _complete_loci(first) >= 4 or not thread.is_alive(), 120, "the first run's first chunk")
+        assert thread.is_alive(), "the first run ended before the second could start"
+        report = predict(example_loci.isel(locus=slice(0, 24)), spec, second, client=client, settings=CHUNK4, progress=False)
+    finally:
+        thread.join(120)
+    assert not isinstance(outcome["first"], BaseException), outcome["first"]
+    assert report.chunks_computed == 6
+    assert store.incomplete_chunks(first) == []
+    assert store.incomplete_chunks(second) == []  # fails: its chunks were "computed" by the first run's tasks
+    np.testing.assert_array_equal(
+        store.open_run(second)["ism"]["mut_pred"].values, store.open_run(first)["ism"]["mut_pred"].values[:24]
+    )
 
 
 # ----------------------------------------------------------------------------- 4. store of another run
