@@ -10,14 +10,37 @@ tensor, one kernel call per layer), and everything after the first non-local
 operation on full activations rebuilt from the cached reference. Mean over
 length and ``Flatten -> Linear`` are computed as reference + change.
 
+Operations computed on windows (see :mod:`deepmr_dist.ism.incremental_rules`):
+
+- ``Conv1d`` / ``F.conv1d`` with zero padding (any amount, ``"same"``,
+  ``"valid"``), any dilation and groups, stride 1; on the input itself as
+  reference + weights x one-hot change;
+- eval-mode ``BatchNorm1d`` (folded into the convolution before it when it
+  is that convolution's only user), elementwise activations (modules and
+  functions), eval-mode dropout, softmax over channels;
+- arithmetic between windowed values, scalars and constants (a constant
+  with a length axis is read per window; each
+  :class:`~deepmr_dist.models.ensemble.FrozenDropout` becomes a product with
+  its mask, so MC-dropout members stay incremental);
+- concatenation along channels, channel selection and cropping along the
+  length (indexing, ``narrow``).
+
+Mean or sum over the length (``AdaptiveAvgPool1d(1)`` included) and
+``Flatten`` / ``view`` / ``reshape`` followed by ``Linear`` are computed as
+reference + change. A window as wide as the columns later layers read turns
+into a full computation of just those columns (e.g. only the columns kept by
+a crop). Everything else (strided convolutions, pooling, dense layers over
+length, recurrence, attention) runs as in the model on full activations.
+
 Exactness: columns outside a window equal the reference by construction
-(their receptive field holds no mutated position); columns outside the
-sequence read as the zero padding of the layer. Every runner is also checked
-against full forward passes at build time, on mutants at both sequence ends
-and at an ``N`` column; a model that fails the check (or cannot be traced or
-analysed) gets ``None`` and the engine falls back to full recomputation.
-Results match full recomputation up to float rounding (about 1e-6 relative
-in float32).
+(their receptive field holds no mutated position); window columns beyond the
+sequence ends carry values nobody reads except as the zero padding of the
+layer, which they are set to. In-place operations run out of place so cached
+references stay intact. Every runner is also checked against full forward
+passes at build time, on mutants at both sequence ends and at an ``N``
+column; a model that fails the check (or cannot be traced or analysed) gets
+``None`` and the engine falls back to full recomputation. Results match full
+recomputation up to float rounding (about 1e-6 relative in float32).
 """
 
 from __future__ import annotations
@@ -385,7 +408,7 @@ def _compare(got: Any, want: Any, tolerance: float) -> str | None:
     got_leaves, want_leaves = _leaves(got), _leaves(want)
     if len(got_leaves) != len(want_leaves):
         return f"{len(got_leaves)} outputs instead of {len(want_leaves)}"
-    for a, b in zip(got_leaves, want_leaves):
+    for a, b in zip(got_leaves, want_leaves, strict=True):
         if a.shape != b.shape:
             return f"shape {tuple(a.shape)} instead of {tuple(b.shape)}"
         scale = b.abs().max().item() if b.numel() else 0.0

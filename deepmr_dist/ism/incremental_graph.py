@@ -39,6 +39,7 @@ from torch import fx, nn
 from torch.fx.node import map_arg
 
 from deepmr_dist.ism import incremental_rules as R
+from deepmr_dist.models.ensemble import FrozenDropout
 
 INPLACE_FUNCTIONS: dict[Any, Any] = {
     operator.iadd: operator.add,
@@ -126,10 +127,41 @@ def trace(member: nn.Module) -> fx.GraphModule | None:
         if p.default is inspect.Parameter.empty:
             return None
         concrete[p.name] = p.default
+    tracer = _Tracer()
     try:
-        return fx.symbolic_trace(member, concrete_args=concrete or None)
+        graph = tracer.trace(member, concrete_args=concrete or None)
     except Exception:  # noqa: BLE001 - any tracing failure means "not analysable"
         return None
+    return fx.GraphModule(tracer.root, graph, type(member).__name__)
+
+
+class _Tracer(fx.Tracer):
+    """The default tracer, keeping :class:`FrozenDropout` whole (its mask depends on the input shape)."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, FrozenDropout) or super().is_leaf_module(m, module_qualified_name)
+
+
+def freeze_masks(gm: fx.GraphModule, example: torch.Tensor) -> None:
+    """Replace each :class:`FrozenDropout` call by a product with its mask, stored as a constant.
+
+    The mask is drawn for the shape its input has on ``example`` (one example, batch excluded);
+    as a constant with a length axis it is then read per window like any other.
+    """
+    calls = {n: node_call(gm, n) for n in gm.graph.nodes if n.op.startswith("call_")}
+    values = run_example(gm, calls, example)
+    for index, node in enumerate(list(gm.graph.nodes)):
+        module = gm.get_submodule(str(node.target)) if node.op == "call_module" else None
+        if not isinstance(module, FrozenDropout):
+            continue
+        source = values[node.args[0]]
+        name = f"_frozen_dropout_mask_{index}"
+        gm.register_buffer(name, module.mask(tuple(source.shape[1:]), source.device).to(source.dtype))
+        with gm.graph.inserting_before(node):
+            product = gm.graph.call_function(operator.mul, (node.args[0], gm.graph.get_attr(name)))
+        node.replace_all_uses_with(product)
+        gm.graph.erase_node(node)
+    gm.recompile()
 
 
 def node_call(gm: fx.GraphModule, node: fx.Node) -> Callable[..., Any]:
@@ -349,7 +381,8 @@ class _Analysis:
         else:
             pad_left = _one(padding)
         first = source is self.x
-        return R.ConvRule(node, source, weight.detach(), None if bias is None else bias.detach(), dilation, groups, pad_left, first)
+        bias = None if bias is None else bias.detach()
+        return R.ConvRule(node, source, weight.detach(), bias, dilation, groups, pad_left, first)
 
     def _const(self, arg: Any) -> Any:
         return self.values[arg] if isinstance(arg, fx.Node) else arg
@@ -555,7 +588,8 @@ class _Analysis:
         for node, step in self.steps.items():
             if step.kind is Kind.LOCAL and node is not self.x:
                 assert step.rule is not None
-                if any(self.steps[s].kind is Kind.RANGE for s in step.rule.sources) or step.extent[1] >= step.hi - step.lo:
+                after_range = any(self.steps[s].kind is Kind.RANGE for s in step.rule.sources)
+                if after_range or step.extent[1] >= step.hi - step.lo:
                     step.kind = Kind.RANGE
             elif step.kind is Kind.FUSED and self.steps[node.args[0]].kind is not Kind.LOCAL:
                 step.kind = Kind.PLAIN
@@ -634,6 +668,7 @@ def analyse(
         others are returned as ``None`` and nothing that only they need is run.
         ``None`` computes everything.
     """
+    freeze_masks(gm, example)
     return _Analysis(gm, length, example, outputs).plan()
 
 
@@ -675,7 +710,7 @@ def _may_overflow(node: fx.Node) -> bool:
 
 def _bind(node: fx.Node, names: tuple[str, ...]) -> dict[str, Any]:
     """Arguments of a call by name (positional ones named in order)."""
-    bound = dict(zip(names, node.args))
+    bound = dict(zip(names, node.args, strict=False))
     bound.update(node.kwargs)
     return bound
 

@@ -86,7 +86,7 @@ class Rule:
 
     def gathers(self, extents: Sequence[Extent], extent: Extent) -> list[Gather]:
         """Reference columns read by :meth:`run_local`, given the source and output extents."""
-        return [(s, *extent) for s, e in zip(self.sources, extents) if e != extent]
+        return [(s, *extent) for s, e in zip(self.sources, extents, strict=True) if e != extent]
 
     def run_local(self, io: Inputs, extent: Extent) -> torch.Tensor:
         """The output window at ``extent`` for every mutant of ``io.batch``."""
