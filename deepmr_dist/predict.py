@@ -14,6 +14,7 @@ import hashlib
 import json
 import sys
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -113,19 +114,26 @@ def predict_chunk(
     model_fp: str,
     settings: ISMSettings,
     storage_options: Mapping[str, Any] | None = None,
-    threads: int | None = None,
-) -> int:
-    """Dask task: predict loci ``start:stop`` of the store at ``path`` and write them. Returns the locus count."""
-    if threads:
-        torch.set_num_threads(threads)
-    codes = store.read_sequences(path, start, stop, storage_options)
-    runners = _ensemble(spec, model_fp, codes.shape[1], settings.incremental)
-    device = worker_device()
-    x = codes_to_onehot(torch.from_numpy(codes).to(device))
-    ref, mut = saturation_mutagenesis(runners, settings.head, x, mutant_batch=settings.mutant_batch)
-    ref_np, mut_np = ref.cpu().numpy(), mut.cpu().numpy()
-    check_predictions(ref_np, mut_np, codes, store.read_locus_ids(path, start, stop, storage_options))
-    store.write_ism_chunk(path, start, ref_np, mut_np, storage_options)
+) -> int | DeepMRError:
+    """Dask task: predict loci ``start:stop`` of the store at ``path`` and write them.
+
+    Returns the number of loci written, or the :class:`DeepMRError` that
+    stopped the chunk (bad model output, unreadable store): such errors are
+    deterministic, so they come back as values for the client to raise instead
+    of being retried by Dask. Torch uses the worker's thread setting (Dask
+    workers start with ``OMP_NUM_THREADS=1``).
+    """
+    try:
+        codes = store.read_sequences(path, start, stop, storage_options)
+        runners = _ensemble(spec, model_fp, codes.shape[1], settings.incremental)
+        device = worker_device()
+        x = codes_to_onehot(torch.from_numpy(codes).to(device))
+        ref, mut = saturation_mutagenesis(runners, settings.head, x, mutant_batch=settings.mutant_batch)
+        ref_np, mut_np = ref.cpu().numpy(), mut.cpu().numpy()
+        check_predictions(ref_np, mut_np, codes, store.read_locus_ids(path, start, stop, storage_options))
+        store.write_ism_chunk(path, start, ref_np, mut_np, storage_options)
+    except DeepMRError as err:
+        return err
     return stop - start
 
 
@@ -221,7 +229,9 @@ def predict(
     Raises
     ------
     StoreError
-        If ``path`` holds a store of a different run and ``overwrite`` is False.
+        If ``path`` holds a store of a different run and ``overwrite`` is False, or if
+        chunks are still incomplete when every task has returned (e.g. another process
+        removed or replaced the store meanwhile).
     ModelOutputError
         If the model's output does not fit the head or is not finite (a store created by this call is removed).
     """
@@ -254,11 +264,17 @@ def predict(
     todo = store.incomplete_chunks(path, storage_options)
     n_loci, chunk = store.ism_chunking(path, storage_options)
     try:
-        _run_chunks(client, todo, path, spec, model_fp, settings, storage_options, progress)
+        _run_chunks(client, todo, path, spec, run_fp, model_fp, settings, storage_options, progress)
     except DeepMRError:
         if created:
             store.remove_store(path, storage_options)
         raise
+    missing = store.incomplete_chunks(path, storage_options)
+    if missing:
+        raise StoreError(
+            f"{path}: {len(missing)} chunk(s) are still incomplete after the run "
+            f"(first loci {[a for a, _ in missing[:5]]}); rerun the same command to compute them"
+        )
     n_todo_loci = sum(b - a for a, b in todo)
     length = loci.sizes["position"]
     return PredictReport(
@@ -276,16 +292,25 @@ def _run_chunks(
     chunks: list[tuple[int, int]],
     path: str,
     spec: ModelSpec,
+    run_fp: str,
     model_fp: str,
     settings: ISMSettings,
     storage_options: Mapping[str, Any] | None,
     progress: bool,
 ) -> None:
+    """Submit one task per chunk and wait for all; on failure stop every task before raising.
+
+    Task keys name the run and the store (``ism-<sha256(run, path)>-<call>-<first locus>``),
+    so concurrent runs of one model into different stores, or a rerun after a
+    failure, never share a key and never receive each other's results.
+    """
     if not chunks:
         return
     from tqdm.auto import tqdm
 
     resources = task_resources(client)
+    run_token = hashlib.sha256(f"{run_fp}\n{path}".encode()).hexdigest()[:12]
+    call_token = uuid.uuid4().hex[:6]
     futures = [
         client.submit(
             predict_chunk,
@@ -296,10 +321,10 @@ def _run_chunks(
             model_fp,
             settings,
             storage_options,
-            key=f"ism-{model_fp[:8]}-{a}",
+            key=f"ism-{run_token}-{call_token}-{a}",
             resources=resources,
             pure=False,
-            retries=1,
+            retries=1,  # transient errors only: deterministic ones return as values
         )
         for a, b in chunks
     ]
@@ -307,7 +332,36 @@ def _run_chunks(
     with tqdm(total=total, unit="locus", desc="ISM", disable=not progress, file=sys.stderr) as bar:
         try:
             for future in as_completed(futures, loop=client.loop):
-                bar.update(future.result())
+                result = future.result()
+                if isinstance(result, DeepMRError):
+                    raise result
+                bar.update(result)
         except BaseException:
             client.cancel(futures)
+            _wait_until_stopped(client, [f.key for f in futures])
             raise
+
+
+def _wait_until_stopped(client: Client, keys: list[str], timeout: float = 120.0) -> None:
+    """Wait until no worker still runs one of ``keys`` (cancelled tasks finish their current chunk).
+
+    A cancelled task that is already executing keeps running on its worker and
+    may still write its chunk; removing a store before that would leave a
+    half-written store behind.
+    """
+    wanted = set(keys)
+    active = {"executing", "long-running", "cancelled", "resumed"}
+
+    def running(dask_worker) -> int:
+        return sum(1 for key, ts in dask_worker.state.tasks.items() if key in wanted and ts.state in active)
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            busy = sum(client.run(running).values())
+        except (OSError, TimeoutError):  # the cluster itself is going away
+            return
+        if not busy:
+            return
+        time.sleep(0.2)
+    print(f"deepmr: tasks of the failed run still running after {timeout:.0f} s", file=sys.stderr)

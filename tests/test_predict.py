@@ -28,9 +28,10 @@ from conftest import EXAMPLE_ENSEMBLE, EXAMPLE_FASTA, assert_same_ism
 from deepmr_dist import store
 from deepmr_dist.cli import main
 from deepmr_dist.cluster import task_resources
-from deepmr_dist.errors import StoreError
+from deepmr_dist.errors import ModelOutputError, StoreError
 from deepmr_dist.models.ensemble import ModelSpec
 from deepmr_dist.predict import ISMSettings, predict, predict_in_memory
+from deepmr_dist.sequence import encode, sequences_dataset
 
 ENSEMBLE = ModelSpec((EXAMPLE_ENSEMBLE,))
 DROPOUT_CNN = "deepmr_dist.models.examples:simulation_cnn_with_dropout"
@@ -89,6 +90,24 @@ class Slow(nn.Module):
 
 def slow():
     return Slow()
+
+
+class SlowUnlessCRun(nn.Module):
+    """NaN at once for a batch holding six C in a row; otherwise 0.3 s per forward call."""
+
+    def forward(self, x):
+        import time
+
+        c_run = x[:, 1, :].unfold(1, 6, 1).sum(-1).amax(-1) >= 6
+        out = torch.stack([x[:, 0, :].sum(-1), x[:, 3, :].sum(-1)], dim=1)
+        if bool(c_run.any()):
+            return torch.where(c_run[:, None], torch.full_like(out, float("nan")), out)
+        time.sleep(0.3)
+        return out
+
+
+def slow_unless_c_run():
+    return SlowUnlessCRun()
 '''
 
 
@@ -377,8 +396,6 @@ def test_predict__resume_after_sigkill_computes_only_missing_chunks(tmp_path, cl
     assert_same_ism(store.open_run(str(path))["ism"], store.open_run(undisturbed[1])["ism"])
 
 
-@pytest.mark.xfail(strict=True, reason="library bug: ISM task keys are ism-<model fingerprint>-<chunk start>, so "
-                   "two runs of one model on one cluster share tasks and one store is never written")
 def test_predict__concurrent_runs_of_one_model_into_two_stores_both_complete(tmp_path, client, example_loci, bad_models):
     spec = ModelSpec((f"{bad_models}:slow",))
     first, second = str(tmp_path / "first.zarr"), str(tmp_path / "second.zarr")
@@ -401,10 +418,26 @@ def test_predict__concurrent_runs_of_one_model_into_two_stores_both_complete(tmp
     assert not isinstance(outcome["first"], BaseException), outcome["first"]
     assert report.chunks_computed == 6
     assert store.incomplete_chunks(first) == []
-    assert store.incomplete_chunks(second) == []  # fails: its chunks were "computed" by the first run's tasks
+    assert store.incomplete_chunks(second) == []
     np.testing.assert_array_equal(
         store.open_run(second)["ism"]["mut_pred"].values, store.open_run(first)["ism"]["mut_pred"].values[:24]
     )
+
+
+def test_predict__chunk_failing_while_others_run_leaves_no_store(tmp_path, client, bad_models):
+    """A chunk fails fast while another still computes: the store is gone and stays gone."""
+    rng = np.random.default_rng(11)
+    at_only = ["".join(rng.choice(list("AT"), 24)) for _ in range(3)]
+    records = {"l0": at_only[0], "bad": "ATATATCCCCCCATATATATATAT", "l1": at_only[1], "l2": at_only[2]}
+    loci = sequences_dataset(np.stack([encode(seq) for seq in records.values()]), list(records))
+    path = tmp_path / "run.zarr"
+    settings = ISMSettings(chunk_loci=1, mutant_batch=8, incremental=False)  # ~3 s per good chunk
+    with pytest.raises(ModelOutputError, match="'bad'"):
+        predict(loci, ModelSpec((f"{bad_models}:slow_unless_c_run",)), str(path), client=client,
+                settings=settings, progress=False)
+    assert not path.exists()
+    time.sleep(4.0)  # longer than a good chunk: a task left running would have written by now
+    assert not path.exists(), sorted(str(p.relative_to(path)) for p in path.rglob("*"))
 
 
 # ----------------------------------------------------------------------------- 4. store of another run

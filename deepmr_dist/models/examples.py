@@ -13,8 +13,9 @@ from deepmr_dist.models.architectures import SimulationCNN
 
 
 def _seeded_cnn(seed: int, length: int, dropout: float = 0.0) -> nn.Module:
-    torch.manual_seed(seed)
-    model = SimulationCNN(length=length, n_tasks=2, dropout=dropout)
+    with torch.random.fork_rng(devices=[]):  # seeded weights without touching the caller's torch random state
+        torch.manual_seed(seed)
+        model = SimulationCNN(length=length, n_tasks=2, dropout=dropout)
     generator = torch.Generator().manual_seed(seed)
     for module in model.modules():
         if isinstance(module, nn.BatchNorm1d):
