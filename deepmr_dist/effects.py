@@ -7,6 +7,12 @@ Computing the SD of the differences directly (in float64) avoids the
 cancellation of the three-term form; round-off below zero is clamped to 0.
 Everything is elementwise within a locus chunk, so the dask graph is
 blockwise along ``locus`` and memory stays proportional to one chunk.
+
+With a :class:`~deepmr_dist.calibration.Calibration` (fitted on held-out
+labelled loci), ``effect_se`` of each task is multiplied by its factor, an
+elementwise product inside the same blockwise graph (no extra pass over the
+data); ``effect`` is unchanged. See :mod:`deepmr_dist.calibration` for what
+exactly is calibrated.
 """
 
 from __future__ import annotations
@@ -18,10 +24,11 @@ import numpy as np
 import xarray as xr
 
 from deepmr_dist import schema, store
+from deepmr_dist.calibration import Calibration
 from deepmr_dist.errors import DeepMRError, StoreError
 
 
-def compute_effects(ism: xr.Dataset, *, ddof: int = 0) -> xr.Dataset:
+def compute_effects(ism: xr.Dataset, *, ddof: int = 0, calibration: Calibration | None = None) -> xr.Dataset:
     """Mutation effects and their standard errors from an ``ism`` Dataset (lazy if ``ism`` is).
 
     Parameters
@@ -32,12 +39,18 @@ def compute_effects(ism: xr.Dataset, *, ddof: int = 0) -> xr.Dataset:
     ddof
         Delta degrees of freedom of the variance across members: 0 as the
         paper, 1 for the unbiased sample variance.
+    calibration
+        Recalibration of the ensemble's SD: ``effect_se`` of each task is
+        multiplied by ``calibration``'s factor for it. It must cover every task
+        of ``ism``, match its ensemble size and ``ddof``, and share no locus id
+        with ``ism``.
 
     Returns
     -------
     xr.Dataset
         ``effect`` and ``effect_se`` (locus, position, allele, task), float64,
-        NaN at each position's reference allele.
+        NaN at each position's reference allele. Attrs ``ddof``, ``n_members``
+        and, when calibrated, ``calibration`` (:meth:`Calibration.summary`).
     """
     if ddof not in (0, 1):
         raise DeepMRError(f"ddof must be 0 or 1, got {ddof}")
@@ -48,6 +61,8 @@ def compute_effects(ism: xr.Dataset, *, ddof: int = 0) -> xr.Dataset:
     effect = diff.mean("member", skipna=False)
     var = ((diff - effect) ** 2).sum("member", skipna=False) / (n_members - ddof)
     effect_se = np.sqrt(var.clip(min=0.0))
+    if calibration is not None:
+        effect_se = effect_se * calibration.se_factor(ism, ddof)
     out = xr.Dataset(
         {
             "effect": effect.transpose(*schema.VARIABLES["effect"].dims),
@@ -58,6 +73,8 @@ def compute_effects(ism: xr.Dataset, *, ddof: int = 0) -> xr.Dataset:
         out[name].attrs["description"] = schema.VARIABLES[name].description
     out.attrs["ddof"] = ddof
     out.attrs["n_members"] = n_members
+    if calibration is not None:
+        out.attrs["calibration"] = calibration.summary()
     return schema.validate(out, schema.EFFECTS)
 
 
@@ -65,10 +82,15 @@ def write_effects(
     path: str,
     *,
     ddof: int = 0,
+    calibration: Calibration | None = None,
     storage_options: Mapping[str, Any] | None = None,
     require_complete: bool = True,
 ) -> xr.Dataset:
     """Compute effects from the store's ``ism`` group and write them to its ``effects`` group.
+
+    ``ddof`` and ``calibration`` are those of :func:`compute_effects`; the
+    calibration's summary lands in the group's attrs (store the full record
+    with :func:`deepmr_dist.calibration.write_calibration`).
 
     The computation runs on the active Dask scheduler (a distributed client if
     one is set), one locus chunk at a time per task.
@@ -87,7 +109,7 @@ def write_effects(
                 f"{path}: {missing.size} loci have no ISM predictions yet (first: {missing[0]!r}); "
                 "run `deepmr predict` on this store first"
             )
-    effects = compute_effects(ism, ddof=ddof)
+    effects = compute_effects(ism, ddof=ddof, calibration=calibration)
     coords_to_drop = [c for c in effects.coords if c not in effects.dims and "locus" not in effects[c].dims]
     effects = effects.drop_vars(coords_to_drop)
     chunk_loci = ism["mut_pred"].data.chunksize[0]

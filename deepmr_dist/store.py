@@ -158,6 +158,23 @@ def remove_store(path: str, storage_options: Mapping[str, Any] | None = None) ->
         fs.rm(root, recursive=True)
 
 
+def write_group(
+    path: str, ds: xr.Dataset, group: str, *, storage_options: Mapping[str, Any] | None = None
+) -> xr.Dataset:
+    """Write ``ds`` (lazy or in memory) as group ``group`` of the store, replacing it; return it opened lazily.
+
+    Fixed-width unicode variables and coordinates are written as variable-length
+    strings, the string type Zarr v3 specifies (fixed-width UTF-32 has no v3
+    specification yet). Dask-backed variables are written block by block.
+    """
+    ds = ds.copy()
+    for name, var in ds.variables.items():
+        if var.dtype.kind == "U":
+            ds[name] = var.astype(object)
+    ds.to_zarr(path, group=group, mode="w", consolidated=False, storage_options=storage_options)
+    return xr.open_zarr(path, group=group, consolidated=False, storage_options=storage_options)
+
+
 def write_ism_chunk(
     path: str,
     start: int,

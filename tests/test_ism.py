@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from deepmr_dist.errors import InputError
 from deepmr_dist.ism.engine import FullRecompute, apply_mutations, mutation_list, saturation_mutagenesis
 from deepmr_dist.models.architectures import SimulationCNN
 from deepmr_dist.models.ensemble import ModelSpec, freeze_dropout, load_members
@@ -168,3 +169,22 @@ def test_mutation_list__skips_identity_and_orders_by_locus_position_base():
     assert torch.equal(changed.sum(dim=1), torch.ones(locus.shape[0], dtype=torch.long))
     assert torch.equal(changed.float().argmax(dim=1), position)
     assert torch.equal(mutants[torch.arange(locus.shape[0]), :, position].argmax(dim=1), base)
+
+
+def test_load_members__simulation_state_dict_files_and_bad_file(tmp_path):
+    """Plain state dicts of the simulation CNN load as members; any other file is an error naming it."""
+    originals = load_members(ModelSpec(("deepmr_dist.models.examples:simulation_ensemble",)))
+    paths = []
+    for i, member in enumerate(originals[:2]):
+        paths.append(str(tmp_path / f"member-{i}.pt"))
+        torch.save(member.state_dict(), paths[-1])
+    loaded = load_members(ModelSpec(tuple(paths)))
+    x = torch.nn.functional.one_hot(torch.randint(0, 4, (5, 100)), 4).transpose(1, 2).float()
+    with torch.inference_mode():
+        for original, member in zip(originals, loaded):
+            assert not member.training
+            torch.testing.assert_close(member(x), original(x), rtol=0, atol=0)
+    bad = tmp_path / "weights.pt"
+    torch.save({"conv.weight": torch.zeros(3)}, bad)
+    with pytest.raises(InputError, match=f"{bad}.*neither a TorchScript archive nor a simulation CNN state dict"):
+        load_members(ModelSpec((str(bad),)))

@@ -16,6 +16,7 @@ from deepmr_dist.simulation.generator import (
     draw_round_parameters,
     one_hot,
     parse_scenario,
+    round_streams,
     select_split,
     simulate_round,
 )
@@ -32,7 +33,7 @@ def motifs() -> MotifSet:
 @pytest.fixture(scope="module")
 def both(motifs) -> xr.Dataset:
     """A large training set of the scenario with both kinds of confounding."""
-    return simulate_round("both", 0, seed=11, motifs=motifs, config=SimulationConfig(n_train=N, n_test=0))
+    return simulate_round("both", 0, seed=11, motifs=motifs, config=SimulationConfig(n_train=N, n_test=0, n_calibration=0))
 
 
 def _within_binomial(count: int, n: int, p: float, sds: float = 4.5) -> bool:
@@ -138,7 +139,7 @@ def test_generator__a_round_regenerates_alone_from_seed_and_index(motifs):
 
 
 def test_generator__rounds_are_independent(motifs):
-    config = SimulationConfig(n_train=2000, n_test=0)
+    config = SimulationConfig(n_train=2000, n_test=0, n_calibration=0)
     first = simulate_round(2, 0, seed=5, motifs=motifs, config=config)
     second = simulate_round(2, 1, seed=5, motifs=motifs, config=config)
     assert first.attrs["alpha"] != second.attrs["alpha"]
@@ -152,6 +153,36 @@ def test_generator__test_set_does_not_depend_on_training_size(motifs):
     small = simulate_round(1, 2, seed=9, motifs=motifs, config=SimulationConfig(n_train=100, n_test=50))
     large = simulate_round(1, 2, seed=9, motifs=motifs, config=SimulationConfig(n_train=400, n_test=50))
     np.testing.assert_array_equal(select_split(small, "test")["sequence"], select_split(large, "test")["sequence"])
+
+
+def test_generator__round_streams_are_the_seed_sequence_children_in_order():
+    streams = round_streams(17, 4)
+    assert list(streams) == ["parameters", "train", "test", "variants", "calibration"]
+    # the first four are exactly the streams of a four-way spawn (the generator before the calibration split)
+    children = np.random.SeedSequence([17, 4]).spawn(4)
+    for name, child in zip(["parameters", "train", "test", "variants"], children):
+        np.testing.assert_array_equal(streams[name].random(5), np.random.default_rng(child).random(5))
+    fifth = np.random.SeedSequence([17, 4]).spawn(5)[4]
+    np.testing.assert_array_equal(streams["calibration"].random(5), np.random.default_rng(fifth).random(5))
+
+
+def test_generator__calibration_split_leaves_the_other_splits_unchanged(motifs):
+    base = {"n_train": 300, "n_test": 80, "augment_fraction": 0.25}
+    without = simulate_round(4, 2, seed=6, motifs=motifs, config=SimulationConfig(**base, n_calibration=0))
+    with_calibration = simulate_round(4, 2, seed=6, motifs=motifs, config=SimulationConfig(**base, n_calibration=250))
+    assert list(dict.fromkeys(with_calibration["split"].values)) == ["train", "variant", "calibration", "test"]
+    others = select_split(with_calibration, "train", "variant", "test")
+    xr.testing.assert_identical(others.drop_attrs(), without.drop_attrs())
+    assert {k: v for k, v in with_calibration.attrs.items() if k != "n_calibration"} == {
+        k: v for k, v in without.attrs.items() if k != "n_calibration"}
+    calibration = select_split(with_calibration, "calibration")
+    assert calibration.sizes["locus"] == 250 and with_calibration.attrs["n_calibration"] == 250
+    assert str(calibration["locus"].values[0]) == "r002-calibration-000000"
+    assert (calibration["parent"] == "").all() and np.isfinite(calibration["label"]).all()
+    # its own stream: not a copy of the test or training sequences
+    test = select_split(with_calibration, "test")["sequence"].values
+    assert np.mean(calibration["sequence"].values[:80] == test) < 0.4
+    assert SimulationConfig().n_calibration == 1000
 
 
 def test_generator__variant_copies_mutate_only_their_own_instances(motifs):
@@ -196,4 +227,9 @@ def test_generator__bad_inputs_raise():
         simulate_round(1, 0, seed=0, config=SimulationConfig(length=30, n_train=1, n_test=0))
     with pytest.raises(InputError, match="background"):
         SimulationConfig(background=(0.25, 0.25, 0.25, 0.3))
+    with pytest.raises(InputError, match="n_calibration"):
+        SimulationConfig(n_calibration=-1)
+    with pytest.raises(InputError, match="unknown split"):
+        select_split(simulate_round(1, 0, seed=0, config=SimulationConfig(n_train=2, n_test=2, n_calibration=2)),
+                     "holdout")
     assert CASES == ("none", "exposure", "outcome", "pair")

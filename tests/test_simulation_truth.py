@@ -74,7 +74,22 @@ def test_truth__equals_the_hand_computation_locus_by_locus(motifs, round_both):
     for locus, ok in zip(truth["locus"].values, well_conditioned):
         if ok:
             assert truth["true_ce"].sel(locus=locus) == pytest.approx(hand[locus], rel=1e-6, abs=1e-9)
-    assert float(truth["global_true_ce"]) == pytest.approx(np.nanmean(truth["true_ce"].values))
+    functional = truth["functional"].values
+    assert functional.sum() >= 0.9 * len(hand)
+    assert float(truth["global_true_ce"]) == pytest.approx(np.mean(truth["true_ce"].values[functional]))
+
+
+def test_truth__global_ce_ignores_non_binding_instances_and_matches_the_pooled_ratio(motifs):
+    """Weak instances (sum dx^2 << median) would swamp a plain mean; over functional loci it equals sum(sxy)/sum(sxx)."""
+    config = replace(CONFIG, n_test=1000, gamma_means=(10.0,), gamma_sd=0.01)
+    truth = true_causal_effects(simulate_round(1, 0, seed=3, motifs=motifs, config=config))
+    ss, ce, functional = truth["exposure_ss"].values, truth["true_ce"].values, truth["functional"].values
+    assert 0 < (~functional).sum() < 0.1 * functional.size
+    for cut in (0.1, 1.0, 40.0):  # the exact threshold hardly matters: few loci lie between
+        assert np.mean(ce[ss >= cut]) == pytest.approx(float(truth["global_true_ce"]), rel=0.01)
+    pooled = np.sum(ss * ce) / np.sum(ss)
+    assert float(truth["global_true_ce"]) == pytest.approx(pooled, rel=0.01)
+    assert abs(np.mean(ce) - pooled) > 0.5  # the plain mean would not
 
 
 def test_truth__does_not_depend_on_confounding_strength(motifs):

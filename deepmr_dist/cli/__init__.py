@@ -21,6 +21,7 @@ SUBCOMMAND_MODULES = (
     "deepmr_dist.cli.inspect",
     "deepmr_dist.cli.mr",
     "deepmr_dist.cli.meta",
+    "deepmr_dist.cli.simulate",
 )
 
 

@@ -2,7 +2,10 @@
 
 A model spec is what a user passes as ``--model`` (repeatable):
 
-* a TorchScript file (``torch.jit.save``), one member per file, or
+* a TorchScript file (``torch.jit.save``), one member per file,
+* a state-dict file of the paper's simulation CNN as written by
+  :func:`deepmr_dist.simulation.training.train_ensemble` (the simulation's
+  trained ensemble; read with ``weights_only=True``), one member per file, or
 * an entry point ``package.module:factory``; ``factory()`` returns one
   ``torch.nn.Module`` or a list of them (one per member).
 
@@ -103,9 +106,15 @@ def _load_source(source: str) -> list[nn.Module]:
         try:
             return [torch.jit.load(str(path), map_location="cpu")]
         except RuntimeError as exc:
+            jit_error = str(exc).splitlines()[0].split(". ")[0]
+        from deepmr_dist.simulation.training import load_ensemble
+
+        try:
+            return load_ensemble([path])
+        except InputError:
             raise InputError(
-                f"model file {source} is not a TorchScript archive (save members with torch.jit.save, "
-                f"or give an entry point package.module:factory): {str(exc).splitlines()[0]}"
+                f"model file {source} is neither a TorchScript archive nor a simulation CNN state dict (save "
+                f"members with torch.jit.save, or give an entry point package.module:factory); TorchScript: {jit_error}"
             ) from None
     if ":" in source:
         module_name, _, factory_name = source.partition(":")

@@ -1,16 +1,21 @@
 """Simulated sequences, binding and counts of the paper's simulation study.
 
 One call to :func:`simulate_round` makes one round: its parameters (alpha,
-gamma), the training sequences (optionally with variant copies) and the test
-sequences, each with noise-free expected counts, Poisson counts and Anscombe
-labels, and the record of which motif was embedded where (needed for the true
-causal effect, :mod:`deepmr_dist.simulation.truth`).
+gamma), the training sequences (optionally with variant copies), held-out
+calibration sequences (labelled, for :mod:`deepmr_dist.calibration`; never
+used for training or ISM) and the test sequences, each with noise-free
+expected counts, Poisson counts and Anscombe labels, and the record of which
+motif was embedded where (needed for the true causal effect,
+:mod:`deepmr_dist.simulation.truth`).
 
 Randomness: round r of seed s draws from ``SeedSequence([s, r])``, split into
 independent child streams for the round parameters, the training set, the
-test set and the variant copies. Any round can therefore be regenerated alone,
-rounds are independent, and changing ``n_train`` does not change the test set.
-The four scenarios share round parameters for the same seed and round.
+test set, the variant copies and the calibration set (spawned in that order;
+the calibration stream is the fifth child, so adding it left the first four
+and every value they produce unchanged). Any round can therefore be
+regenerated alone, rounds are independent, and changing ``n_train`` or
+``n_calibration`` does not change the test set. The four scenarios share
+round parameters for the same seed and round.
 
 Design choices the paper leaves open (documented here, recorded in attrs):
 
@@ -48,6 +53,10 @@ CASES = ("none", "exposure", "outcome", "pair")
 
 TASKS = ("exposure", "outcome")
 
+SPLITS = ("train", "variant", "calibration", "test")
+"""The parts of a round, in locus order: training sequences, their variant copies
+(training too), held-out calibration sequences, test sequences (ISM and truth)."""
+
 
 @dataclass(frozen=True)
 class SimulationConfig:
@@ -59,6 +68,9 @@ class SimulationConfig:
         Sequence length L.
     n_train, n_test
         Sequences per round in the training and test sets.
+    n_calibration
+        Held-out labelled sequences per round for recalibrating the ensemble's
+        uncertainty (not in the paper, which used none; 0 = none).
     background
         Background base probabilities, A, C, G, T order.
     pseudocount
@@ -81,6 +93,7 @@ class SimulationConfig:
     length: int = 100
     n_train: int = 10_000
     n_test: int = 1_000
+    n_calibration: int = 1_000
     background: tuple[float, ...] = tuple(float(b) for b in BACKGROUND)
     pseudocount: float = PSEUDOCOUNT
     alpha_mean: float = 100.0
@@ -96,8 +109,11 @@ class SimulationConfig:
 
     def __post_init__(self) -> None:
         check_background(np.array(self.background))
-        if self.n_train < 0 or self.n_test < 0:
-            raise InputError(f"n_train and n_test must be >= 0, got {self.n_train}, {self.n_test}")
+        if self.n_train < 0 or self.n_test < 0 or self.n_calibration < 0:
+            raise InputError(
+                f"n_train, n_test and n_calibration must be >= 0, got {self.n_train}, {self.n_test}, "
+                f"{self.n_calibration}"
+            )
         for name in ("confounder_probability", "z_probability", "augment_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise InputError(f"{name} must lie in [0, 1], got {getattr(self, name)}")
@@ -128,13 +144,15 @@ def round_streams(seed: int, round_index: int) -> dict[str, np.random.Generator]
     Returns
     -------
     dict
-        Generators ``"parameters"``, ``"train"``, ``"test"``, ``"variants"``, all
-        children of ``SeedSequence([seed, round_index])``.
+        Generators ``"parameters"``, ``"train"``, ``"test"``, ``"variants"``,
+        ``"calibration"``: the children of ``SeedSequence([seed, round_index])``
+        in that order (child i depends only on the seed, the round and i, so
+        the first four are the same as before the calibration stream existed).
     """
     if seed < 0 or round_index < 0:
         raise InputError(f"seed and round index must be >= 0, got {seed}, {round_index}")
-    children = np.random.SeedSequence([seed, round_index]).spawn(4)
-    names = ("parameters", "train", "test", "variants")
+    names = ("parameters", "train", "test", "variants", "calibration")
+    children = np.random.SeedSequence([seed, round_index]).spawn(len(names))
     return {name: np.random.default_rng(child) for name, child in zip(names, children)}
 
 
@@ -154,7 +172,7 @@ def simulate_round(
     motifs: MotifSet | None = None,
     config: SimulationConfig | None = None,
 ) -> xr.Dataset:
-    """Simulate one round: training and test sequences with counts and labels.
+    """Simulate one round: training, calibration and test sequences with counts and labels.
 
     Parameters
     ----------
@@ -172,7 +190,7 @@ def simulate_round(
     Returns
     -------
     xarray.Dataset
-        Dims ``locus`` (training, variant copies, then test), ``position``,
+        Dims ``locus`` (training, variant copies, calibration, then test), ``position``,
         ``task`` (exposure, outcome), ``motif`` (exposure, outcome, confounder),
         ``motif_position``, ``allele``. Variables:
 
@@ -183,7 +201,7 @@ def simulate_round(
         - ``case`` (locus) embedding case, codes of :data:`CASES`;
         - ``motif_start`` (locus, motif) start of each embedded instance, -1 if none;
         - ``z`` (locus) the sequence-independent confounder;
-        - ``split`` (locus) ``"train"``, ``"variant"`` or ``"test"``;
+        - ``split`` (locus) ``"train"``, ``"variant"``, ``"calibration"`` or ``"test"``;
         - ``parent`` (locus) locus id a variant copy was made from, ``""`` otherwise;
         - ``motif_probability`` (motif, motif_position, allele) the unsmoothed
           matrices (NaN past a motif's end) and ``motif_length`` (motif).
@@ -208,6 +226,7 @@ def simulate_round(
     train = split(streams["train"], config.n_train)
     n_variants = round(config.augment_fraction * config.n_train)
     variants = _variant_copies(streams["variants"], train, n_variants, models, config, scenario, count_params)
+    calibration = split(streams["calibration"], config.n_calibration)
     test = split(streams["test"], config.n_test)
     attrs = {
         "scenario": scenario,
@@ -220,14 +239,15 @@ def simulate_round(
         "gap_max": gap[1],
         "gamma_rule": "gamma = max(0, r), r ~ N(gamma_mean, gamma_sd), gamma_mean uniform over gamma_means",
     }
-    return _to_dataset({"train": train, "variant": variants, "test": test}, round_index, motifs, config, attrs)
+    parts = {"train": train, "variant": variants, "calibration": calibration, "test": test}
+    return _to_dataset(parts, round_index, motifs, config, attrs)
 
 
 def select_split(ds: xr.Dataset, *names: str) -> xr.Dataset:
     """The loci of a round whose ``split`` is one of ``names`` (e.g. ``"train", "variant"``)."""
-    unknown = set(names) - {"train", "variant", "test"}
+    unknown = set(names) - set(SPLITS)
     if unknown:
-        raise InputError(f"unknown split {sorted(unknown)}; expected train, variant or test")
+        raise InputError(f"unknown split {sorted(unknown)}; expected one of {list(SPLITS)}")
     return ds.isel(locus=np.flatnonzero(np.isin(ds["split"].values, names)))
 
 

@@ -1,0 +1,39 @@
+"""``deepmr simulate CONFIG``: the paper's simulation study from a YAML config."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from deepmr_dist.cluster import connect
+from deepmr_dist.config import load_config
+from deepmr_dist.simulation.study import StudyConfig, run_study
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "simulate",
+        help="run (or resume) a simulation study: train, mutate, analyse and score every round; write Table 1",
+    )
+    p.add_argument("config", help="study YAML, e.g. pipelines/paper_simulation.yaml")
+    p.add_argument("--out", help="study directory (default: the config's output)")
+    p.add_argument("--rounds", type=int, help="rounds per scenario (overrides the config)")
+    p.add_argument("--cluster", help="'local' or a scheduler address (overrides the config)")
+    p.add_argument("--n-workers", type=int, help="workers of the local cluster (overrides the config)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, no per-round lines")
+    p.set_defaults(func=run_simulate)
+
+
+def run_simulate(args: argparse.Namespace) -> int:
+    config = load_config(args.config, StudyConfig)
+    overrides = {"rounds": args.rounds} if args.rounds else {}
+    cluster = config.cluster.model_copy(
+        update={k: v for k, v in (("address", args.cluster), ("n_workers", args.n_workers)) if v is not None}
+    )
+    config = StudyConfig.model_validate({**config.model_dump(), **overrides, "cluster": cluster.model_dump()})
+    out = args.out or config.output
+    with connect(config.cluster.address, n_workers=config.cluster.n_workers, verbose=not args.quiet) as client:
+        run_study(config, out, client=client, progress=not args.quiet)
+    print((Path(out) / "table1.md").read_text())
+    print(f"{out}: rounds.csv, table1.csv, table1.md, figures/")
+    return 0

@@ -1,0 +1,454 @@
+"""The paper's simulation study end to end, one round at a time.
+
+A round (one scenario, one round index) is:
+
+1. simulate training, calibration and test sequences (:func:`simulate_round`);
+2. train the ensemble, one member per Dask task (:func:`train_ensemble`);
+3. ISM of the test loci into the round's run store (:func:`deepmr_dist.predict.predict`);
+4. effects, optionally with the isotonic SE calibration fitted on the
+   round's held-out calibration sequences (:mod:`deepmr_dist.calibration`);
+5. instruments, per-locus MR (``mr`` group) and the meta-analysis (``meta`` group);
+6. the true causal effects (``truth`` group) and one summary row per method.
+
+A study runs every (scenario, round) of a :class:`StudyConfig`, several rounds
+at a time on one Dask cluster, and is resumable round by round: a round whose
+``summary.csv`` exists is read back, not recomputed. At the end it writes
+``rounds.csv`` (every summary row), ``table1.csv`` and ``table1.md`` (the
+paper's Table 1 beside ours) and the Fig 2 plots.
+
+Output layout under the study directory::
+
+    config.yaml                       the resolved config (every default written out)
+    <scenario>/round-<r>/members/     member-<i>.pt state dicts + .json histories
+    <scenario>/round-<r>/run.zarr     groups ism, effects, mr, meta, truth (+ calibration)
+    <scenario>/round-<r>/summary.csv  one row per MR method; written last
+    rounds.csv, table1.csv, table1.md, figures/*.png
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from deepmr_dist import schema, store
+from deepmr_dist.analysis import global_ce, local_ce
+from deepmr_dist.config import dump_config
+from deepmr_dist.effects import write_effects
+from deepmr_dist.errors import InputError, StoreError
+from deepmr_dist.instruments import RULES
+from deepmr_dist.meta import META_METHODS
+from deepmr_dist.models.ensemble import ModelSpec
+from deepmr_dist.models.heads import OutputHead
+from deepmr_dist.mr import METHODS
+from deepmr_dist.predict import ISMSettings, predict
+from deepmr_dist.sequence import sequences_dataset
+from deepmr_dist.simulation.generator import SCENARIOS, SimulationConfig, one_hot, parse_scenario, select_split, simulate_round
+from deepmr_dist.simulation.motifs import DEFAULT_MOTIFS, MotifSet, resolve_motif
+from deepmr_dist.simulation.training import TrainingSettings, train_ensemble
+from deepmr_dist.simulation.truth import true_causal_effects
+
+__all__ = ["StudyConfig", "round_directory", "run_round", "run_study", "summarize_round"]
+
+TASKS = ("exposure", "outcome")
+PAIR = ("exposure", "outcome")
+TRUTH_GROUP = "truth"
+CALIBRATION_GROUP = "calibration"
+BASELINE = "wald_mean"
+PAPER_RULE = "egger_paper"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class MotifChoice(_Section):
+    """The three motifs: JASPAR matrix IDs (offline, pyjaspar) or PWM files (``path`` or ``path::name``)."""
+
+    exposure: str = DEFAULT_MOTIFS["exposure"]
+    outcome: str = DEFAULT_MOTIFS["outcome"]
+    confounder: str = DEFAULT_MOTIFS["confounder"]
+
+
+class AnalysisSettings(_Section):
+    """ISM chunking, effects, instruments, MR and meta-analysis of every round."""
+
+    chunk_loci: int = Field(100, ge=1, description="loci per store chunk and per ISM task")
+    ddof: Literal[0, 1] = Field(0, description="degrees of freedom of the SD over members (0 as the paper)")
+    calibration: bool = Field(False, description="rescale effect SEs by the isotonic calibration on held-out loci")
+    instrument_rule: str = Field("pooled_z", description="pooled_z (the paper's) or mutation_z")
+    instrument_threshold: float = Field(1.0, gt=0, description="z threshold of the instrument rule")
+    methods: list[str] = Field(
+        default_factory=lambda: [PAPER_RULE, BASELINE, "ivw"], description="MR methods; Table 1 needs egger_paper and wald_mean"
+    )
+    meta_method: str = Field("dl", description="meta-analysis of local CEs: fe, dl, reml or pm")
+
+    @field_validator("instrument_rule")
+    @classmethod
+    def _known_rule(cls, rule: str) -> str:
+        if rule not in RULES:
+            raise ValueError(f"unknown instrument rule; expected one of {', '.join(RULES)}")
+        return rule
+
+    @field_validator("methods")
+    @classmethod
+    def _known_methods(cls, methods: list[str]) -> list[str]:
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown MR method(s) {unknown}; valid: {', '.join(METHODS)}")
+        missing = [m for m in (PAPER_RULE, BASELINE) if m not in methods]
+        if missing:
+            raise ValueError(f"methods must include {missing} (the paper's rule and baseline, for Table 1)")
+        return list(dict.fromkeys(methods))
+
+    @field_validator("meta_method")
+    @classmethod
+    def _known_meta(cls, method: str) -> str:
+        if method not in META_METHODS:
+            raise ValueError(f"unknown meta-analysis method; expected one of {', '.join(META_METHODS)}")
+        return method
+
+
+class ClusterSettings(_Section):
+    """Where the study's Dask tasks run."""
+
+    address: str = Field("local", description='"local" (embedded cluster) or a scheduler address')
+    n_workers: int | None = Field(None, ge=1, description="workers of the embedded cluster (default: one per core)")
+
+
+class StudyConfig(_Section):
+    """A simulation study: which scenarios and rounds, and every setting of a round.
+
+    The defaults are the paper's (4 scenarios x 50 rounds, 10,000 training and
+    1,000 test sequences, 5 members), except the added held-out calibration set.
+    """
+
+    name: str = "paper-simulation"
+    seed: int = Field(2022, ge=0, description="seed of the whole study; every round derives its streams from it")
+    scenarios: list[int] = Field(default_factory=lambda: list(SCENARIOS), description="1-4 or names")
+    rounds: int = Field(50, ge=1, description="rounds per scenario")
+    members: int = Field(5, ge=2, description="ensemble members (>= 2 for an SE)")
+    concurrent_rounds: int = Field(2, ge=1, description="rounds in flight at once (keeps every worker busy)")
+    motifs: MotifChoice = Field(default_factory=MotifChoice)
+    generator: SimulationConfig = Field(default_factory=SimulationConfig)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    output: str = Field("runs/paper-simulation", description="study directory (relative to the working directory)")
+
+    @field_validator("scenarios", mode="before")
+    @classmethod
+    def _scenario_numbers(cls, values: list[int | str]) -> list[int]:
+        if not isinstance(values, list) or not values:
+            raise ValueError("expected a non-empty list of scenarios (1-4 or unconfounded, random, sequence, both)")
+        numbers = [parse_scenario(v) for v in values]
+        if len(set(numbers)) != len(numbers):
+            raise ValueError(f"scenarios repeat: {values}")
+        return numbers
+
+    def round_fingerprint(self) -> str:
+        """SHA-256 of every setting that changes a round's result (not how many rounds, nor where they run)."""
+        fixed = self.model_dump(mode="json", exclude={"name", "scenarios", "rounds", "concurrent_rounds", "cluster", "output"})
+        return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- one round
+
+
+def round_directory(study_dir: str | Path, scenario: int, round_index: int) -> Path:
+    """``<study_dir>/<scenario name>/round-<r>``."""
+    return Path(study_dir) / SCENARIOS[scenario] / f"round-{round_index:03d}"
+
+
+def member_seeds(seed: int, scenario: int, round_index: int, n_members: int) -> list[int]:
+    """Distinct training seeds of a round's members, derived from the study seed."""
+    state = np.random.SeedSequence([seed, scenario, round_index]).generate_state(n_members, dtype=np.uint32)
+    seeds = [int(s) & 0x7FFFFFFF for s in state]
+    if len(set(seeds)) != n_members:  # astronomically unlikely; never train two identical members silently
+        raise InputError(f"member seeds of scenario {scenario}, round {round_index} collide; change the study seed")
+    return seeds
+
+
+def run_round(
+    config: StudyConfig,
+    scenario: int,
+    round_index: int,
+    round_dir: str | Path,
+    *,
+    client,
+    motifs: MotifSet | None = None,
+) -> pd.DataFrame:
+    """Run one round and return its summary rows (see :func:`summarize_round`).
+
+    The round's run store (``round_dir/run.zarr``) holds the ``ism``,
+    ``effects``, ``mr``, ``meta`` and ``truth`` groups; the members are in
+    ``round_dir/members``. ``summary.csv`` is written last, atomically, and
+    marks the round done.
+    """
+    round_dir = Path(round_dir)
+    motifs = _motifs(config) if motifs is None else motifs
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    ds = simulate_round(scenario, round_index, seed=config.seed, motifs=motifs, config=config.generator)
+    truth = true_causal_effects(ds)
+    timings["simulate_s"] = time.perf_counter() - started
+
+    tick = time.perf_counter()
+    train = select_split(ds, "train", "variant")
+    members = train_ensemble(
+        one_hot(train["sequence"].values),
+        train["label"].values,
+        config.members,
+        member_seeds(config.seed, scenario, round_index, config.members),
+        client=client,
+        out_dir=round_dir / "members",
+        settings=config.training,
+    )
+    timings["train_s"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    test = select_split(ds, "test")
+    loci = sequences_dataset(test["sequence"].values.astype(np.int8), test["locus"].values)
+    spec = ModelSpec(tuple(str(m.path) for m in members))
+    settings = ISMSettings(head=OutputHead(task_names=TASKS), chunk_loci=config.analysis.chunk_loci)
+    path = str(round_dir / "run.zarr")
+    predict(loci, spec, path, client=client, settings=settings, overwrite=True, progress=False)
+    timings["ism_s"] = time.perf_counter() - tick
+
+    tick = time.perf_counter()
+    calibration = _fit_calibration(ds, spec, config) if config.analysis.calibration else None
+    if calibration is not None:
+        from deepmr_dist.calibration import write_calibration
+
+        write_calibration(path, calibration, group=CALIBRATION_GROUP)
+    effects = write_effects(path, ddof=config.analysis.ddof, calibration=calibration)
+    local = local_ce(
+        effects,
+        [PAIR],
+        config.analysis.methods,
+        rule=config.analysis.instrument_rule,
+        threshold=config.analysis.instrument_threshold,
+        ddof=config.analysis.ddof,
+        seed=config.seed,
+    )
+    local = store.write_group(path, local, schema.MR)
+    global_ = store.write_group(path, global_ce(local, meta_method=config.analysis.meta_method), schema.META)
+    store.write_group(path, truth.reindex(locus=loci["locus"].values), TRUTH_GROUP)  # NaN: no exposure instance
+    timings["analysis_s"] = time.perf_counter() - tick
+    timings["round_s"] = time.perf_counter() - started
+
+    rows = summarize_round(local.load(), global_, truth, baseline=BASELINE)
+    rows.insert(0, "round", round_index)
+    rows.insert(0, "scenario", scenario)
+    rows["scenario_name"] = SCENARIOS[scenario]
+    rows["alpha"] = ds.attrs["alpha"]
+    rows["gamma"] = ds.attrs["gamma"]
+    rows["mean_val_loss"] = float(np.mean([m.history.best_val_loss for m in members]))
+    for name, seconds in timings.items():
+        rows[name] = seconds
+    _write_atomically(rows, round_dir / "summary.csv")
+    return rows
+
+
+def summarize_round(local: xr.Dataset, global_: xr.Dataset, truth: xr.Dataset, *, baseline: str = BASELINE) -> pd.DataFrame:
+    """One row per MR method: the round's global estimate, its spread and coverage.
+
+    Parameters
+    ----------
+    local, global_
+        Outputs of :func:`~deepmr_dist.analysis.local_ce` and
+        :func:`~deepmr_dist.analysis.global_ce` for one pair.
+    truth
+        :func:`~deepmr_dist.simulation.truth.true_causal_effects` of the round.
+    baseline
+        The method treated as the paper's baseline: its global estimate is the
+        plain mean of the per-locus estimates, its spread (``tau``) their SD,
+        and its CI the mean +- 1.96 SD / sqrt(k); every other method takes the
+        meta-analysis (estimate, sqrt(tau2), random-effects CI).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``method, estimate, se, tau, ci_lower, ci_upper, k, true_ce,
+        local_coverage, n_true_loci, n_evaluated_loci`` (loci with a finite CI
+        and a true CE, matched by locus id; loci whose exposure instance is
+        not functional, see :mod:`~deepmr_dist.simulation.truth`, have none).
+    """
+    from deepmr_dist.simulation.metrics import local_coverage_counts
+
+    local = local.isel(pair=0)
+    true_local = truth["true_ce"].where(truth["functional"]).to_series()  # as the global truth: functional loci
+    rows = []
+    for method in local["method"].values:
+        per_locus = local.sel({"method": method})
+        frame = pd.DataFrame(
+            {
+                "locus": per_locus["locus"].values,
+                "ci_lower": per_locus["ci_lower"].values,
+                "ci_upper": per_locus["ci_upper"].values,
+            }
+        )
+        coverage = local_coverage_counts(frame, true_local)
+        if method == baseline:
+            estimates = per_locus["local_ce"].values
+            estimates = estimates[np.isfinite(estimates)]
+            k = estimates.size
+            mean = float(estimates.mean()) if k else np.nan
+            sd = float(estimates.std(ddof=1)) if k > 1 else np.nan
+            se = sd / np.sqrt(k) if k > 1 else np.nan
+            row = {"estimate": mean, "se": se, "tau": sd, "ci_lower": mean - 1.96 * se, "ci_upper": mean + 1.96 * se, "k": k}
+        else:
+            g = global_.isel(pair=0).sel({"method": method})
+            row = {
+                "estimate": float(g["global_ce"]),
+                "se": float(g["global_se"]),
+                "tau": float(np.sqrt(g["tau2"])),
+                "ci_lower": float(g["ci_lower"]),
+                "ci_upper": float(g["ci_upper"]),
+                "k": int(g["k"]),
+            }
+        rows.append(
+            {
+                "method": str(method),
+                **row,
+                "true_ce": float(truth["global_true_ce"]),
+                "local_coverage": coverage.coverage,
+                "n_true_loci": int(np.isfinite(true_local.to_numpy()).sum()),
+                "n_evaluated_loci": coverage.n_evaluated,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def run_study(config: StudyConfig, study_dir: str | Path | None = None, *, client, progress: bool = True) -> pd.DataFrame:
+    """Run (or resume) every round of ``config`` and write the study's tables and figures.
+
+    Parameters
+    ----------
+    config
+        The study.
+    study_dir
+        Output directory; default ``config.output``.
+    client
+        Dask client of the cluster that trains members and runs ISM.
+    progress
+        A progress bar over rounds on stderr, and one line per finished round.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Every round's summary rows (``rounds.csv``).
+
+    Raises
+    ------
+    StoreError
+        If ``study_dir`` holds rounds made with other round settings.
+    """
+    from tqdm.auto import tqdm
+
+    from deepmr_dist.simulation.figures import save_figures
+    from deepmr_dist.simulation.metrics import table1, table1_markdown
+
+    study_dir = Path(config.output if study_dir is None else study_dir)
+    _claim_directory(study_dir, config)
+    motifs = _motifs(config)
+    jobs = [(s, r) for s in config.scenarios for r in range(config.rounds)]
+    done = {job: pd.read_csv(round_directory(study_dir, *job) / "summary.csv")
+            for job in jobs if (round_directory(study_dir, *job) / "summary.csv").exists()}
+    todo = [job for job in jobs if job not in done]
+    with tqdm(total=len(jobs), initial=len(done), unit="round", desc="study", disable=not progress, file=sys.stderr) as bar:
+        with ThreadPoolExecutor(max_workers=config.concurrent_rounds) as pool:
+            futures = {
+                pool.submit(run_round, config, s, r, round_directory(study_dir, s, r), client=client, motifs=motifs): (s, r)
+                for s, r in todo
+            }
+            try:
+                for future in as_completed(futures):
+                    job = futures[future]
+                    done[job] = future.result()
+                    bar.update(1)
+                    if progress:
+                        bar.write(_round_line(done[job]), file=sys.stderr)
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
+    rounds = pd.concat([done[job] for job in jobs], ignore_index=True)
+    _write_atomically(rounds, study_dir / "rounds.csv")
+    table = table1(rounds)
+    _write_atomically(table, study_dir / "table1.csv")
+    (study_dir / "table1.md").write_text(table1_markdown(table) + "\n")
+    save_figures(rounds, study_dir / "figures")
+    return rounds
+
+
+def _round_line(rows: pd.DataFrame) -> str:
+    paper = rows.set_index("method").loc[PAPER_RULE]
+    return (
+        f"{rows['scenario_name'].iloc[0]} round {int(rows['round'].iloc[0])}: true CE {paper['true_ce']:.3f}, "
+        f"egger_paper {paper['estimate']:.3f} (tau {paper['tau']:.3f}, {int(paper['k'])} loci), "
+        f"local coverage {paper['local_coverage']:.2f}, {rows['round_s'].iloc[0]:.0f} s"
+    )
+
+
+def _claim_directory(study_dir: Path, config: StudyConfig) -> None:
+    """Write ``config.yaml``, or check that the rounds already there were made with the same round settings."""
+    marker = study_dir / "round_settings.sha256"
+    fingerprint = config.round_fingerprint()
+    if marker.exists() and marker.read_text().strip() != fingerprint:
+        raise StoreError(
+            f"{study_dir} holds rounds made with other settings (see {study_dir / 'config.yaml'}); "
+            "use another output directory or remove it"
+        )
+    study_dir.mkdir(parents=True, exist_ok=True)
+    (study_dir / "config.yaml").write_text(dump_config(config))
+    marker.write_text(fingerprint + "\n")
+
+
+def _motifs(config: StudyConfig) -> MotifSet:
+    return MotifSet(**{role: resolve_motif(getattr(config.motifs, role)) for role in ("exposure", "outcome", "confounder")})
+
+
+def _fit_calibration(ds: xr.Dataset, spec: ModelSpec, config: StudyConfig):
+    """The isotonic SE calibration fitted on the round's held-out calibration split."""
+    import torch
+
+    from deepmr_dist.calibration import fit_calibration, poisson_anscombe_variance
+    from deepmr_dist.models.ensemble import load_members
+
+    held_out = select_split(ds, "calibration")
+    if held_out.sizes["locus"] == 0:
+        raise InputError("analysis.calibration needs held-out sequences: set generator.n_calibration > 0")
+    x = torch.from_numpy(one_hot(held_out["sequence"].values))
+    with torch.inference_mode():
+        predictions = np.stack([member(x).numpy() for member in load_members(spec)])
+    coords = {"locus": held_out["locus"].values, "task": list(TASKS)}
+    labels = xr.DataArray(held_out["label"].values, dims=("locus", "task"), coords=coords)
+    members = xr.DataArray(predictions, dims=("member", "locus", "task"), coords=coords)
+    noise = xr.DataArray(
+        poisson_anscombe_variance(held_out["expected_count"].values), dims=("locus", "task"), coords=coords
+    )
+    return fit_calibration(
+        labels, members, noise_variance=noise, ddof=config.analysis.ddof,
+        source=f"scenario {ds.attrs['scenario']} round {ds.attrs['round']}: {held_out.sizes['locus']} calibration loci",
+    )
+
+
+def _write_atomically(frame: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    frame.to_csv(partial, index=False)
+    os.replace(partial, path)

@@ -1,0 +1,156 @@
+"""The simulation study driver: config validation, one round end to end, resume, the CLI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+from distributed import Client, LocalCluster
+
+from deepmr_dist.cli import main
+from deepmr_dist.config import load_config, parse_config
+from deepmr_dist.errors import InputError, StoreError
+from deepmr_dist.simulation.study import StudyConfig, member_seeds, round_directory, run_round, run_study
+
+# Small enough for CI, large enough that the ensemble learns the motifs (unconfounded scenario).
+TINY = {
+    "seed": 3,
+    "scenarios": ["unconfounded"],
+    "rounds": 1,
+    "members": 3,
+    "concurrent_rounds": 2,
+    "generator": {"n_train": 1500, "n_test": 40, "n_calibration": 200},
+    "training": {"epochs": 25},
+    "analysis": {"chunk_loci": 20, "methods": ["egger_paper", "wald_mean"]},
+}
+
+
+@pytest.fixture(scope="module")
+def client():
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    ) as cluster, Client(cluster, set_as_default=False) as c:
+        yield c
+
+
+def _config(**changes) -> StudyConfig:
+    data = {**TINY, **changes}
+    return parse_config(data, StudyConfig, "test")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    ("change", "path", "expected"),
+    [
+        ({"training": {"epochs": 0}}, "training", "epochs=0"),
+        ({"analysis": {"methods": ["egger_paper", "wald_mean", "egger_robust"]}}, "analysis.methods", "egger_robust"),
+        ({"analysis": {"methods": ["ivw"]}}, "analysis.methods", "egger_paper"),
+        ({"scenarios": ["unconfounded", "confounded"]}, "scenarios", "confounded"),
+        ({"generator": {"n_tests": 10}}, "generator.n_tests", "nexpected keyword"),
+        ({"members": 1}, "members", "greater than or equal to 2"),
+        ({"analysis": {"instrument_rule": "pooled"}}, "analysis.instrument_rule", "pooled_z"),
+        ({"motif": {"exposure": "MA0035.3"}}, "motif", "xtra"),
+    ],
+)
+def test_study_config__bad_field_is_named_by_its_yaml_path(change, path, expected):
+    with pytest.raises(InputError) as err:
+        _config(**change)
+    message = str(err.value)
+    assert f"test: {path}:" in message, message
+    assert expected in message, message
+
+
+def test_load_config__missing_file_and_bad_yaml_name_the_file(tmp_path):
+    with pytest.raises(InputError, match="cannot read config .*nope.yaml"):
+        load_config(tmp_path / "nope.yaml", StudyConfig)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rounds: [1,\n")
+    with pytest.raises(InputError, match="bad.yaml is not valid YAML"):
+        load_config(bad, StudyConfig)
+
+
+def test_study_config__pipelines_in_the_repository_are_valid():
+    paper = load_config("pipelines/paper_simulation.yaml", StudyConfig)
+    assert (paper.rounds, paper.members, paper.scenarios) == (50, 5, [1, 2, 3, 4])
+    assert (paper.generator.n_train, paper.generator.n_test) == (10_000, 1_000)
+    assert paper.analysis.meta_method == "dl"
+    load_config("pipelines/simulation_reduced.yaml", StudyConfig)
+
+
+def test_member_seeds__distinct_per_member_round_and_scenario():
+    seeds = {s for scenario in (1, 2) for r in range(3) for s in member_seeds(0, scenario, r, 5)}
+    assert len(seeds) == 2 * 3 * 5
+    assert member_seeds(0, 1, 0, 5) == member_seeds(0, 1, 0, 5)
+
+
+# ----------------------------------------------------------------------------- one round
+
+
+def test_run_round__separates_a_large_effect_round_from_a_small_one(tmp_path, client):
+    """gamma ~ 10 and gamma ~ 0.5: the estimated global CEs follow the true ones and the store holds every stage."""
+    results = {}
+    for label, gamma in (("large", 10.0), ("small", 0.5)):
+        config = _config(generator={**TINY["generator"], "gamma_means": [gamma], "gamma_sd": 0.01})
+        results[label] = run_round(config, 1, 0, tmp_path / label, client=client).set_index("method")
+    large, small = results["large"].loc["egger_paper"], results["small"].loc["egger_paper"]
+    assert large["true_ce"] > 4 * small["true_ce"] > 0
+    assert large["estimate"] > small["estimate"] + 3 * np.hypot(large["se"], small["se"])
+    for rows in results.values():
+        for method in ("egger_paper", "wald_mean"):
+            row = rows.loc[method]
+            assert row["k"] >= 5 and row["n_true_loci"] >= 5
+            assert abs(np.log(row["estimate"] / row["true_ce"])) < np.log(3), row
+    store = tmp_path / "large" / "run.zarr"
+    groups = {g: xr.open_zarr(store, group=g, consolidated=False) for g in ("ism", "effects", "mr", "meta", "truth")}
+    assert list(groups["mr"]["method"].values) == ["egger_paper", "wald_mean"]
+    assert groups["truth"]["true_ce"].sizes["locus"] == 40
+    np.testing.assert_array_equal(groups["truth"]["locus"].values, groups["ism"]["locus"].values)
+    summary = pd.read_csv(tmp_path / "large" / "summary.csv")
+    assert len(summary) == 2 and (summary["train_s"] > 0).all()
+
+
+# ----------------------------------------------------------------------------- study: resume, refuse, CLI
+
+
+def test_run_study__resumes_round_by_round_and_refuses_other_round_settings(tmp_path, client):
+    config = _config(training={"epochs": 3})
+    rounds = run_study(config, tmp_path, client=client, progress=False)
+    first = round_directory(tmp_path, 1, 0) / "summary.csv"
+    stamp = first.stat().st_mtime_ns
+    assert len(rounds) == 2
+
+    more = run_study(_config(training={"epochs": 3}, rounds=2), tmp_path, client=client, progress=False)
+    assert first.stat().st_mtime_ns == stamp  # round 0 read back, not recomputed
+    assert sorted(more["round"].unique()) == [0, 1]
+    pd.testing.assert_frame_equal(more[more["round"] == 0].reset_index(drop=True), rounds)
+    for name in ("rounds.csv", "table1.csv", "table1.md", "config.yaml"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert list((tmp_path / "figures").glob("*.png"))
+
+    with pytest.raises(StoreError, match="other settings"):
+        run_study(_config(training={"epochs": 4}), tmp_path, client=client, progress=False)
+
+
+def test_cli_simulate__runs_a_config_and_prints_table1(tmp_path, capsys, client):
+    config = tmp_path / "study.yaml"
+    config.write_text(
+        "scenarios: [both]\nrounds: 1\nmembers: 2\ngenerator: {n_train: 600, n_test: 20, n_calibration: 50}\n"
+        "training: {epochs: 2}\nanalysis: {chunk_loci: 10}\n"
+    )
+    out = tmp_path / "study"
+    code = main(["simulate", str(config), "--out", str(out), "--cluster", client.scheduler.address, "--quiet"])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert "both" in printed and "0.78" in printed  # our row beside the paper's value
+    assert (out / "both" / "round-000" / "summary.csv").exists()
+
+
+def test_cli_simulate__bad_config_is_one_line_per_field(tmp_path, capsys):
+    config = tmp_path / "study.yaml"
+    config.write_text("rounds: 0\ntraining: {patience: -1}\n")
+    assert main(["simulate", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "rounds:" in err and "training:" in err and "patience=-1" in err
