@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import json
-import pickle
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -215,7 +214,7 @@ def load_ensemble(paths: Sequence[str | Path], device: str = "cpu") -> list[Simu
     for path in paths:
         try:
             state = torch.load(path, map_location=device, weights_only=True)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        except Exception as err:  # torch.load raises many types (IndexError, UnpicklingError, ...) on a bad file
             raise InputError(f"cannot load weights file {path}: {err}") from err
         try:
             model = SimulationCNN(**_architecture(state))
