@@ -17,7 +17,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from deepmr_dist import instruments
+from deepmr_dist import instruments, schema
 from deepmr_dist.errors import InputError
 from deepmr_dist.meta import META_METHODS, META_REASONS, meta_analysis
 
@@ -60,7 +60,7 @@ GLOBAL_VARIABLES: dict[str, str] = {
 }
 """Float variables of :func:`global_ce` and the ``MetaResult`` field each comes from."""
 
-_DIMS = ("pair", "locus", "method")
+_DIMS = schema.variable(schema.MR, "local_ce").dims  # (pair, locus, method)
 _CANDIDATE_DIMS = ("position", "allele")
 
 
@@ -94,6 +94,13 @@ def compact_instruments(mask: np.ndarray, *arrays: np.ndarray) -> list[np.ndarra
     if mask.shape[1] == 0:  # no candidates at all: one all-NaN column
         out = [np.full((mask.shape[0], 1), np.nan) for _ in arrays]
     return out
+
+
+def _described(ds: xr.Dataset, group: str) -> xr.Dataset:
+    """``ds`` with each registered variable's description in its attrs, validated against the schema."""
+    for var in schema.variables_of(group):
+        ds[var.name].attrs["description"] = var.description
+    return schema.validate(ds, group)
 
 
 # --------------------------------------------------------------------------- local CE
@@ -283,7 +290,7 @@ def local_ce(
     }
     if rule == "pooled_z":
         result.attrs["pooled_stats"] = {e: list(stats[e]) for e in stats}
-    return result
+    return _described(result, schema.MR)
 
 
 # --------------------------------------------------------------------------- global CE
@@ -328,7 +335,7 @@ def global_ce(
     est = pair_method["local_ce"].values.reshape(n_pairs * n_methods, n_loci)
     se = pair_method["local_se"].values.reshape(n_pairs * n_methods, n_loci)
     res = meta_analysis(est, se, meta_method, hksj=hksj, hksj_adhoc=hksj_adhoc, alpha=alpha)
-    dims = ("pair", "method")
+    dims = schema.variable(schema.META, "global_ce").dims  # (pair, method)
     shape = (n_pairs, n_methods)
     data_vars = {name: (dims, getattr(res, field).reshape(shape)) for name, field in GLOBAL_VARIABLES.items()}
     data_vars["k"] = (dims, res.k.reshape(shape))
@@ -344,4 +351,5 @@ def global_ce(
         "alpha": float(alpha),
         "n_loci": int(n_loci),
     }
-    return out
+    return _described(out, schema.META)
+

@@ -23,7 +23,23 @@ GROUPS = (ISM, EFFECTS, MR, META)
 
 @dataclass(frozen=True)
 class Variable:
-    """One variable of the run store."""
+    """One variable of the run store.
+
+    Attributes
+    ----------
+    name : str
+        Variable name inside its group (unique within the group; the mr and meta
+        groups share some names, e.g. ``ci_lower``, ``q``, ``reason``).
+    group : str
+        Store group: one of :data:`GROUPS`.
+    dims : tuple of str
+        Dimension names, in order.
+    dtype : str
+        A numpy dtype name, or ``"str"`` for text (fixed-width unicode in memory,
+        variable-length strings once written to Zarr).
+    description : str
+        What the values mean.
+    """
 
     name: str
     group: str
@@ -32,40 +48,241 @@ class Variable:
     description: str
 
 
+TEXT = "str"
+"""``Variable.dtype`` of text variables."""
+
+_LOCAL = ("pair", "locus", "method")
+_GLOBAL = ("pair", "method")
+
+REGISTRY: tuple[Variable, ...] = (
+    Variable("sequence", ISM, ("locus", "position"), "int8", "Reference base codes: A=0, C=1, G=2, T=3, N=4."),
+    Variable(
+        "ref_pred",
+        ISM,
+        ("locus", "member", "task"),
+        "float32",
+        "Each member's prediction for the reference sequence.",
+    ),
+    Variable(
+        "mut_pred",
+        ISM,
+        ("locus", "member", "position", "allele", "task"),
+        "float32",
+        "Each member's prediction for the sequence with `allele` at `position`; NaN at the reference allele "
+        "(not a mutation).",
+    ),
+    Variable(
+        "complete",
+        ISM,
+        ("locus",),
+        "bool",
+        "True once the locus's predictions are written; resume skips complete loci.",
+    ),
+    Variable(
+        "effect",
+        EFFECTS,
+        ("locus", "position", "allele", "task"),
+        "float64",
+        "Mean over members of mut_pred - ref_pred.",
+    ),
+    Variable(
+        "effect_se",
+        EFFECTS,
+        ("locus", "position", "allele", "task"),
+        "float64",
+        "SD over members of mut_pred - ref_pred = sqrt(var(mut) + var(ref) - 2 cov(mut, ref)); ddof in attrs.",
+    ),
+    # mr: local causal effects, one MR fit per (exposure -> outcome pair, locus, method)
+    Variable(
+        "local_ce",
+        MR,
+        _LOCAL,
+        "float64",
+        "Local causal effect of the pair's exposure on its outcome at the locus (the MR estimate; the slope for"
+        " the MR-Egger family); NaN where undefined, see reason.",
+    ),
+    Variable(
+        "local_se",
+        MR,
+        _LOCAL,
+        "float64",
+        "Standard error of local_ce, as the method defines it (e.g. bootstrap SD for the medians and mbe; the "
+        "SD of the Wald ratios for wald_mean).",
+    ),
+    Variable(
+        "ci_lower",
+        MR,
+        _LOCAL,
+        "float64",
+        "Lower confidence limit of local_ce at level 1 - alpha (alpha: attrs mr_alpha if given, else 0.05).",
+    ),
+    Variable("ci_upper", MR, _LOCAL, "float64", "Upper confidence limit of local_ce at level 1 - alpha."),
+    Variable(
+        "pvalue",
+        MR,
+        _LOCAL,
+        "float64",
+        "Two-sided p-value of local_ce = 0 (normal, or t with egger_t_dist / t_dist).",
+    ),
+    Variable(
+        "intercept",
+        MR,
+        _LOCAL,
+        "float64",
+        "MR-Egger intercept (directional pleiotropy); NaN for methods without one.",
+    ),
+    Variable("intercept_se", MR, _LOCAL, "float64", "Standard error of the MR-Egger intercept."),
+    Variable(
+        "intercept_pvalue",
+        MR,
+        _LOCAL,
+        "float64",
+        "Two-sided p-value of the MR-Egger intercept = 0 (the pleiotropy test).",
+    ),
+    Variable(
+        "q",
+        MR,
+        _LOCAL,
+        "float64",
+        "Heterogeneity of the fit: Cochran's Q of IVW (n - 1 df), the residual Q of MR-Egger (n - 2 df); NaN "
+        "for methods without one.",
+    ),
+    Variable(
+        "i2gx",
+        MR,
+        _LOCAL,
+        "float64",
+        "I^2_GX of the oriented exposure associations (MR-Egger family; NaN otherwise).",
+    ),
+    Variable(
+        "n_instruments",
+        MR,
+        _LOCAL,
+        "int64",
+        "Instruments the method used at the locus (selected by the instrument rule, with valid effects and SEs).",
+    ),
+    Variable(
+        "reason",
+        MR,
+        _LOCAL,
+        TEXT,
+        "'' where local_ce and local_se are defined, else a code of deepmr_dist.mr.REASONS.",
+    ),
+    # meta: global causal effects, one meta-analysis of the local ones per (pair, method)
+    Variable(
+        "global_ce",
+        META,
+        _GLOBAL,
+        "float64",
+        "Global causal effect: meta-analysis of local_ce across loci (attrs meta_method: fe, dl, reml or pm).",
+    ),
+    Variable(
+        "global_se",
+        META,
+        _GLOBAL,
+        "float64",
+        "Standard error of global_ce (Hartung-Knapp adjusted when attrs hksj).",
+    ),
+    Variable(
+        "ci_lower",
+        META,
+        _GLOBAL,
+        "float64",
+        "Lower confidence limit of global_ce at level 1 - alpha (attrs alpha).",
+    ),
+    Variable("ci_upper", META, _GLOBAL, "float64", "Upper confidence limit of global_ce at level 1 - alpha."),
+    Variable("pvalue", META, _GLOBAL, "float64", "Two-sided p-value of global_ce = 0."),
+    Variable(
+        "tau2",
+        META,
+        _GLOBAL,
+        "float64",
+        "Between-locus variance of the local causal effects (0 for the fixed-effect model).",
+    ),
+    Variable(
+        "i2",
+        META,
+        _GLOBAL,
+        "float64",
+        "I^2: share of the variability of local_ce due to heterogeneity, in percent (metafor's definition).",
+    ),
+    Variable(
+        "h2",
+        META,
+        _GLOBAL,
+        "float64",
+        "H^2: total over sampling variability of local_ce (metafor's definition).",
+    ),
+    Variable("q", META, _GLOBAL, "float64", "Cochran's Q of the loci used (k - 1 df)."),
+    Variable("q_pvalue", META, _GLOBAL, "float64", "Chi-squared p-value of q."),
+    Variable(
+        "pi_lower",
+        META,
+        _GLOBAL,
+        "float64",
+        "Lower limit of the prediction interval for a new locus's causal effect (NaN for fe).",
+    ),
+    Variable(
+        "pi_upper",
+        META,
+        _GLOBAL,
+        "float64",
+        "Upper limit of the prediction interval for a new locus's causal effect (NaN for fe).",
+    ),
+    Variable("k", META, _GLOBAL, "int64", "Loci meta-analysed: finite local_ce and a positive finite local_se."),
+    Variable(
+        "n_loci_undefined",
+        META,
+        _GLOBAL,
+        "int64",
+        "Loci left out because local_ce or local_se is undefined (k + n_loci_undefined = all loci).",
+    ),
+    Variable(
+        "reason",
+        META,
+        _GLOBAL,
+        TEXT,
+        "'' where global_ce is defined, else a code of deepmr_dist.meta.META_REASONS.",
+    ),
+)
+"""Every variable of the run store, by group."""
+
 VARIABLES: dict[str, Variable] = {
-    v.name: v
-    for v in (
-        Variable("sequence", ISM, ("locus", "position"), "int8", "Reference base codes: A=0, C=1, G=2, T=3, N=4."),
-        Variable("ref_pred", ISM, ("locus", "member", "task"), "float32", "Each member's prediction for the reference sequence."),
-        Variable(
-            "mut_pred",
-            ISM,
-            ("locus", "member", "position", "allele", "task"),
-            "float32",
-            "Each member's prediction for the sequence with `allele` at `position`; NaN at the reference allele (not a mutation).",
-        ),
-        Variable("complete", ISM, ("locus",), "bool", "True once the locus's predictions are written; resume skips complete loci."),
-        Variable("effect", EFFECTS, ("locus", "position", "allele", "task"), "float64", "Mean over members of mut_pred - ref_pred."),
-        Variable(
-            "effect_se",
-            EFFECTS,
-            ("locus", "position", "allele", "task"),
-            "float64",
-            "SD over members of mut_pred - ref_pred = sqrt(var(mut) + var(ref) - 2 cov(mut, ref)); ddof in attrs.",
-        ),
-    )
+    v.name: v for v in REGISTRY if sum(w.name == v.name for w in REGISTRY) == 1
 }
+"""Variables by name, for every name no two groups share; shared names need :func:`variable`."""
+
+
+def variable(group: str, name: str) -> Variable:
+    """The registered variable ``name`` of store group ``group``.
+
+    Raises
+    ------
+    KeyError
+        If the group has no such variable.
+    """
+    for var in REGISTRY:
+        if var.group == group and var.name == name:
+            return var
+    raise KeyError(f"group {group!r} has no registered variable {name!r}")
 
 
 def variables_of(group: str) -> list[Variable]:
     """The registered variables of one store group."""
-    return [v for v in VARIABLES.values() if v.group == group]
+    return [v for v in REGISTRY if v.group == group]
+
+
+def _dtype_ok(dtype: np.dtype, expected: str) -> bool:
+    if expected == TEXT:
+        return dtype.kind in "UOT"  # fixed-width, object (read back from Zarr) or numpy StringDType
+    return dtype == np.dtype(expected)
 
 
 def validate(ds: xr.Dataset, group: str) -> xr.Dataset:
     """Check that ``ds`` has every registered variable of ``group`` with the right dims and dtype.
 
     Returns ``ds`` unchanged so it can be used in a pipeline of stage functions.
+    Only metadata is read: a lazy Dataset stays lazy.
 
     Raises
     ------
@@ -78,6 +295,6 @@ def validate(ds: xr.Dataset, group: str) -> xr.Dataset:
         arr = ds[var.name]
         if arr.dims != var.dims:
             raise StoreError(f"{group}/{var.name} has dims {arr.dims}, expected {var.dims}")
-        if arr.dtype != np.dtype(var.dtype):
+        if not _dtype_ok(arr.dtype, var.dtype):
             raise StoreError(f"{group}/{var.name} has dtype {arr.dtype}, expected {var.dtype}")
     return ds

@@ -6,7 +6,7 @@ import numpy as np
 from scipy import stats
 
 from deepmr_dist.mr import estimate
-from deepmr_dist.mr._data import column_normals
+from deepmr_dist.mr._data import column_normals, median_inplace
 
 from mr_reference_data import CHD, CHDSE, LDLC, LDLCSE
 
@@ -114,3 +114,14 @@ def test_median__zero_bx_is_undefined():
     r = estimate([[0.1, 0.0, 0.3]], [[0.05] * 3], [[0.1, 0.2, 0.3]], [[0.05] * 3], methods=METHODS, n_boot=10)
     for name in METHODS:
         assert r[name].reason[0] == "zero_bx"
+
+
+def test_median_inplace__equals_numpy_median_for_equal_and_ragged_rows():
+    rng = np.random.default_rng(11)
+    for width in (1, 2, 7, 100):
+        values = rng.normal(size=(40, width))
+        for n in (np.full(40, width), rng.integers(0, width + 1, 40)):  # one pivot; ragged rows (sorted)
+            padded = np.where(np.arange(width)[None, :] < n[:, None], values, np.inf)
+            got = median_inplace(padded.copy(), n)
+            ref = [np.median(values[i, : n[i]]) if n[i] else np.nan for i in range(40)]
+            np.testing.assert_array_equal(got, ref)

@@ -7,6 +7,7 @@ import warnings
 
 import numpy as np
 import statsmodels.api as sm
+from scipy import stats
 
 from deepmr_dist.mr import estimate
 from deepmr_dist.mr._data import prepare
@@ -163,6 +164,30 @@ def test_robust_egger__vignette_ldl_chd():
     assert round(float(r.estimate[0]), 3) == 3.256
     assert round(float(r.se[0]), 3) == 0.624
     assert round(float(r.ci_lower[0]), 3) == 2.033 and round(float(r.ci_upper[0]), 3) == 4.479
+
+
+def test_robust_egger__q_is_the_weighted_residual_sum_of_squares_of_the_mm_fit():
+    bx, bxse, by, byse, k = _simulate(27, n_loci=30, min_k=3)
+    r = estimate(bx, bxse, by, byse, methods=("robust_egger",))["robust_egger"]
+    assert (r.reason == "").all()
+    for i in range(bx.shape[0]):
+        x, y, s = np.abs(bx[i, : k[i]]), np.sign(bx[i, : k[i]]) * by[i, : k[i]], byse[i, : k[i]]
+        q = (((y - r.intercept[i] - r.estimate[i] * x) / s) ** 2).sum()
+        assert abs(r.q[i] - q) <= 1e-10 * q
+        assert abs(r.q_pvalue[i] - stats.chi2.sf(q, k[i] - 2)) <= 1e-10
+
+
+def test_robust__threads_and_chunk_size_do_not_change_fits(monkeypatch):
+    import deepmr_dist.mr.robust as robust_mod
+
+    bx, bxse, by, byse, _ = _simulate(28, n_loci=30)
+    d, xt, y = _egger_design(bx, bxse, by, byse)
+    ref = lmrob_mm(xt, y, d.valid, d.n)
+    monkeypatch.setattr(robust_mod, "CHUNK_ELEMENTS", 3 * xt.shape[2])  # three loci per chunk, workspaces reused
+    got = lmrob_mm(xt, y, d.valid, d.n, threads=2)
+    for field in ("coef", "coef_s", "cov", "scale", "rss"):
+        np.testing.assert_allclose(getattr(got, field), getattr(ref, field), rtol=1e-12, atol=1e-300, err_msg=field)
+    np.testing.assert_array_equal(got.converged, ref.converged)
 
 
 def test_robust_ivw__resists_outliers():

@@ -11,7 +11,8 @@ holds a code from :data:`REASONS`; a batch never fails because of one locus.
 >>> res["egger"].to_frame("egger")  # doctest: +SKIP
 
 Modules: :mod:`.ivw`, :mod:`.egger`, :mod:`.robust` (MM / lmrob), :mod:`.median`,
-:mod:`.mode` (mbe), :mod:`.baseline` (mean Wald ratio), :mod:`.result`, :mod:`.api`.
+:mod:`.mode` (mbe), :mod:`.baseline` (mean Wald ratio), :mod:`.inference`
+(confidence limits and p-values), :mod:`.result`, :mod:`.api`.
 """
 
 from deepmr_dist.mr.api import BOOTSTRAP_METHODS, METHODS, estimate

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from itertools import pairwise
 
 import numpy as np
 from scipy import special, stats
 
 from deepmr_dist.errors import InputError
+
+ROW_BLOCK_ELEMENTS = 65_536
+"""Loci x instruments per block of row-wise reductions over a whole batch (bounds temporaries)."""
 
 
 @dataclass(frozen=True)
@@ -52,14 +56,22 @@ class MRData:
 
     def fstat(self) -> np.ndarray:
         """Mean first-stage F statistic per locus, mean(bx^2 / bxse^2); NaN without instruments."""
-        t = self.bx / self.bxse  # 0 at unused entries
-        f = np.einsum("ij,ij->i", t, t)
+        n_loci, k = self.bx.shape
+        f = np.empty(n_loci)
+        buf = np.empty((min(n_loci, max(1, ROW_BLOCK_ELEMENTS // max(k, 1))), k))
+        for lo, hi in chunk_bounds(n_loci, buf.shape[0]):
+            t = np.divide(self.bx[lo:hi], self.bxse[lo:hi], out=buf[: hi - lo])  # 0 at unused entries
+            f[lo:hi] = np.einsum("ij,ij->i", t, t)
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(self.n > 0, f / np.maximum(self.n, 1), np.nan)
 
     def any_zero_bx(self) -> np.ndarray:
         """True where some used instrument has bx == 0 (its ratio by/bx is undefined)."""
         return (self.valid & (self.bx == 0)).any(axis=1)
+
+    def all_bx_zero(self) -> np.ndarray:
+        """True where no used instrument has bx != 0 (also where none is used)."""
+        return ~(self.valid & (self.bx != 0)).any(axis=1)
 
 
 def prepare(bx: np.ndarray, bxse: np.ndarray, by: np.ndarray, byse: np.ndarray) -> MRData:
@@ -111,70 +123,11 @@ def prepare(bx: np.ndarray, bxse: np.ndarray, by: np.ndarray, byse: np.ndarray) 
     )
 
 
-def masked_sum(values: np.ndarray, valid: np.ndarray) -> np.ndarray:
-    """Row sums over used instruments only."""
-    return np.where(valid, values, 0.0).sum(axis=1)
-
-
-def z_quantile(alpha: float) -> float:
-    """Two-sided normal critical value ``qnorm(1 - alpha / 2)``."""
-    return float(stats.norm.ppf(1.0 - alpha / 2.0))
-
-
-def t_quantile(alpha: float, df: np.ndarray) -> np.ndarray:
-    """Two-sided t critical value ``qt(1 - alpha / 2, df)``; NaN where df < 1."""
-    df = np.asarray(df, dtype=np.float64)
-    with np.errstate(invalid="ignore"):
-        return np.where(df >= 1, stats.t.ppf(1.0 - alpha / 2.0, np.maximum(df, 1)), np.nan)
-
-
-def normal_p(estimate: np.ndarray, se: np.ndarray) -> np.ndarray:
-    """Two-sided normal p-value ``2 * pnorm(-|estimate / se|)``."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return 2.0 * stats.norm.sf(np.abs(estimate / se))
-
-
-def t_p(estimate: np.ndarray, se: np.ndarray, df: np.ndarray) -> np.ndarray:
-    """Two-sided t p-value ``2 * pt(-|estimate / se|, df)``; NaN where df < 1."""
-    df = np.asarray(df, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(df >= 1, 2.0 * stats.t.sf(np.abs(estimate / se), np.maximum(df, 1)), np.nan)
-
-
 def chi2_sf(q: np.ndarray, df: np.ndarray) -> np.ndarray:
     """Upper chi-squared tail ``pchisq(q, df, lower.tail = FALSE)``; NaN where df < 1."""
     df = np.asarray(df, dtype=np.float64)
     with np.errstate(invalid="ignore"):
         return np.where(df >= 1, stats.chi2.sf(q, np.maximum(df, 1)), np.nan)
-
-
-def wald_inference(
-    estimate: np.ndarray, se: np.ndarray, alpha: float, t_dist: bool, df: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Confidence limits and p-value as the package's ``ci_normal`` / ``ci_t``.
-
-    Parameters
-    ----------
-    estimate, se : numpy.ndarray
-        Point estimate and standard error per locus.
-    alpha : float
-        1 - confidence level.
-    t_dist : bool
-        Use a t distribution with ``df`` degrees of freedom instead of the normal.
-    df : numpy.ndarray
-        Degrees of freedom per locus (only with ``t_dist``).
-
-    Returns
-    -------
-    lower, upper, pvalue : numpy.ndarray
-    """
-    if t_dist:
-        crit = t_quantile(alpha, df)
-        p = t_p(estimate, se, df)
-    else:
-        crit = z_quantile(alpha)
-        p = normal_p(estimate, se)
-    return estimate - crit * se, estimate + crit * se, p
 
 
 def column_normals(seed: int, n_cols: int, n_draws: int, n_streams: int) -> np.ndarray:
@@ -215,29 +168,53 @@ def mad(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return 1.4826 * np.median(np.abs(x - center), axis=axis)
 
 
-def row_kth(values: np.ndarray, *ks: np.ndarray) -> list[np.ndarray]:
-    """The ``k[i]``-th smallest entries (0-based) of each row, for each index array in ``ks``.
+def median_inplace(values: np.ndarray, n: np.ndarray) -> np.ndarray:
+    """Median of the ``n[i]`` smallest entries of each row, partitioning ``values`` in place.
 
-    Uses one ``numpy.partition`` on the distinct indices (a full sort when there
-    are many), so it is linear time for batches of equal-sized loci.
+    Unused entries must hold ``+inf`` (they sort last). When every row has the same
+    ``n`` this is one single-pivot ``partition`` plus a minimum over the upper part
+    (numpy's multi-pivot partition is several times slower); ragged rows are
+    sorted. Rows with ``n == 0`` give NaN.
+
+    Parameters
+    ----------
+    values : numpy.ndarray
+        ``(rows, K)`` float array, overwritten.
+    n : numpy.ndarray
+        ``(rows,)`` number of used entries per row.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(rows,)`` medians.
     """
+    n = np.asarray(n, dtype=np.int64)
     width = values.shape[1]
-    ks = [np.clip(np.asarray(k, dtype=np.int64), 0, width - 1) for k in ks]
-    uniq = np.unique(np.concatenate(ks))
-    part = np.partition(values, uniq, axis=1) if uniq.size <= 8 else np.sort(values, axis=1)
-    return [np.take_along_axis(part, k[:, None], axis=1)[:, 0] for k in ks]
+    if width == 0:
+        return np.full(n.shape, np.nan)
+    k_lo = np.clip((n - 1) // 2, 0, width - 1)
+    k_hi = np.clip(n // 2, 0, width - 1)
+    pivots = np.unique(k_lo)
+    if pivots.size == 1:
+        k = int(pivots[0])
+        values.partition(k, axis=1)
+        lo = values[:, k]
+        hi = values[:, k + 1 :].min(axis=1) if k + 1 < width else lo
+        hi = np.where(k_hi > k_lo, hi, lo)
+    else:
+        values.sort(axis=1)
+        lo = np.take_along_axis(values, k_lo[:, None], axis=1)[:, 0]
+        hi = np.take_along_axis(values, k_hi[:, None], axis=1)[:, 0]
+    with np.errstate(invalid="ignore"):
+        return np.where(n > 0, 0.5 * (lo + hi), np.nan)
 
 
 def row_median_select(values: np.ndarray, valid: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """Median of each row over its used entries, by selection (see :func:`row_kth`).
+    """Median of each row over its used entries, by selection (see :func:`median_inplace`).
 
     Unused entries must be excluded by ``valid``; rows with ``n == 0`` give NaN.
     """
-    n = np.asarray(n, dtype=np.int64)
-    padded = np.where(valid, values, np.inf)
-    lo, hi = row_kth(padded, (n - 1) // 2, n // 2)
-    with np.errstate(invalid="ignore"):
-        return np.where(n > 0, 0.5 * (lo + hi), np.nan)
+    return median_inplace(np.where(valid, values, np.inf), n)
 
 
 def run_chunks(work, bounds: list[tuple[int, int]], threads: int = 1) -> None:
@@ -258,9 +235,10 @@ def run_chunks(work, bounds: list[tuple[int, int]], threads: int = 1) -> None:
 
 
 def chunk_bounds(n_rows: int, rows_per_chunk: int) -> list[tuple[int, int]]:
-    """``[(lo, hi), ...]`` covering ``range(n_rows)`` in chunks of ``rows_per_chunk``."""
-    step = max(1, int(rows_per_chunk))
-    return [(lo, min(lo + step, n_rows)) for lo in range(0, n_rows, step)]
+    """``[(lo, hi), ...]`` covering ``range(n_rows)`` in balanced chunks of at most ``rows_per_chunk``."""
+    count = -(-n_rows // max(1, int(rows_per_chunk)))
+    edges = [(i * n_rows) // count for i in range(count + 1)] if count else [0]
+    return list(pairwise(edges))
 
 
 def chi2_1_sf(x: np.ndarray) -> np.ndarray:

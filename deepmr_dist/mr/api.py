@@ -64,16 +64,16 @@ def egger_paper(data: MRData, *, alpha: float = 0.05, t_dist: bool = False, thre
 
     Below three instruments the locus is undefined (``too_few_instruments``).
     """
-    robust_rows = np.flatnonzero(data.n > EGGER_PAPER_ROBUST_ABOVE)
-    plain_rows = np.flatnonzero(data.n <= EGGER_PAPER_ROBUST_ABOVE)
-    parts = []
-    if plain_rows.size:
-        parts.append((plain_rows, egger(_subset(data, plain_rows), alpha=alpha, t_dist=t_dist)))
-    if robust_rows.size:
-        parts.append(
-            (robust_rows, robust_egger(_subset(data, robust_rows), alpha=alpha, t_dist=t_dist, threads=threads))
-        )
-    return _merge(data, parts)
+    robust = data.n > EGGER_PAPER_ROBUST_ABOVE
+    if robust.all():  # one estimator for the whole batch: no row subsets to copy
+        return robust_egger(data, alpha=alpha, t_dist=t_dist, threads=threads)
+    if not robust.any():
+        return egger(data, alpha=alpha, t_dist=t_dist)
+    robust_rows, plain_rows = np.flatnonzero(robust), np.flatnonzero(~robust)
+    return _merge(data, [
+        (plain_rows, egger(_subset(data, plain_rows), alpha=alpha, t_dist=t_dist)),
+        (robust_rows, robust_egger(_subset(data, robust_rows), alpha=alpha, t_dist=t_dist, threads=threads)),
+    ])  # fmt: skip
 
 
 def estimate(

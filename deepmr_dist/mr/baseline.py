@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from deepmr_dist.mr._data import MRData, normal_p, z_quantile
+from deepmr_dist.mr._data import MRData
+from deepmr_dist.mr.inference import store_wald
 from deepmr_dist.mr.result import MRResult, ResultBuilder
 
 
@@ -48,11 +49,9 @@ def wald_mean(
             mean = ratio.sum(axis=1) / data.n
             dev = np.where(use, ratio - mean[:, None], 0.0)
             sd = np.sqrt(np.einsum("ij,ij->i", dev, dev) / (data.n - ddof))
-    crit = z_quantile(alpha) if ci_multiplier is None else float(ci_multiplier)
-    out["estimate"], out["se"] = mean, sd
-    out["ci_lower"], out["ci_upper"] = mean - crit * sd, mean + crit * sd
-    out["pvalue"] = normal_p(mean, sd)
+    half_width = None if ci_multiplier is None else float(ci_multiplier)
+    store_wald(out, mean, sd, alpha, False, data.n - 1, half_width=half_width)
     out.flag(data.n < max(2, ddof + 1), "too_few_instruments")
-    out.flag(zero_bx & ~(np.where(data.valid, np.abs(data.bx), 0.0).sum(axis=1) > 0), "all_bx_zero")
+    out.flag(zero_bx & data.all_bx_zero(), "all_bx_zero")
     out.flag(zero_bx, "zero_bx")
     return out.build()

@@ -16,9 +16,9 @@ standard error is its limit (rse treated as 1).
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
 
-from deepmr_dist.mr._data import MRData, chi2_sf, z_quantile
+from deepmr_dist.mr._data import ROW_BLOCK_ELEMENTS, MRData, chi2_sf, chunk_bounds
+from deepmr_dist.mr.inference import store_egger
 from deepmr_dist.mr.result import MRResult, ResultBuilder
 
 SINGULAR_TOL = 1e-7
@@ -30,59 +30,28 @@ def oriented(data: MRData) -> tuple[np.ndarray, np.ndarray]:
     return np.abs(data.bx), np.sign(data.bx) * data.by
 
 
-def egger_inference(
-    theta: np.ndarray, se: np.ndarray, rse: np.ndarray, df: np.ndarray, alpha: float, t_dist: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Confidence limits and p-value of an MR-Egger coefficient (``egger.bounds``).
-
-    Parameters
-    ----------
-    theta, se : numpy.ndarray
-        Coefficient and its (rse-floored) standard error.
-    rse : numpy.ndarray
-        Residual standard error of the fit.
-    df : numpy.ndarray
-        Degrees of freedom, ``n - 2``.
-    alpha : float
-        1 - confidence level.
-    t_dist : bool
-        Use the package's t-distribution rule instead of the normal.
-
-    Returns
-    -------
-    lower, upper, pvalue : numpy.ndarray
-    """
-    z = z_quantile(alpha)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        p_norm = 2.0 * stats.norm.sf(np.abs(theta / se))
-        if not t_dist:
-            return theta - z * se, theta + z * se, p_norm
-        df = np.asarray(df, dtype=np.float64)
-        ok = df >= 1
-        dfc = np.maximum(df, 1)
-        tq = np.where(ok, stats.t.ppf(1.0 - alpha / 2.0, dfc), np.nan)
-        under = rse < 1
-        lower = np.where(under, np.minimum(theta - z * se, theta - tq * se * rse), theta - tq * se)
-        upper = np.where(under, np.maximum(theta + z * se, theta + tq * se * rse), theta + tq * se)
-        p_t_under = 2.0 * stats.t.sf(np.abs(theta / se / rse), dfc)
-        p_t = 2.0 * stats.t.sf(np.abs(theta / se), dfc)
-        p = np.where(under, np.maximum(p_norm, p_t_under), p_t)
-        p = np.where(ok, p, np.nan)
-    return lower, upper, p
-
-
 def i2_gx(data: MRData) -> np.ndarray:
     """The package's I^2_GX of the oriented exposure associations.
 
     ``Q = sum((bxse/byse)^-2 (|bx|/byse - weighted.mean(|bx|/byse, (bxse/byse)^-2))^2)``,
-    ``I^2_GX = max(0, (Q - (n - 1)) / Q)``.
+    ``I^2_GX = max(0, (Q - (n - 1)) / Q)``. Computed in blocks of loci.
     """
-    v = np.abs(data.bx) / data.byse
-    ratio = data.byse / data.bxse
-    w = data.valid * (ratio * ratio)
+    n_loci, k = data.bx.shape
+    q = np.empty(n_loci)
+    rows = min(n_loci, max(1, ROW_BLOCK_ELEMENTS // max(k, 1)))
+    v, w = np.empty((rows, k)), np.empty((rows, k))
+    for lo, hi in chunk_bounds(n_loci, rows):
+        m = hi - lo
+        vb = np.divide(np.abs(data.bx[lo:hi], out=v[:m]), data.byse[lo:hi], out=v[:m])
+        wb = np.divide(data.byse[lo:hi], data.bxse[lo:hi], out=w[:m])
+        np.multiply(wb, wb, out=wb)
+        np.multiply(wb, data.valid[lo:hi], out=wb)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            vbar = np.einsum("ij,ij->i", wb, vb) / wb.sum(axis=1)
+        np.subtract(vb, vbar[:, None], out=vb)
+        np.multiply(vb, vb, out=vb)
+        q[lo:hi] = np.einsum("ij,ij->i", wb, vb)
     with np.errstate(invalid="ignore", divide="ignore"):
-        vbar = (w * v).sum(axis=1) / w.sum(axis=1)
-        q = (w * (v - vbar[:, None]) ** 2).sum(axis=1)
         return np.where(data.n >= 2, np.maximum(0.0, (q - (data.n - 1)) / q), np.nan)
 
 
@@ -123,13 +92,6 @@ def egger_wls(data: MRData) -> dict[str, np.ndarray]:
         }
 
 
-def egger_residual_q(data: MRData, intercept: np.ndarray, slope: np.ndarray) -> np.ndarray:
-    """Residual heterogeneity ``sum(((by - intercept - slope bx) / byse)^2)`` of oriented data."""
-    x, y = oriented(data)
-    e = y - intercept[:, None] - slope[:, None] * x
-    return np.einsum("ij,ij->i", data.w * e, e)
-
-
 def egger(data: MRData, *, alpha: float = 0.05, t_dist: bool = False) -> MRResult:
     """MR-Egger estimate per locus.
 
@@ -154,16 +116,11 @@ def egger(data: MRData, *, alpha: float = 0.05, t_dist: bool = False) -> MRResul
         se_b = np.sqrt(fit["var_slope"]) * floor
         se_a = np.sqrt(fit["var_intercept"]) * floor
     df = data.n - 2
-    lo, hi, p = egger_inference(fit["slope"], se_b, sigma, df, alpha, t_dist)
-    out["estimate"], out["se"], out["ci_lower"], out["ci_upper"], out["pvalue"] = fit["slope"], se_b, lo, hi, p
-    lo, hi, p = egger_inference(fit["intercept"], se_a, sigma, df, alpha, t_dist)
-    out["intercept"], out["intercept_se"] = fit["intercept"], se_a
-    out["intercept_ci_lower"], out["intercept_ci_upper"], out["intercept_pvalue"] = lo, hi, p
-    out["rse"] = sigma
+    store_egger(out, fit["slope"], se_b, fit["intercept"], se_a, sigma, df, alpha, t_dist)
     out["q"] = fit["rss"]
     out["q_pvalue"] = chi2_sf(fit["rss"], df)
     out["i2gx"] = i2_gx(data)
     out.flag(data.n < 3, "too_few_instruments")
-    out.flag(~(np.where(data.valid, np.abs(data.bx), 0.0).sum(axis=1) > 0), "all_bx_zero")
+    out.flag(data.all_bx_zero(), "all_bx_zero")
     out.flag(fit["singular"], "singular_fit")
     return out.build()

@@ -23,7 +23,8 @@ from __future__ import annotations
 import numpy as np
 
 from deepmr_dist.errors import InputError
-from deepmr_dist.mr._data import MRData, chi2_1_sf, chi2_sf, masked_sum, row_median_select, wald_inference
+from deepmr_dist.mr._data import MRData, chi2_1_sf, chi2_sf, row_median_select
+from deepmr_dist.mr.inference import store_wald
 from deepmr_dist.mr.result import MRResult, ResultBuilder
 
 MODELS = ("default", "fixed", "random")
@@ -54,6 +55,17 @@ def _weighted_fit(data: MRData, w: np.ndarray) -> dict[str, np.ndarray]:
     return {"sxx": sxx, "estimate": est, "rss": rss, "rse": rse}
 
 
+def _store_fit(
+    out: ResultBuilder, data: MRData, fit: dict[str, np.ndarray], model: str, alpha: float, t_dist: bool
+) -> None:
+    """Write the estimate of a :func:`_weighted_fit` with its ``model``'s standard error, inference and rse."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        se_fixed = 1.0 / np.sqrt(fit["sxx"])
+    scale = np.where(_random_mask(model, data.n) & (data.n >= 2), np.maximum(1.0, fit["rse"]), 1.0)
+    store_wald(out, fit["estimate"], se_fixed * scale, alpha, t_dist, data.n - 1)
+    out["rse"] = fit["rse"]
+
+
 def ivw(data: MRData, *, model: str = "default", alpha: float = 0.05, t_dist: bool = False) -> MRResult:
     """IVW estimate per locus.
 
@@ -76,13 +88,7 @@ def ivw(data: MRData, *, model: str = "default", alpha: float = 0.05, t_dist: bo
     """
     out = ResultBuilder(data.n, data.fstat())
     fit = _weighted_fit(data, data.w)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        se_fixed = 1.0 / np.sqrt(fit["sxx"])
-    scale = np.where(_random_mask(model, data.n) & (data.n >= 2), np.maximum(1.0, fit["rse"]), 1.0)
-    se = se_fixed * scale
-    lo, hi, p = wald_inference(fit["estimate"], se, alpha, t_dist, data.n - 1)
-    out["estimate"], out["se"], out["ci_lower"], out["ci_upper"], out["pvalue"] = fit["estimate"], se, lo, hi, p
-    out["rse"] = fit["rse"]
+    _store_fit(out, data, fit, model, alpha, t_dist)
     multi = data.n >= 2
     q = np.where(multi, fit["rss"], np.nan)
     out["q"] = q
@@ -130,14 +136,8 @@ def penalized_ivw(
     pen = chi2_1_sf(stat)
     w = data.w * np.minimum(1.0, penalization * pen)
     fit = _weighted_fit(data, w)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        se_fixed = 1.0 / np.sqrt(fit["sxx"])
-    scale = np.where(_random_mask(model, data.n) & (data.n >= 2), np.maximum(1.0, fit["rse"]), 1.0)
-    se = se_fixed * scale
-    lo, hi, p = wald_inference(fit["estimate"], se, alpha, t_dist, data.n - 1)
-    out["estimate"], out["se"], out["ci_lower"], out["ci_upper"], out["pvalue"] = fit["estimate"], se, lo, hi, p
-    out["rse"] = fit["rse"]
+    _store_fit(out, data, fit, model, alpha, t_dist)
     out.flag(data.n < 1, "too_few_instruments")
-    out.flag(zero_bx & ~(masked_sum(np.abs(data.bx), data.valid) > 0), "all_bx_zero")
+    out.flag(zero_bx & data.all_bx_zero(), "all_bx_zero")
     out.flag(zero_bx, "zero_bx")
     return out.build()

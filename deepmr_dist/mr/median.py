@@ -21,7 +21,14 @@ from __future__ import annotations
 import numpy as np
 
 from deepmr_dist.errors import InputError
-from deepmr_dist.mr._data import MRData, chi2_1_sf, chunk_bounds, column_normals, run_chunks, wald_inference
+from deepmr_dist.mr._data import (
+    MRData,
+    chi2_1_sf,
+    chunk_bounds,
+    column_normals,
+    run_chunks,
+)
+from deepmr_dist.mr.inference import store_wald
 from deepmr_dist.mr.result import MRResult, ResultBuilder
 
 WEIGHTINGS = ("simple", "weighted", "penalized")
@@ -188,10 +195,9 @@ def median_estimator(
     if use.any():
         sub = _subset(data, use)
         se[use] = bootstrap_se(sub, w[use], n_boot, seed, threads)
-    lo, hi, p = wald_inference(est, se, alpha, t_dist, data.n - 1)
-    out["estimate"], out["se"], out["ci_lower"], out["ci_upper"], out["pvalue"] = est, se, lo, hi, p
+    store_wald(out, est, se, alpha, t_dist, data.n - 1)
     out.flag(~enough, "too_few_instruments")
-    out.flag(zero_bx & ~(np.where(data.valid, np.abs(data.bx), 0.0).sum(axis=1) > 0), "all_bx_zero")
+    out.flag(zero_bx & data.all_bx_zero(), "all_bx_zero")
     out.flag(zero_bx, "zero_bx")
     out.flag(~np.isfinite(est), "degenerate_weights")
     return out.build()

@@ -27,8 +27,8 @@ from deepmr_dist.mr._data import (
     mad,
     row_median_select,
     run_chunks,
-    wald_inference,
 )
+from deepmr_dist.mr.inference import store_wald
 from deepmr_dist.mr.result import MRResult, ResultBuilder
 
 N_GRID = 512
@@ -219,10 +219,9 @@ def mbe(
     if use.any():
         est[use] = density_mode(b[use], w[use], data.valid[use], bw[use])
         se[use] = _bootstrap_mad(b[use], se_b[use], w[use], data.valid[use], n_boot, seed, phi, threads)
-    lo, hi, p = wald_inference(est, se, alpha, t_dist, data.n - 1)
-    out["estimate"], out["se"], out["ci_lower"], out["ci_upper"], out["pvalue"] = est, se, lo, hi, p
+    store_wald(out, est, se, alpha, t_dist, data.n - 1)
     out.flag(~enough, "too_few_instruments")
-    out.flag(zero_bx & ~(np.where(data.valid, np.abs(data.bx), 0.0).sum(axis=1) > 0), "all_bx_zero")
+    out.flag(zero_bx & data.all_bx_zero(), "all_bx_zero")
     out.flag(zero_bx, "zero_bx")
     out.flag(~(np.isfinite(bw) & (bw > 0)) | ~np.isfinite(se), "zero_bandwidth")
     return out.build()

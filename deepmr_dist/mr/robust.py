@@ -37,17 +37,41 @@ Differences from robustbase, by design:
   its own tolerance (about 1e-7 relative).
 * All loci of a chunk are iterated together (a loop over iterations and over
   candidates, never over loci); converged loci drop out of the working set.
+
+Implementation notes. The cost is one numpy pass over the ``(loci, K)`` arrays
+of a chunk per elementwise operation, so every per-instrument array lives in a
+per-thread :class:`_Workspace` allocated once and reused by every chunk and
+iteration (fresh temporaries of this size cost page faults that dominate the
+arithmetic), and chunks are large (one per thread at least) so that the last,
+slowest-converging loci of a chunk iterate together.
+Weighted sums ``sum w x x'`` and ``sum w x y`` are one batched matrix product with
+the precomputed products of the design columns; ``sum psi'(u) x x'`` follows from
+the same sums with weights ``v`` and ``v^2`` (``psi'(u) = 5 v^2 - 4 v``); the joint
+Newton step on ``(beta, s)`` eliminates ``s`` and solves a ``p x p`` system in
+closed form. Only the design (``x``, ``y``) of a chunk is built from the inputs,
+inside its worker.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable
 
 import numpy as np
 
-from deepmr_dist.mr._data import MRData, chi2_sf, chunk_bounds, row_median_select, run_chunks, wald_inference
-from deepmr_dist.mr.egger import egger_inference, egger_residual_q, i2_gx, oriented
+from deepmr_dist.errors import InputError
+from deepmr_dist.mr._data import (
+    MRData,
+    chi2_sf,
+    chunk_bounds,
+    median_inplace,
+    run_chunks,
+)
+from deepmr_dist.mr.egger import i2_gx
+from deepmr_dist.mr.inference import store_egger, store_wald
+from deepmr_dist.mr.ivw import _random_mask
 from deepmr_dist.mr.result import MRResult, ResultBuilder
 
 C_CHI = 1.54764
@@ -69,19 +93,18 @@ TOL_NEWTON = 1e-8
 leaves an error of order its square, far below :data:`TOL`)."""
 MAX_ITER = 500
 """Iteration limit of each stage (the package passes ``k.max = 500``)."""
-K_FAST = 1
-"""S-iterations applied to each candidate before comparison (``k.fast.s``)."""
 ELEMENTAL_BUDGET = 4000
 """Exhaustive elemental search while (number of subsets) x (instruments) stays below this."""
 ELEMENTAL_RANDOM_BUDGET = 500
 """Otherwise ``ELEMENTAL_RANDOM_BUDGET // n`` fixed pseudo-random elemental subsets ..."""
 ELEMENTAL_MIN = 10
 """... or none when that is fewer than this (large loci rely on the LS and median starts)."""
-CHUNK_ELEMENTS = 96_000
-"""Target loci x instruments per chunk; keeps the working set in cache."""
+CHUNK_ELEMENTS = 200_000
+"""Target loci x instruments per chunk (the workspace of one thread is about 21 times
+this many doubles, 34 MB)."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class MMFit:
     """MM-regression fits for a batch of loci (transformed, sqrt-weighted scale).
 
@@ -95,6 +118,8 @@ class MMFit:
         ``(n_loci, p, p)`` ``.vcov.avar1`` covariance (before the package's rse flooring).
     scale : numpy.ndarray
         ``(n_loci,)`` S-estimate of scale (``summary(fit)$sigma``).
+    rss : numpy.ndarray
+        ``(n_loci,)`` sum of squared residuals at ``coef`` (NaN where not fitted).
     converged, exact, singular : numpy.ndarray
         ``(n_loci,)`` bool flags: iterations converged; exact fit (scale 0);
         rank-deficient design (no fit attempted).
@@ -104,63 +129,60 @@ class MMFit:
     coef_s: np.ndarray
     cov: np.ndarray
     scale: np.ndarray
+    rss: np.ndarray
     converged: np.ndarray
     exact: np.ndarray
     singular: np.ndarray
 
+    @classmethod
+    def blank(cls, n_loci: int, p: int) -> MMFit:
+        """A fit of ``n_loci`` loci with nothing fitted: NaN numbers, False flags."""
+        return cls(
+            coef=np.full((n_loci, p), np.nan), coef_s=np.full((n_loci, p), np.nan),
+            cov=np.full((n_loci, p, p), np.nan), scale=np.full(n_loci, np.nan), rss=np.full(n_loci, np.nan),
+            converged=np.zeros(n_loci, dtype=bool), exact=np.zeros(n_loci, dtype=bool),
+            singular=np.zeros(n_loci, dtype=bool),
+        )  # fmt: skip
 
-# ----------------------------------------------------------------------------- small linear algebra
 
+# ----------------------------------------------------------------------------- small linear algebra (p = 1 or 2)
+#
+# Weighted sums come as flat rows ``(m, q + p)``: the upper triangle of
+# ``sum w x x'`` (``q = p (p + 1) / 2`` entries, row-major), then ``sum w x y``.
 
-def _pairs(p: int) -> list[tuple[int, int]]:
-    return [(i, j) for i in range(p) for j in range(i, p)]
-
-
-def _sym(flat: np.ndarray, p: int) -> np.ndarray:
-    """``(m, p(p+1)/2)`` upper-triangle sums -> ``(m, p, p)`` symmetric matrices."""
-    out = np.empty((flat.shape[0], p, p))
-    for idx, (i, j) in enumerate(_pairs(p)):
-        out[:, i, j] = flat[:, idx]
-        out[:, j, i] = flat[:, idx]
-    return out
+_SYM = {1: np.array([[0]]), 2: np.array([[0, 1], [1, 2]])}
+"""Flat upper-triangle index -> full symmetric matrix index."""
+_DIAG = {1: np.array([0]), 2: np.array([0, 2])}
+"""Flat upper-triangle index of the diagonal."""
 
 
 def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Batched solve of small systems; NaN rows where singular or non-finite."""
-    m, p = b.shape
-    out = np.full((m, p), np.nan)
-    if p == 1:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return b / a[:, 0, :]
-    if p == 2:
-        det = a[:, 0, 0] * a[:, 1, 1] - a[:, 0, 1] * a[:, 1, 0]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[:, 0] = (a[:, 1, 1] * b[:, 0] - a[:, 0, 1] * b[:, 1]) / det
-            out[:, 1] = (a[:, 0, 0] * b[:, 1] - a[:, 1, 0] * b[:, 0]) / det
-        return out
-    ok = np.isfinite(a).all(axis=(1, 2)) & np.isfinite(b).all(axis=1)
-    ok &= np.abs(np.linalg.det(np.where(ok[:, None, None], a, np.eye(p)))) > 0
-    if ok.any():
-        out[ok] = np.linalg.solve(a[ok], b[ok][..., None])[..., 0]
+    """Batched solve of 1x1 or 2x2 systems ``a x = b`` in closed form; NaN rows where singular."""
+    if b.shape[1] == 1:
+        return b / a[:, 0, :]
+    det = a[:, 0, 0] * a[:, 1, 1] - a[:, 0, 1] * a[:, 1, 0]
+    out = np.empty(b.shape)
+    out[:, 0] = (a[:, 1, 1] * b[:, 0] - a[:, 0, 1] * b[:, 1]) / det
+    out[:, 1] = (a[:, 0, 0] * b[:, 1] - a[:, 1, 0] * b[:, 0]) / det
     return out
 
 
 def _inv(a: np.ndarray) -> np.ndarray:
-    """Batched inverse of small symmetric matrices (NaN where singular)."""
-    p = a.shape[1]
-    if p == 1:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            return 1.0 / a
-    if p == 2:
-        det = a[:, 0, 0] * a[:, 1, 1] - a[:, 0, 1] * a[:, 1, 0]
-        out = np.empty_like(a)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[:, 0, 0] = a[:, 1, 1] / det
-            out[:, 1, 1] = a[:, 0, 0] / det
-            out[:, 0, 1] = -a[:, 0, 1] / det
-            out[:, 1, 0] = -a[:, 1, 0] / det
-        return out
-    return np.stack([np.linalg.inv(ai) if np.isfinite(ai).all() else np.full((p, p), np.nan) for ai in a])
+    """Batched inverse of 1x1 or 2x2 matrices (NaN where singular)."""
+    if a.shape[1] == 1:
+        return 1.0 / a
+    det = a[:, 0, 0] * a[:, 1, 1] - a[:, 0, 1] * a[:, 1, 0]
+    out = np.empty_like(a)
+    out[:, 0, 0] = a[:, 1, 1] / det
+    out[:, 1, 1] = a[:, 0, 0] / det
+    out[:, 0, 1] = -a[:, 0, 1] / det
+    out[:, 1, 0] = -a[:, 1, 0] / det
+    return out
+
+
+def _mv(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Batched matrix-vector products ``a b`` of ``(m, p, p)`` and ``(m, p)``."""
+    return np.matmul(a, b[:, :, None])[:, :, 0]
 
 
 def _posdefify(v: np.ndarray) -> np.ndarray:
@@ -177,40 +199,9 @@ def _posdefify(v: np.ndarray) -> np.ndarray:
     q = vecs[neg]
     fixed = np.einsum("mij,mj,mkj->mik", q, lam, q)
     o_diag = np.diagonal(v[neg], axis1=1, axis2=2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        d = np.sqrt(np.maximum(o_diag, 0.0) / np.diagonal(fixed, axis1=1, axis2=2))
+    d = np.sqrt(np.maximum(o_diag, 0.0) / np.diagonal(fixed, axis1=1, axis2=2))
     out[neg] = d[:, :, None] * fixed * d[:, None, :]
     return out
-
-
-def _solve3(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Batched 3x3 solve by Cramer's rule (NaN where singular)."""
-
-    def det3(m: np.ndarray) -> np.ndarray:
-        return (
-            m[:, 0, 0] * (m[:, 1, 1] * m[:, 2, 2] - m[:, 1, 2] * m[:, 2, 1])
-            - m[:, 0, 1] * (m[:, 1, 0] * m[:, 2, 2] - m[:, 1, 2] * m[:, 2, 0])
-            + m[:, 0, 2] * (m[:, 1, 0] * m[:, 2, 1] - m[:, 1, 1] * m[:, 2, 0])
-        )
-
-    d = det3(a)
-    out = np.empty(b.shape)
-    for j in range(3):
-        aj = a.copy()
-        aj[:, :, j] = b
-        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            out[:, j] = det3(aj) / d
-    return out
-
-
-def _rel_step(new: np.ndarray, old: np.ndarray) -> np.ndarray:
-    """robustbase's convergence measure ``||new - old|| / max(tol, ||old||)``."""
-    num = np.sqrt(((new - old) ** 2).sum(axis=1))
-    den = np.maximum(TOL, np.sqrt((old**2).sum(axis=1)))
-    return num / den
-
-
-# ----------------------------------------------------------------------------- the MM fit of one chunk
 
 
 def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -218,150 +209,241 @@ def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.matmul(a[:, None, :], b[:, :, None])[:, 0, 0]
 
 
-class _Chunk:
-    """One chunk of loci (rows) in the sqrt-weighted scale, with weighted-sum machinery.
+def _bisquare(u: np.ndarray, t: np.ndarray, v: np.ndarray) -> None:
+    """``t = u^2`` and ``v = max(1 - t, 0)`` for scaled residuals ``u = r / (s c)``, into ``t`` and ``v``."""
+    np.multiply(u, u, out=t)
+    _one_minus(t, v)
 
-    Unused entries hold ``x = 0`` and ``y = 0``: they add nothing to weighted sums,
-    have zero residual (``rho = 0``), and are excluded from counts through ``n``.
+
+def _one_minus(t: np.ndarray, v: np.ndarray) -> None:
+    """``v = max(1 - t, 0)`` into ``v``."""
+    np.subtract(1.0, t, out=v)
+    np.maximum(v, 0.0, out=v)
+
+
+# ----------------------------------------------------------------------------- one chunk of loci
+
+
+class _Workspace:
+    """Per-instrument arrays of one worker thread, reused by every chunk it fits.
+
+    Parameters
+    ----------
+    rows : int
+        Largest chunk (loci).
+    p : int
+        Design columns.
+    k : int
+        Instruments (padded width).
     """
 
-    def __init__(self, xt: np.ndarray, y: np.ndarray, valid: np.ndarray, n: np.ndarray, z: np.ndarray | None = None):
-        self.xt = xt  # (m, p, K) contiguous
-        self.y = y  # (m, K)
-        self.valid = valid
+    def __init__(self, rows: int, p: int, k: int) -> None:
+        n_z = p * (p + 1) // 2 + p
+        self.xy = np.empty((rows, p + 1, k))
+        self.z = np.empty((rows, n_z, k))
+        self.xy_sub = np.empty((rows, p + 1, k))
+        self.z_sub = np.empty((rows, n_z, k))
+        self.scratch = np.empty((5, rows, k))
+
+
+class _Chunk:
+    """One chunk of loci (rows) in the sqrt-weighted scale.
+
+    ``xy`` stacks the ``p`` design columns and the response, ``(m, p + 1, K)``; ``z``
+    holds the products ``x_i x_j`` (``i <= j``) and ``x_i y`` for weighted sums.
+    Unused entries hold 0: they add nothing to weighted sums and have zero residual
+    (``rho = 0``); counts use ``n``. ``r``, ``a``, ``t``, ``v``, ``d`` are ``(m, K)``
+    scratch views shared with every other chunk of the same workspace.
+    """
+
+    def __init__(
+        self, xy: np.ndarray, z: np.ndarray, valid: np.ndarray, n: np.ndarray, ws: _Workspace, compact: bool = False
+    ) -> None:
+        self.xy, self.z, self.valid, self.ws, self.compact = xy, z, valid, ws, compact
+        self.invalid = ~valid
         self.n = n
         self.nf = n.astype(np.float64)
-        self.m, self.p, self.k = xt.shape
+        self.m, self.p, self.k = xy.shape[0], xy.shape[1] - 1, xy.shape[2]
         self.q = self.p * (self.p + 1) // 2
-        if z is None:
-            cols = [xt[:, i] * xt[:, j] for i, j in _pairs(self.p)] + [xt[:, i] * y for i in range(self.p)]
-            z = np.ascontiguousarray(np.stack(cols, axis=1))  # (m, q + p, K)
-        self.z = z
+        self.sym, self.diag = _SYM[self.p], _DIAG[self.p]
+        self.x = xy[:, : self.p]
+        self.y = xy[:, self.p]
         self.target = BB * (self.nf - self.p)
+        self.r, self.a, self.t, self.v, self.d = (buf[: self.m] for buf in ws.scratch)
 
     def subset(self, rows: np.ndarray) -> _Chunk:
-        """The chunk restricted to ``rows``."""
-        return _Chunk(self.xt[rows], self.y[rows], self.valid[rows], self.n[rows], self.z[rows])
+        """The chunk restricted to ``rows``, copied into the workspace's compaction arrays.
 
-    def resid(self, beta: np.ndarray) -> np.ndarray:
-        """Residuals ``y - X beta`` (zero at unused entries)."""
-        return self.y - np.matmul(beta[:, None, :], self.xt)[:, 0, :]
+        Subsets are always taken from the full chunk (a subset of a subset would
+        overwrite its own source).
+        """
+        assert not self.compact, "subsets are taken from the full chunk"
+        m = rows.size
+        xy = np.take(self.xy, rows, axis=0, out=self.ws.xy_sub[:m], mode="clip")
+        z = np.take(self.z, rows, axis=0, out=self.ws.z_sub[:m], mode="clip")
+        return _Chunk(xy, z, self.valid[rows], self.n[rows], self.ws, compact=True)
 
-    def wsums(self, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """``(sum w x x', sum w x y)`` per row for weights ``w`` of shape ``(m, K)``."""
-        s = np.matmul(self.z, w[:, :, None])[:, :, 0]
-        return _sym(s[:, : self.q], self.p), s[:, self.q :]
+    def resid(self, beta: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
+        """Residuals ``y - X beta`` (times ``scale`` per row) in the ``r`` scratch array.
 
-    def bisquare(self, r: np.ndarray, s: np.ndarray, c: float) -> tuple[np.ndarray, np.ndarray]:
-        """``t = (r / (s c))^2`` and ``v = max(1 - t, 0)``."""
-        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-            t = r * (1.0 / (s * c))[:, None]
-            np.multiply(t, t, out=t)
-        v = 1.0 - t
-        np.maximum(v, 0.0, out=v)
-        return t, v
+        Unused entries get 0.
+        """
+        coef = np.empty((self.m, 1, self.p + 1))
+        coef[:, 0, : self.p] = -beta
+        coef[:, 0, self.p] = 1.0
+        if scale is not None:
+            coef *= scale[:, None, None]
+        np.matmul(coef, self.xy, out=self.r[:, None, :])
+        return self.r
 
-    def sum_rho(self, v: np.ndarray, v2: np.ndarray) -> np.ndarray:
-        """``sum rho = sum (1 - v^3)`` over used entries (unused entries have v = 1)."""
-        return self.k - _rowdot(v2, v)
+    def wsums(self, w: np.ndarray, xx_only: bool = False) -> np.ndarray:
+        """Flat weighted sums ``(sum w x x', sum w x y)`` per row (only the first part if ``xx_only``)."""
+        z = self.z[:, : self.q] if xx_only else self.z
+        return np.matmul(z, w[:, :, None])[:, :, 0]
 
-    def n_exact(self, r: np.ndarray) -> np.ndarray:
-        """Used residuals below :data:`EXACT_TOL` in absolute value."""
-        return ((np.abs(r) < EXACT_TOL) & self.valid).sum(axis=1)
+    def median_abs(self, r: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """``median(|r|)`` over used entries of ``r`` (all rows, or chunk ``rows`` with ``r`` their residuals).
 
-    def mad0(self, r: np.ndarray) -> np.ndarray:
-        """``mad(r, center = 0)`` over used entries."""
-        return 1.4826 * row_median_select(np.abs(r), self.valid, self.n)
+        Uses the ``a`` scratch array; ``r`` must be another array.
+        """
+        if rows is None:
+            a = np.abs(r, out=self.a)
+            invalid, n = self.invalid, self.n
+        else:
+            a = np.abs(r, out=self.a[: rows.size])
+            invalid, n = self.invalid[rows], self.n[rows]
+        np.copyto(a, np.inf, where=invalid)
+        return median_inplace(a, n)
 
-    def mscale(self, r: np.ndarray, s0: np.ndarray, tol: float = 1e-10, max_iter: int = 100) -> np.ndarray:
-        """M-scale of ``r``: ``sum rho_c1(r / s) = bb (n - p)`` (Newton, fixed-point fallback)."""
-        s = s0.copy()
-        active = np.isfinite(s) & (s > 0)
-        for _ in range(max_iter):
-            if not active.any():
-                break
-            t, v = self.bisquare(r, s, C_CHI)
-            v2 = v * v
-            g = self.sum_rho(v, v2) - self.target
-            dg = -6.0 * _rowdot(v2, t) / s  # d/ds sum rho(r / s)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                s_newton = s - g / dg
-                s_fp = s * np.sqrt((g + self.target) / self.target)
-            use_newton = np.isfinite(s_newton) & (s_newton > 0.5 * s) & (s_newton < 2.0 * s)
-            s_new = np.where(active, np.where(use_newton, s_newton, s_fp), s)
-            done = np.abs(s_new - s) <= tol * s
-            s = s_new
-            active &= ~done & np.isfinite(s) & (s > 0)
-        return s
+    def exact(self, r: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Exact fit of chunk ``rows`` (residuals ``r``): more than ``(n + p) / 2`` residuals below :data:`EXACT_TOL`.
+
+        Unused residuals are 0 and are subtracted from the count.
+        """
+        a = np.abs(r, out=self.a[: rows.size])
+        n = self.n[rows]
+        return np.count_nonzero(a < EXACT_TOL, axis=1) - (self.k - n) > (n + self.p) / 2.0
 
 
-def _agrees(xx: np.ndarray, beta: np.ndarray, b_irwls: np.ndarray, b_newton: np.ndarray) -> np.ndarray:
+def _products(xy: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Fill ``out`` with the design products ``x_i x_j`` (``i <= j``) and ``x_i y``."""
+    p = xy.shape[1] - 1
+    cols = [(i, j) for i in range(p) for j in range(i, p)] + [(i, p) for i in range(p)]
+    for idx, (i, j) in enumerate(cols):
+        np.multiply(xy[:, i], xy[:, j], out=out[:, idx])
+    return out
+
+
+def _mscale(
+    r2: np.ndarray, target: np.ndarray, s0: np.ndarray, scratch: tuple[np.ndarray, ...],
+    tol: float = 1e-10, max_iter: int = 100,
+) -> np.ndarray:
+    """M-scale per row, ``sum rho_c1(r / s) = target``, from squared residuals ``r2``.
+
+    Newton steps, with the fixed-point step ``s sqrt(sum rho / target)`` as fallback;
+    rows stop at a relative change of ``tol``. ``scratch`` holds three arrays of
+    ``r2``'s shape.
+    """
+    s = s0.copy()
+    active = np.isfinite(s) & (s > 0)
+    idx = np.arange(s.size)
+    t, v, d = scratch
+    k = r2.shape[1]
+    for _ in range(max_iter):
+        if not active.any():
+            break
+        if active.sum() <= 0.5 * active.size and active.size > 4:
+            keep = np.flatnonzero(active)
+            idx, r2, active = idx[keep], r2[keep], active[keep]
+            t, v, d = t[: keep.size], v[: keep.size], d[: keep.size]
+        sc = s[idx]
+        np.multiply(r2, (1.0 / (C_CHI * sc) ** 2)[:, None], out=t)
+        _one_minus(t, v)
+        np.multiply(v, v, out=d)
+        tg = target[idx]
+        g = k - _rowdot(d, v) - tg
+        dg = -6.0 * _rowdot(d, t) / sc  # d/ds sum rho(r / s)
+        s_newton = sc - g / dg
+        s_fp = sc * np.sqrt((g + tg) / tg)
+        use_newton = np.isfinite(s_newton) & (s_newton > 0.5 * sc) & (s_newton < 2.0 * sc)
+        s_new = np.where(active, np.where(use_newton, s_newton, s_fp), sc)
+        done = np.abs(s_new - sc) <= tol * sc
+        s[idx] = s_new
+        active &= ~done & np.isfinite(s_new) & (s_new > 0)
+    return s
+
+
+def _agrees(xx_diag: np.ndarray, beta: np.ndarray, b_irwls: np.ndarray, b_newton: np.ndarray) -> np.ndarray:
     """Newton and IRWLS steps point the same way (positive cosine in the metric diag(X'WX))."""
-    d = np.sqrt(np.abs(np.diagonal(xx, axis1=1, axis2=2)))
-    u = (b_irwls - beta) * d
-    w = (b_newton - beta) * d
-    return (u * w).sum(axis=1) > 0
+    return ((b_irwls - beta) * (b_newton - beta) * np.abs(xx_diag)).sum(axis=1) > 0
 
 
-def _s_eval(ch: _Chunk, beta: np.ndarray, s: np.ndarray, newton: bool) -> tuple[np.ndarray, ...]:
+def _s_eval(
+    ch: _Chunk, beta: np.ndarray, s: np.ndarray, newton: bool, r: np.ndarray | None = None
+) -> tuple[np.ndarray, ...]:
     """S-iteration at ``(beta, s)``: IRWLS update and, if ``newton``, the Newton update.
 
     The IRWLS update is robustbase's ``refine_fast_s`` step (scale step
     ``s sqrt(mean rho / bb)`` and weighted least squares with weights ``psi(u) / u``),
     with both evaluated at the current point. Newton solves the joint equations
-    ``sum psi_c1(r / s) x = 0`` and ``sum rho_c1(r / s) = bb (n - p)``.
+    ``sum psi_c1(r / s) x = 0`` and ``sum rho_c1(r / s) = bb (n - p)``; the scale
+    is eliminated, leaving a ``p x p`` system. ``r``: the residuals at ``beta`` when
+    already in the chunk's ``r`` array.
     """
-    p = ch.p
-    r = ch.resid(beta)
-    t, v = ch.bisquare(r, s, C_CHI)
-    v2 = v * v
-    rho = ch.sum_rho(v, v2)
-    xx_w, xy_w = ch.wsums(v2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        s_fp = s * np.sqrt(rho / ch.target)
+    inv = 1.0 / (C_CHI * s)
+    u = ch.resid(beta, inv) if r is None else np.multiply(r, inv[:, None], out=r)
+    _bisquare(u, ch.t, ch.v)
+    if newton:
+        sums_v = ch.wsums(ch.v)
+    v2 = np.multiply(ch.v, ch.v, out=ch.d)
+    rho = ch.k - _rowdot(v2, ch.v)
+    sums = ch.wsums(v2)
+    xx_w, xy_w = sums[:, ch.sym], sums[:, ch.q :]
+    s_fp = s * np.sqrt(rho / ch.target)
     beta_irwls = _solve(xx_w, xy_w)
     if not newton:
         return beta_irwls, s_fp, None, None
-    tv2 = _rowdot(v2, t)
-    dpsi = 1.0 - 5.0 * t
-    dpsi *= v  # psi'(u) = v (1 - 5 t)
-    xx_d, xy_d = ch.wsums(dpsi)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        fb = (xy_w - np.einsum("mij,mj->mi", xx_w, beta)) / s[:, None]  # sum psi(u) x
-        jac = np.empty((ch.m, p + 1, p + 1))
-        jac[:, :p, :p] = -xx_d / s[:, None, None]
-        jac[:, :p, p] = -(xy_d - np.einsum("mij,mj->mi", xx_d, beta)) / (s * s)[:, None]
-        jac[:, p, :p] = -(6.0 / C_CHI**2) * fb / s[:, None]
-        jac[:, p, p] = -6.0 * tv2 / s
-        rhs = -np.concatenate([fb, (rho - ch.target)[:, None]], axis=1)
-        delta = _solve(jac, rhs) if p == 1 else _solve3(jac, rhs)
-        beta_n = beta + delta[:, :p]
-        s_n = s + delta[:, p]
+    tv2 = _rowdot(v2, ch.t)
+    sums_d = 5.0 * sums - 4.0 * sums_v  # psi'(u) = v (1 - 5 t) = 5 v^2 - 4 v
+    xx_d, xy_d = sums_d[:, ch.sym], sums_d[:, ch.q :]
+    fb = (xy_w - _mv(xx_w, beta)) / s[:, None]  # sum psi(u) x
+    j_bs = -(xy_d - _mv(xx_d, beta)) / (s * s)[:, None]
+    j_sb = -(6.0 / C_CHI**2) * fb / s[:, None]
+    j_ss = -6.0 * tv2 / s
+    rhs_s = ch.target - rho
+    schur = -xx_d / s[:, None, None] - j_bs[:, :, None] * j_sb[:, None, :] / j_ss[:, None, None]
+    delta_b = _solve(schur, -fb - j_bs * (rhs_s / j_ss)[:, None])
+    s_n = s + (rhs_s - (j_sb * delta_b).sum(axis=1)) / j_ss
+    beta_n = beta + delta_b
     ok = np.isfinite(beta_n).all(axis=1) & np.isfinite(s_n) & (s_n > 0.5 * s) & (s_n < 2.0 * s)
-    ok &= _agrees(xx_w, beta, beta_irwls, beta_n) & ((s_n - s) * (s_fp - s) >= 0)
+    ok &= _agrees(sums[:, ch.diag], beta, beta_irwls, beta_n) & ((s_n - s) * (s_fp - s) >= 0)
     return beta_irwls, s_fp, np.where(ok[:, None], beta_n, np.nan), np.where(ok, s_n, np.nan)
 
 
 def _m_eval(ch: _Chunk, beta: np.ndarray, s: np.ndarray, newton: bool) -> tuple[np.ndarray, ...]:
     """M-iteration at fixed scale (bisquare c2): IRWLS update and, if ``newton``, the Newton update."""
-    r = ch.resid(beta)
-    t, v = ch.bisquare(r, s, C_PSI)
-    v2 = v * v
-    xx_w, xy_w = ch.wsums(v2)
+    _bisquare(ch.resid(beta, 1.0 / (C_PSI * s)), ch.t, ch.v)
+    if newton:
+        xx_v = ch.wsums(ch.v, xx_only=True)
+    sums = ch.wsums(np.multiply(ch.v, ch.v, out=ch.d))
+    xx_w, xy_w = sums[:, ch.sym], sums[:, ch.q :]
     beta_irwls = _solve(xx_w, xy_w)
     if not newton:
         return beta_irwls, s, None, None
-    dpsi = 1.0 - 5.0 * t
-    dpsi *= v
-    hess, _ = ch.wsums(dpsi)
-    grad = xy_w - np.einsum("mij,mj->mi", xx_w, beta)  # s * sum psi(u) x
-    beta_n = beta + _solve(hess, grad)
-    if ch.p == 1:
-        pd = hess[:, 0, 0] > 0
-    else:
-        pd = (hess[:, 0, 0] > 0) & (hess[:, 0, 0] * hess[:, 1, 1] - hess[:, 0, 1] ** 2 > 0)
-    ok = pd & np.isfinite(beta_n).all(axis=1) & _agrees(xx_w, beta, beta_irwls, beta_n)
+    hess_flat = 5.0 * sums[:, : ch.q] - 4.0 * xx_v  # sum psi'(u) x x'
+    beta_n = beta + _solve(hess_flat[:, ch.sym], xy_w - _mv(xx_w, beta))  # gradient: s * sum psi(u) x
+    pd = hess_flat[:, 0] > 0
+    if ch.p == 2:
+        pd &= hess_flat[:, 0] * hess_flat[:, 2] - hess_flat[:, 1] ** 2 > 0
+    ok = pd & np.isfinite(beta_n).all(axis=1) & _agrees(sums[:, ch.diag], beta, beta_irwls, beta_n)
     return beta_irwls, s, np.where(ok[:, None], beta_n, np.nan), s
+
+
+def _step(b_new: np.ndarray, s_new: np.ndarray, b: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """Relative step ``max(||b_new - b|| / max(tol, ||b||), |s_new - s| / s)`` (robustbase's measure for beta)."""
+    num = np.sqrt(((b_new - b) ** 2).sum(axis=1))
+    den = np.maximum(TOL, np.sqrt((b * b).sum(axis=1)))
+    return np.maximum(num / den, np.abs(s_new - s) / s)
 
 
 def _iterate(
@@ -381,47 +463,49 @@ def _iterate(
     beta = beta.copy()
     s = s.copy()
     conv = np.zeros(ch.m, dtype=bool)
-    newton = np.full(ch.m, bool(start_newton))
-    thresh = np.full(ch.m, NEWTON_SWITCH)
-    last = np.full(ch.m, np.inf)
-    idx = np.flatnonzero(live)
+    idx = np.flatnonzero(live)  # chunk rows of the working set; the state below is per working row
     sub = ch.subset(idx) if idx.size < ch.m else ch
+    b, sc = beta[idx], s[idx]
+    newton = np.full(idx.size, bool(start_newton))
+    thresh = np.full(idx.size, NEWTON_SWITCH)
+    last = np.full(idx.size, np.inf)  # size of the row's previous step if it was a Newton step
     active = np.ones(idx.size, dtype=bool)
     for _ in range(MAX_ITER):
-        if not active.any():
+        n_active = np.count_nonzero(active)
+        if n_active == 0:
             break
-        if active.sum() <= 0.7 * active.size and active.size > 4:
-            idx = idx[active]
+        if n_active <= 0.7 * active.size and active.size > 4:
+            keep = np.flatnonzero(active)
+            idx, b, sc, newton, thresh, last = idx[keep], b[keep], sc[keep], newton[keep], thresh[keep], last[keep]
             sub = ch.subset(idx)
             active = np.ones(idx.size, dtype=bool)
-        b, sc, nw = beta[idx], s[idx], newton[idx] & active
-        b_irwls, s_irwls, b_n, s_n = evaluate(sub, b, sc, bool(nw.any()))
-        use_n = np.zeros(idx.size, dtype=bool)
-        if b_n is not None:
-            use_n = nw & np.isfinite(b_n).all(axis=1) & np.isfinite(s_n)
-        if use_n.any():
-            with np.errstate(invalid="ignore", divide="ignore"):
-                step_n = np.maximum(_rel_step(b_n, b), np.abs(s_n - sc) / sc)
-            use_n &= ~((step_n > 0.5 * last[idx]) & (step_n > 1e3 * TOL))
+        newton &= active
+        b_irwls, s_irwls, b_n, s_n = evaluate(sub, b, sc, bool(newton.any()))
+        if b_n is None:
+            use_n = newton
+            b_new, s_new = b_irwls, s_irwls
+        else:
+            step_n = _step(b_n, s_n, b, sc)  # NaN where the Newton step was refused
+            use_n = newton & ((step_n <= 0.5 * last) | (step_n <= 1e3 * TOL))
             b_new = np.where(use_n[:, None], b_n, b_irwls)
             s_new = np.where(use_n, s_n, s_irwls)
-        else:
-            b_new, s_new = b_irwls, s_irwls
-        rejected = idx[nw & ~use_n]
-        newton[rejected] = False
-        thresh[rejected] *= 0.1
-        bad = ~(np.isfinite(b_new).all(axis=1) & np.isfinite(s_new) & (s_new > 0))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            step = np.maximum(_rel_step(b_new, b), np.abs(s_new - sc) / sc)
-        upd = active & ~bad
-        g = idx[upd]
-        beta[g] = b_new[upd]
-        s[g] = s_new[upd]
-        last[g] = np.where(use_n[upd], step[upd], np.inf)
+            thresh[newton & ~use_n] *= 0.1
+        step = _step(b_new, s_new, b, sc)
+        upd = active & np.isfinite(step) & (s_new > 0)
+        b[upd] = b_new[upd]
+        sc[upd] = s_new[upd]
+        last = np.where(use_n, step, np.inf)
         done = upd & ((step <= TOL) | (use_n & (step <= TOL_NEWTON)))
-        conv[idx[done]] = True
-        newton[g] |= step[upd] <= thresh[g]
-        active &= ~done & ~bad
+        newton = use_n | (step <= thresh)
+        finished = active & (done | ~upd)
+        if finished.any():
+            f = np.flatnonzero(finished)
+            beta[idx[f]] = b[f]
+            s[idx[f]] = sc[f]
+            conv[idx[f]] = done[f]
+            active &= ~finished
+    beta[idx[active]] = b[active]
+    s[idx[active]] = sc[active]
     return beta, s, conv
 
 
@@ -474,105 +558,131 @@ _SEQUENCE = np.random.default_rng(20240917).random((4096, 2))
 """Fixed pseudo-random rank fractions for non-exhaustive elemental subsets."""
 
 
-def _base_candidates(ch: _Chunk) -> list[np.ndarray]:
-    """Median-based and least-squares starting coefficients (median-based first)."""
-    xx, xy = ch.wsums(np.where(ch.valid, 1.0, 0.0))
+def _base_candidates(ch: _Chunk, xx: np.ndarray, xy: np.ndarray) -> list[np.ndarray]:
+    """Median-based and least-squares starting coefficients (median-based first).
+
+    ``xx``, ``xy`` are the unweighted sums ``sum x x'`` and ``sum x y``.
+    """
     least_squares = _solve(xx, xy)
-    last = ch.xt[:, ch.p - 1]
-    ok = ch.valid & (last != 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ratio = np.where(ok, ch.y / np.where(last != 0, last, 1.0), 0.0)
-    slope = np.nan_to_num(row_median_select(ratio, ok, ok.sum(axis=1)))
+    last = ch.x[:, ch.p - 1]
+    usable = ch.valid & (last != 0)
+    ch.a.fill(np.inf)
+    np.divide(ch.y, last, out=ch.a, where=usable)
+    slope = np.nan_to_num(median_inplace(ch.a, usable.sum(axis=1)))
     if ch.p == 1:
         return [slope[:, None], least_squares]
-    first = ch.xt[:, 0]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rest = np.where(ch.valid, (ch.y - slope[:, None] * last) / np.where(first != 0, first, 1.0), 0.0)
-    icpt = np.nan_to_num(row_median_select(rest, ch.valid, ch.n))
+    first = ch.x[:, 0]
+    np.multiply(slope[:, None], last, out=ch.a)
+    np.subtract(ch.y, ch.a, out=ch.a)
+    np.divide(ch.a, first, out=ch.a, where=first != 0)
+    np.copyto(ch.a, np.inf, where=ch.invalid)
+    icpt = np.nan_to_num(median_inplace(ch.a, ch.n))
     return [np.stack([icpt, slope], axis=1), np.stack([np.zeros_like(slope), slope], axis=1), least_squares]
 
 
 def _fast_s_candidate(
     ch: _Chunk, beta: np.ndarray, s0: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One ``refine_fast_s`` step from ``beta``; returns beta, residuals, exact flag.
+    """One ``refine_fast_s`` step (robustbase's ``k.fast.s = 1``) from ``beta``.
 
     The step starts from ``s0`` when given (the current best scale, for elemental
-    candidates), else from ``mad(r, center = 0)`` as robustbase.
+    candidates), else from ``mad(r, center = 0)`` as robustbase. Returns the new
+    beta, its residuals (the chunk's ``r`` array) and the rows found to be exact
+    fits before the step (an exact fit has mad 0: zeros are counted only then).
     """
     beta = np.where(np.isfinite(beta), beta, 0.0)
     r = ch.resid(beta)
     if s0 is None:
-        s0 = ch.mad0(r)
-    # an exact fit (more than (n + p) / 2 zero residuals) has mad 0: count zeros only then
-    check = ~(s0 > 0)
+        s0 = 1.4826 * ch.median_abs(r)
     exact = np.zeros(ch.m, dtype=bool)
+    check = ~(s0 > 0)
     if check.any():
-        exact = check & (ch.n_exact(r) > (ch.nf + ch.p) / 2.0)
-    fallback = np.sqrt(_rowdot(r, r) / np.maximum(ch.nf, 1.0))
-    s0 = np.where(s0 > 0, s0, np.where(fallback > 0, fallback, 1.0))
-    for _ in range(K_FAST):
-        b_new, _, _, _ = _s_eval(ch, beta, s0, False)
-        good = np.isfinite(b_new).all(axis=1) & ~exact
-        beta = np.where(good[:, None], b_new, beta)
-    r = ch.resid(beta)
-    exact |= ch.n_exact(r) > (ch.nf + ch.p) / 2.0
-    return beta, r, exact
+        rows = np.flatnonzero(check)
+        exact[rows] = ch.exact(r[rows], rows)
+        fallback = np.sqrt(_rowdot(r, r) / np.maximum(ch.nf, 1.0))
+        s0 = np.where(s0 > 0, s0, np.where(fallback > 0, fallback, 1.0))
+    b_new = _s_eval(ch, beta, s0, False, r)[0]
+    good = np.isfinite(b_new).all(axis=1) & ~exact
+    beta = np.where(good[:, None], b_new, beta)
+    return beta, ch.resid(beta), exact
 
 
-def _s_start(ch: _Chunk, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _s_start(ch: _Chunk, ok: np.ndarray, xx: np.ndarray, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Best S candidate per row (smallest M-scale): beta, scale, exact-fit flag.
 
     Candidates are compared as in robustbase's fast-S: a candidate replaces the
     current best only if ``sum rho(r / s_best) < bb (n - p)``, which is equivalent
-    to its M-scale being smaller; only those rows get their M-scale computed.
+    to its M-scale being smaller; only those rows get their M-scale computed. An
+    exact fit (scale 0) always replaces the best; it always passes that test too
+    unless ``s_best`` is tiny, so zeros are counted only on rows that pass it, rows
+    with a tiny ``s_best``, and first candidates whose ``median(|r|)`` is below
+    :data:`EXACT_TOL`.
     """
     m, p = ch.m, ch.p
     best_beta = np.zeros((m, p))
     best_s = np.full(m, np.inf)
     exact = np.zeros(m, dtype=bool)
 
-    def offer(beta: np.ndarray, r: np.ndarray, is_exact: np.ndarray, rows: np.ndarray) -> None:
-        nonlocal best_beta, best_s, exact
-        rows = rows & ok & ~exact
-        if not rows.any():
-            return
-        take_exact = rows & is_exact
-        if take_exact.any():
-            best_beta[take_exact] = beta[take_exact]
-            best_s[take_exact] = 0.0
-            exact |= take_exact
-            rows &= ~take_exact
-        first = rows & ~np.isfinite(best_s)
-        screen = rows & np.isfinite(best_s)
+    def offer(rows: np.ndarray, beta: np.ndarray, r: np.ndarray, is_exact: np.ndarray, use: np.ndarray) -> None:
+        """Offer the candidates ``beta`` (residuals ``r``) of chunk rows ``rows`` where ``use``."""
+        use = use & ok[rows] & ~exact[rows]
+        j = rows.size
+        t, v, d = ch.t[:j], ch.v[:j], ch.d[:j]
+        cur = best_s[rows]
+        first = use & ~np.isfinite(cur) & ~is_exact
+        screen = use & np.isfinite(cur) & ~is_exact
+        s0 = np.where(first, np.nan, cur)
+        check = is_exact & use  # already known exact
+        if first.any():
+            loc = np.flatnonzero(first)
+            whole = loc.size == j == ch.m  # then rows is every chunk row, in order
+            med = ch.median_abs(r if whole else r[loc], None if whole else rows[loc])
+            s0[loc] = 1.4826 * med
+            check[loc[med < EXACT_TOL]] = True
         if screen.any():
-            t, v = ch.bisquare(r, np.where(screen, best_s, 1.0), C_CHI)
-            better = screen & (ch.sum_rho(v, v * v) < ch.target)
-        else:
-            better = screen
-        todo = first | better
-        if not todo.any():
+            np.multiply(r, (1.0 / (C_CHI * np.where(screen, cur, 1.0)))[:, None], out=t)
+            _bisquare(t, t, v)
+            np.multiply(v, v, out=d)
+            passed = ch.k - _rowdot(d, v) < ch.target[rows]
+            check |= screen & (passed | (6.0 * ch.nf[rows] * EXACT_TOL**2 >= (C_CHI * cur) ** 2))
+            screen &= passed
+        if check.any():
+            loc = np.flatnonzero(check)
+            found = is_exact[loc] | ch.exact(r[loc], rows[loc])
+            take = loc[found]
+            best_beta[rows[take]] = beta[take]
+            best_s[rows[take]] = 0.0
+            exact[rows[take]] = True
+            first[take] = screen[take] = False
+        loc = np.flatnonzero(first | screen)
+        if loc.size == 0:
             return
-        sel = np.flatnonzero(todo)
-        sub = ch.subset(sel)
-        r_sub = r[sel]
-        s0 = np.where(np.isfinite(best_s[sel]), best_s[sel], sub.mad0(r_sub))
-        fallback = np.sqrt(_rowdot(r_sub, r_sub) / np.maximum(sub.nf, 1.0))
-        s0 = np.where(s0 > 0, s0, np.where(fallback > 0, fallback, 1.0))
-        s_new = sub.mscale(r_sub, s0)
-        imp = np.isfinite(s_new) & (s_new < best_s[sel])
-        best_beta[sel[imp]] = beta[sel[imp]]
-        best_s[sel[imp]] = s_new[imp]
+        g = rows[loc]
+        r2 = ch.a[: loc.size]
+        if loc.size == j:
+            np.multiply(r, r, out=r2)
+        else:
+            np.take(r, loc, axis=0, out=r2, mode="clip")
+            np.multiply(r2, r2, out=r2)
+        s0 = s0[loc]
+        if not (s0 > 0).all():
+            fallback = np.sqrt(r2.sum(axis=1) / np.maximum(ch.nf[g], 1.0))
+            s0 = np.where(s0 > 0, s0, np.where(fallback > 0, fallback, 1.0))
+        s_new = _mscale(r2, ch.target[g], s0, (t[: loc.size], v[: loc.size], d[: loc.size]))
+        imp = np.isfinite(s_new) & (s_new < best_s[g])
+        best_beta[g[imp]] = beta[loc[imp]]
+        best_s[g[imp]] = s_new[imp]
 
-    for j, beta in enumerate(_base_candidates(ch)):
+    every = np.arange(m)
+    for j, beta in enumerate(_base_candidates(ch, xx, xy)):
         # the first candidate starts from its MAD; later ones from the best scale so far
         s_ref = None if j == 0 else np.where(np.isfinite(best_s) & (best_s > 0), best_s, np.nan)
         beta, r, is_exact = _fast_s_candidate(ch, beta, s_ref)
-        offer(beta, r, is_exact, np.ones(m, dtype=bool))
+        offer(every, beta, r, is_exact, np.ones(m, dtype=bool))
 
     count, exhaustive = _elemental_plan(ch.n, p)
     if count.max(initial=0) > 0:
-        order = np.argsort(~ch.valid, axis=1, kind="stable")  # used entries first, in order
+        order = np.argsort(ch.invalid, axis=1, kind="stable")  # used entries first, in order
         for c in range(int(count.max())):
             part = (count > c) & ok & ~exact
             if not part.any():
@@ -581,7 +691,7 @@ def _s_start(ch: _Chunk, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
             sub = ch if sel.size == m else ch.subset(sel)
             ranks = _elemental_ranks(c, sub.n, exhaustive[sel], p)
             pos = np.take_along_axis(order[sel], ranks, axis=1)  # (ms, p) instrument positions
-            xs = np.take_along_axis(sub.xt, pos[:, None, :], axis=2)  # (ms, p, p): xs[:, i, j] = x_i at pos j
+            xs = np.take_along_axis(sub.x, pos[:, None, :], axis=2)  # (ms, p, p): xs[:, i, j] = x_i at pos j
             ys = np.take_along_axis(sub.y, pos, axis=1)
             beta = _solve(np.transpose(xs, (0, 2, 1)), ys)
             usable = np.isfinite(beta).all(axis=1)
@@ -592,63 +702,51 @@ def _s_start(ch: _Chunk, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nda
                 continue
             s_ref = np.where(np.isfinite(best_s[sel]) & (best_s[sel] > 0), best_s[sel], np.nan)
             beta_f, r_f, ex_f = _fast_s_candidate(sub, beta, s_ref)
-            rows = np.zeros(m, dtype=bool)
-            rows[sel[usable]] = True
-            if sel.size == m:
-                offer(beta_f, r_f, ex_f, rows)
-            else:
-                full_beta = np.zeros((m, p))
-                full_r = np.zeros((m, ch.k))
-                full_ex = np.zeros(m, dtype=bool)
-                full_beta[sel] = beta_f
-                full_r[sel] = r_f
-                full_ex[sel] = ex_f
-                offer(full_beta, full_r, full_ex, rows)
+            offer(sel, beta_f, r_f, ex_f, usable)
     return best_beta, best_s, exact
 
 
-def _vcov_avar1(ch: _Chunk, beta: np.ndarray, beta_s: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """robustbase's ``.vcov.avar1`` per row (negative eigenvalues posdefified)."""
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        return _vcov_avar1_impl(ch, beta, beta_s, s)
-
-
-def _vcov_avar1_impl(ch: _Chunk, beta: np.ndarray, beta_s: np.ndarray, s: np.ndarray) -> np.ndarray:
-    p, n = ch.p, ch.nf
-    inv_s = (1.0 / s)[:, None]
-    rs = ch.resid(beta) * inv_s  # final scaled residuals
-    r0s = ch.resid(beta_s) * inv_s  # initial (S) scaled residuals
-    t, v = ch.bisquare(rs, np.ones_like(s), C_PSI)
-    v2 = v * v
-    psi = rs * v2
-    dpsi = 1.0 - 5.0 * t
-    dpsi *= v
-    t0, v0 = ch.bisquare(r0s, np.ones_like(s), C_CHI)
-    v02 = v0 * v0
-    chi = 1.0 - v02 * v0  # rho_c1 (normalised); unused entries: 0
-    xwx, xy_d = ch.wsums(dpsi)
+def _vcov_avar1(ch: _Chunk, beta: np.ndarray, beta_s: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """robustbase's ``.vcov.avar1`` per row (negative eigenvalues posdefified) and the RSS at ``beta``."""
+    p, n, sym, q = ch.p, ch.nf, ch.sym, ch.q
+    rs = ch.resid(beta, 1.0 / s)  # final scaled residuals
+    rss = _rowdot(rs, rs) * s * s
+    np.multiply(rs, 1.0 / C_PSI, out=ch.t)
+    _bisquare(ch.t, ch.t, ch.v)
+    v2 = np.multiply(ch.v, ch.v, out=ch.d)
+    psi = np.multiply(rs, v2, out=ch.a)
+    dpsi = np.multiply(ch.t, -5.0, out=ch.t)
+    dpsi += 1.0
+    dpsi *= ch.v  # psi'(u) = v (1 - 5 t)
+    sums_d = ch.wsums(dpsi)
+    xwx = sums_d[:, sym]
     # sum x psi'(r/s) r/s = (sum psi' x y - sum psi' x x' beta) / s
-    num = (xy_d - np.einsum("mij,mj->mi", xwx, beta)) / s[:, None]
-    x_psi2_x, _ = ch.wsums(psi * psi)
-    xww = np.matmul(ch.xt, (psi * chi)[:, :, None])[:, :, 0]
-    mean_dchi = 6.0 * _rowdot(t0, v02) / n  # mean(chi'(r0/s) r0/s) with chi' = (6/c^2) u v^2
+    num = (sums_d[:, q:] - _mv(xwx, beta)) / s[:, None]
+    x_psi2_x = ch.wsums(np.multiply(psi, psi, out=ch.v), xx_only=True)[:, sym]
+    u0 = ch.resid(beta_s, 1.0 / (C_CHI * s))  # initial (S) residuals / (s c1)
+    _bisquare(u0, ch.t, ch.v)
+    v02 = np.multiply(ch.v, ch.v, out=ch.d)
+    mean_dchi = 6.0 * _rowdot(ch.t, v02) / n  # mean(chi'(r0/s) r0/s) with chi' = (6/c^2) u v^2
+    chi = np.multiply(v02, ch.v, out=ch.v)
+    np.subtract(1.0, chi, out=chi)  # rho_c1 (normalised); unused entries: 0
     mean_chi2 = _rowdot(chi, chi) / n
+    xww = np.matmul(ch.x, np.multiply(psi, chi, out=ch.a)[:, :, None])[:, :, 0]
     a_mat = _inv(xwx) * s[:, None, None]
-    a = np.einsum("mij,mj->mi", a_mat, num) / mean_dchi[:, None]
-    axww = np.einsum("mij,mj->mi", a_mat, xww)
-    u1 = np.einsum("mij,mjk,mkl->mil", a_mat, x_psi2_x, a_mat) * n[:, None, None]
+    a = _mv(a_mat, num) / mean_dchi[:, None]
+    axww = _mv(a_mat, xww)
+    u1 = np.matmul(np.matmul(a_mat, x_psi2_x), a_mat) * n[:, None, None]
     u2 = a[:, :, None] * axww[:, None, :]
     u3 = axww[:, :, None] * a[:, None, :]
     u4 = (mean_chi2 - BB * BB)[:, None, None] * a[:, :, None] * a[:, None, :]
     cov = (u1 - u2 - u3 + u4) / n[:, None, None]
     if p == 1:
-        return np.where(cov < 0, np.nan, cov)
-    return _posdefify(cov)
+        return np.where(cov < 0, np.nan, cov), rss
+    return _posdefify(cov), rss
 
 
-def _s_estimate(ch: _Chunk, ok: np.ndarray) -> tuple[np.ndarray, ...]:
+def _s_estimate(ch: _Chunk, ok: np.ndarray, xx: np.ndarray, xy: np.ndarray) -> tuple[np.ndarray, ...]:
     """S-estimate per row: start beta, beta, scale, exact-fit flag, converged flag."""
-    beta0, s0, exact = _s_start(ch, ok)
+    beta0, s0, exact = _s_start(ch, ok, xx, xy)
     go = ok & ~exact & np.isfinite(s0) & (s0 > 0)
     beta, scale, conv = _iterate(ch, go, beta0, np.where(go, s0, 1.0), _s_eval)
     beta = np.where(exact[:, None], beta0, beta)
@@ -656,42 +754,74 @@ def _s_estimate(ch: _Chunk, ok: np.ndarray) -> tuple[np.ndarray, ...]:
     return beta0, beta, scale, exact, conv | exact
 
 
-def _fit_chunk(xt: np.ndarray, y: np.ndarray, valid: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, ...]:
-    """MM fit of one chunk; returns coef, coef_s, cov, scale, converged, exact, singular."""
-    m, p, _ = xt.shape
-    ch = _Chunk(xt, y, valid, n)
-    coef = np.full((m, p), np.nan)
-    coef_s = np.full((m, p), np.nan)
-    cov = np.full((m, p, p), np.nan)
-    scale = np.full(m, np.nan)
+def _fit_chunk(ch: _Chunk) -> MMFit:
+    """MM fit of one chunk."""
+    m, p = ch.m, ch.p
+    out = MMFit.blank(m, p)
 
-    # rank check of the (sqrt-weighted) design, as lmrob's .lm.fit(tol = solve.tol)
-    gram, _ = ch.wsums(np.where(valid, 1.0, 0.0))
+    # unweighted sums: rank check of the (sqrt-weighted) design, as lmrob's
+    # .lm.fit(tol = solve.tol), and the least-squares start
+    sums = ch.z.sum(axis=2)
+    xx, xy = sums[:, ch.sym], sums[:, ch.q :]
     if p == 1:
-        singular = ~(gram[:, 0, 0] > 0)
+        singular = ~(xx[:, 0, 0] > 0)
     else:
-        with np.errstate(invalid="ignore", divide="ignore"):
-            resid = gram[:, 1, 1] - gram[:, 0, 1] ** 2 / gram[:, 0, 0]
-        singular = ~(gram[:, 0, 0] > 0) | ~(resid > SINGULAR_TOL**2 * gram[:, 1, 1])
-    ok = ~singular & (n > p)
+        resid = xx[:, 1, 1] - xx[:, 0, 1] ** 2 / xx[:, 0, 0]
+        singular = ~(xx[:, 0, 0] > 0) | ~(resid > SINGULAR_TOL**2 * xx[:, 1, 1])
+    ok = ~singular & (ch.n > p)
 
-    beta0, beta_s, s, exact, s_conv = _s_estimate(ch, ok)
+    beta0, beta_s, s, exact, s_conv = _s_estimate(ch, ok, xx, xy)
     live = ok & ~exact
     s_ok = live & s_conv & np.isfinite(s) & (s > 0)
     beta, _, m_conv = _iterate(ch, s_ok, beta_s, np.where(s_ok, s, 1.0), _m_eval, start_newton=True)
     fitted = s_ok & m_conv
     if fitted.any():
         rows = np.flatnonzero(fitted)
-        cov[rows] = _vcov_avar1(ch.subset(rows), beta[rows], beta_s[rows], s[rows])
-    coef[fitted] = beta[fitted]
-    coef_s[fitted] = beta_s[fitted]
-    scale[fitted] = s[fitted]
-    coef[exact] = beta0[exact]
-    coef_s[exact] = beta0[exact]
-    scale[exact] = 0.0
-    cov[exact] = 0.0
-    converged = (fitted | exact) & ok
-    return coef, coef_s, cov, scale, converged, exact & ok, singular
+        sub = ch if rows.size == m else ch.subset(rows)
+        out.cov[rows], out.rss[rows] = _vcov_avar1(sub, beta[rows], beta_s[rows], s[rows])
+    out.coef[fitted] = beta[fitted]
+    out.coef_s[fitted] = beta_s[fitted]
+    out.scale[fitted] = s[fitted]
+    out.coef[exact] = beta0[exact]
+    out.coef_s[exact] = beta0[exact]
+    out.scale[exact] = 0.0
+    out.cov[exact] = 0.0
+    out.converged[:] = (fitted | exact) & ok
+    out.exact[:] = exact & ok
+    out.singular[:] = singular
+    return out
+
+
+def _fit(
+    fill: Callable[[int, int, np.ndarray], None], valid: np.ndarray, n: np.ndarray, p: int, threads: int
+) -> MMFit:
+    """MM fits of all loci, chunk by chunk; ``fill(lo, hi, xy)`` writes the design of loci ``lo:hi``.
+
+    ``xy`` is ``(hi - lo, p + 1, K)``: the ``p`` design columns, then the response,
+    with 0 at unused entries. Floating-point warnings are silenced inside the
+    workers: undefined rows come out as NaN and are flagged by the callers.
+    """
+    n_loci, k = valid.shape
+    # at least one chunk per thread; fewer, larger chunks mean fewer iteration tails
+    bounds = chunk_bounds(n_loci, min(CHUNK_ELEMENTS // max(k, 1), -(-n_loci // threads)))
+    rows = max((hi - lo for lo, hi in bounds), default=0)
+    fit = MMFit.blank(n_loci, p)
+    local = threading.local()
+
+    def work(b: tuple[int, int]) -> None:
+        lo, hi = b
+        ws = getattr(local, "ws", None)
+        if ws is None:
+            ws = local.ws = _Workspace(rows, p, k)
+        with np.errstate(all="ignore"):
+            xy = ws.xy[: hi - lo]
+            fill(lo, hi, xy)
+            part = _fit_chunk(_Chunk(xy, _products(xy, ws.z[: hi - lo]), valid[lo:hi], n[lo:hi], ws))
+        for field in dataclasses.fields(MMFit):
+            getattr(fit, field.name)[lo:hi] = getattr(part, field.name)
+
+    run_chunks(work, bounds, threads)
+    return fit
 
 
 def lmrob_mm(
@@ -703,7 +833,7 @@ def lmrob_mm(
     ----------
     xt : numpy.ndarray
         ``(n_loci, p, max_k)`` design, transposed (already multiplied by
-        ``sqrt(weights)``); unused entries are ignored.
+        ``sqrt(weights)``), ``p`` = 1 or 2; unused entries are ignored.
     y : numpy.ndarray
         ``(n_loci, max_k)`` response (times ``sqrt(weights)``).
     valid : numpy.ndarray
@@ -716,28 +846,31 @@ def lmrob_mm(
     Returns
     -------
     MMFit
+
+    Raises
+    ------
+    InputError
+        If the shapes do not match or ``p`` is not 1 or 2.
     """
-    n_loci, p, k = xt.shape
+    xt = np.asarray(xt, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
     valid = np.asarray(valid, dtype=bool)
-    xt = np.ascontiguousarray(np.where(valid[:, None, :], xt, 0.0))
-    y = np.where(valid, y, 0.0)
     n = np.asarray(n, dtype=np.int64)
-    bounds = chunk_bounds(n_loci, CHUNK_ELEMENTS // max(k, 1))
-    coef = np.full((n_loci, p), np.nan)
-    coef_s = np.full((n_loci, p), np.nan)
-    cov = np.full((n_loci, p, p), np.nan)
-    scale = np.full(n_loci, np.nan)
-    conv = np.zeros(n_loci, dtype=bool)
-    exact = np.zeros(n_loci, dtype=bool)
-    singular = np.zeros(n_loci, dtype=bool)
+    if xt.ndim != 3 or xt.shape[1] not in (1, 2) or y.shape != valid.shape or xt.shape[::2] != y.shape:
+        raise InputError(
+            f"lmrob_mm needs xt of shape (n_loci, p, max_k) with p = 1 or 2 and y, valid of shape "
+            f"(n_loci, max_k); got xt {xt.shape}, y {y.shape}, valid {valid.shape}"
+        )
+    if n.shape != y.shape[:1]:
+        raise InputError(f"n must have shape ({y.shape[0]},), got {n.shape}")
+    p = xt.shape[1]
 
-    def work(b: tuple[int, int]) -> None:
-        lo, hi = b
-        res = _fit_chunk(xt[lo:hi], y[lo:hi], valid[lo:hi], n[lo:hi])
-        coef[lo:hi], coef_s[lo:hi], cov[lo:hi], scale[lo:hi], conv[lo:hi], exact[lo:hi], singular[lo:hi] = res
+    def fill(lo: int, hi: int, xy: np.ndarray) -> None:
+        xy.fill(0.0)
+        np.copyto(xy[:, :p], xt[lo:hi], where=valid[lo:hi, None, :])
+        np.copyto(xy[:, p], y[lo:hi], where=valid[lo:hi])
 
-    run_chunks(work, bounds, threads)
-    return MMFit(coef=coef, coef_s=coef_s, cov=cov, scale=scale, converged=conv, exact=exact, singular=singular)
+    return _fit(fill, valid, n, p, threads)
 
 
 # ----------------------------------------------------------------------------- package-level estimators
@@ -767,11 +900,15 @@ def robust_ivw(
     -------
     MRResult
     """
-    from deepmr_dist.mr.ivw import _random_mask
-
     out = ResultBuilder(data.n, data.fstat())
-    inv = 1.0 / data.byse  # unused entries: bx = by = 0
-    fit = lmrob_mm((data.bx * inv)[:, None, :], data.by * inv, data.valid, data.n, threads=threads)
+
+    def fill(lo: int, hi: int, xy: np.ndarray) -> None:
+        # x = bx / byse, y = by / byse (unused entries: bx = by = 0)
+        inv = np.divide(1.0, data.byse[lo:hi], out=xy[:, 1])
+        np.multiply(data.bx[lo:hi], inv, out=xy[:, 0])
+        np.multiply(data.by[lo:hi], inv, out=xy[:, 1])
+
+    fit = _fit(fill, data.valid, data.n, 1, threads)
     est = fit.coef[:, 0]
     coef_se = np.sqrt(fit.cov[:, 0, 0])
     sigma = fit.scale
@@ -779,22 +916,22 @@ def robust_ivw(
     with np.errstate(invalid="ignore", divide="ignore"):
         se = np.where(random, coef_se / np.minimum(sigma, 1.0), coef_se / sigma)
     single = data.n == 1
-    with np.errstate(invalid="ignore", divide="ignore"):
-        bx1 = np.where(data.valid, data.bx, 0.0).sum(axis=1)
-        by1 = np.where(data.valid, data.by, 0.0).sum(axis=1)
-        se1 = np.where(data.valid, data.byse, 0.0).sum(axis=1) / np.abs(bx1)
-        est = np.where(single, by1 / bx1, est)
-    se = np.where(single, se1, se)
-    sigma = np.where(single, 1.0, sigma)
-    lo, hi, p = wald_inference(est, se, alpha, t_dist, data.n - 1)
-    out["estimate"], out["se"], out["ci_lower"], out["ci_upper"], out["pvalue"] = est, se, lo, hi, p
+    if single.any():
+        with np.errstate(invalid="ignore", divide="ignore"):
+            bx1 = np.where(data.valid[single], data.bx[single], 0.0).sum(axis=1)
+            by1 = np.where(data.valid[single], data.by[single], 0.0).sum(axis=1)
+            se1 = np.where(data.valid[single], data.byse[single], 0.0).sum(axis=1) / np.abs(bx1)
+            est[single] = by1 / bx1
+        se[single] = se1
+        sigma = np.where(single, 1.0, sigma)
+    store_wald(out, est, se, alpha, t_dist, data.n - 1)
     out["rse"] = sigma
     q = np.where(data.n >= 2, (data.n - 1) * sigma**2, np.nan)
     out["q"] = q
     out["q_pvalue"] = chi2_sf(q, data.n - 1)
     multi = data.n >= 2
     out.flag(data.n < 1, "too_few_instruments")
-    out.flag(~(np.where(data.valid, np.abs(data.bx), 0.0).sum(axis=1) > 0), "all_bx_zero")
+    out.flag(data.all_bx_zero(), "all_bx_zero")
     out.flag(multi & fit.singular, "singular_fit")
     out.flag(multi & fit.exact, "exact_fit")
     out.flag(multi & ~fit.converged, "no_convergence")
@@ -820,32 +957,28 @@ def robust_egger(data: MRData, *, alpha: float = 0.05, t_dist: bool = False, thr
     MRResult
     """
     out = ResultBuilder(data.n, data.fstat())
-    xo, yo = oriented(data)
-    inv = data.valid / data.byse
-    xt = np.stack([inv, xo * inv], axis=1)
-    yt = yo * inv
-    enough = data.n >= 3
-    fit = lmrob_mm(xt, yt, data.valid & enough[:, None], np.where(enough, data.n, 0), threads=threads)
+
+    def fill(lo: int, hi: int, xy: np.ndarray) -> None:
+        # oriented (|bx|, sign(bx) by) times sqrt(w) = 1 / byse, with an intercept column
+        inv = np.divide(data.valid[lo:hi], data.byse[lo:hi], out=xy[:, 0])
+        np.multiply(np.abs(data.bx[lo:hi], out=xy[:, 1]), inv, out=xy[:, 1])
+        np.multiply(np.sign(data.bx[lo:hi], out=xy[:, 2]), data.by[lo:hi], out=xy[:, 2])
+        np.multiply(xy[:, 2], inv, out=xy[:, 2])
+
+    # rows with fewer than three instruments are not fitted (n <= p) and flagged below
+    fit = _fit(fill, data.valid, data.n, 2, threads)
     sigma = fit.scale
     with np.errstate(invalid="ignore", divide="ignore"):
         floor = np.minimum(sigma, 1.0)
         se_b = np.sqrt(fit.cov[:, 1, 1]) / floor
         se_a = np.sqrt(fit.cov[:, 0, 0]) / floor
-    slope, icpt = fit.coef[:, 1], fit.coef[:, 0]
     df = data.n - 2
-    lo, hi, p = egger_inference(slope, se_b, sigma, df, alpha, t_dist)
-    out["estimate"], out["se"], out["ci_lower"], out["ci_upper"], out["pvalue"] = slope, se_b, lo, hi, p
-    lo, hi, p = egger_inference(icpt, se_a, sigma, df, alpha, t_dist)
-    out["intercept"], out["intercept_se"] = icpt, se_a
-    out["intercept_ci_lower"], out["intercept_ci_upper"], out["intercept_pvalue"] = lo, hi, p
-    out["rse"] = sigma
-    q = egger_residual_q(data, np.nan_to_num(icpt), np.nan_to_num(slope))
-    q = np.where(np.isfinite(slope), q, np.nan)
-    out["q"] = q
-    out["q_pvalue"] = chi2_sf(q, df)
+    store_egger(out, fit.coef[:, 1], se_b, fit.coef[:, 0], se_a, sigma, df, alpha, t_dist)
+    out["q"] = fit.rss
+    out["q_pvalue"] = chi2_sf(fit.rss, df)
     out["i2gx"] = i2_gx(data)
-    out.flag(~enough, "too_few_instruments")
-    out.flag(~(np.where(data.valid, np.abs(data.bx), 0.0).sum(axis=1) > 0), "all_bx_zero")
+    out.flag(data.n < 3, "too_few_instruments")
+    out.flag(data.all_bx_zero(), "all_bx_zero")
     out.flag(fit.singular, "singular_fit")
     out.flag(fit.exact, "exact_fit")
     out.flag(~fit.converged, "no_convergence")

@@ -1,0 +1,68 @@
+"""The variable registry: every group's variables, lookup by group, and validate for the mr and meta groups."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from deepmr_dist import schema, store
+from deepmr_dist.analysis import GLOBAL_VARIABLES, LOCAL_VARIABLES, global_ce, local_ce
+from deepmr_dist.errors import StoreError
+
+from test_analysis import make_effects
+
+
+def _names(group: str) -> set[str]:
+    return {v.name for v in schema.variables_of(group)}
+
+
+def test_schema__mr_and_meta_groups_register_what_analysis_writes():
+    assert _names(schema.MR) == {*LOCAL_VARIABLES, "n_instruments", "reason"}
+    assert _names(schema.META) == {*GLOBAL_VARIABLES, "k", "n_loci_undefined", "reason"}
+    assert {v.dims for v in schema.variables_of(schema.MR)} == {("pair", "locus", "method")}
+    assert {v.dims for v in schema.variables_of(schema.META)} == {("pair", "method")}
+    for var in schema.REGISTRY:
+        assert var.group in schema.GROUPS and var.description, var
+        assert var.dtype == schema.TEXT or np.dtype(var.dtype), var
+
+
+def test_schema__names_shared_by_groups_are_looked_up_by_group():
+    assert schema.variable(schema.MR, "q").dims == ("pair", "locus", "method")
+    assert schema.variable(schema.META, "q").dims == ("pair", "method")
+    for shared in ("ci_lower", "ci_upper", "pvalue", "q", "reason"):
+        assert shared not in schema.VARIABLES
+    assert schema.VARIABLES["local_ce"].group == schema.MR
+    assert schema.VARIABLES["effect"] is schema.variable(schema.EFFECTS, "effect")
+    with pytest.raises(KeyError, match="no registered variable 'local_ce'"):
+        schema.variable(schema.META, "local_ce")
+
+
+@pytest.mark.filterwarnings("ignore:The data type .* does not have a Zarr V3 specification")
+def test_schema__local_and_global_ce_validate_in_memory_and_read_back_from_zarr(tmp_path):
+    local = local_ce(make_effects(), [("x", "y"), ("x", "z")], ["ivw", "egger"], rule="mutation_z", threshold=2.0)
+    glob = global_ce(local)
+    assert local["reason"].dtype.kind == "U" and glob["reason"].dtype.kind == "U"
+    assert local["local_ce"].attrs["description"] == schema.variable(schema.MR, "local_ce").description
+    assert glob["k"].attrs["description"] == schema.variable(schema.META, "k").description
+    path = str(tmp_path / "run.zarr")
+    local_back = store.write_group(path, local.compute(), schema.MR)
+    glob_back = store.write_group(path, glob, schema.META)
+    assert local_back["reason"].dtype.kind != "U"  # variable-length strings once in Zarr
+    schema.validate(local_back, schema.MR)
+    schema.validate(glob_back, schema.META)
+
+
+def test_schema__validate_names_the_malformed_mr_or_meta_variable():
+    local = local_ce(make_effects(), [("x", "y")], ["ivw"], rule="mutation_z", threshold=2.0).compute()
+    glob = global_ce(local)
+    with pytest.raises(StoreError, match="mr/n_instruments has dtype float64, expected int64"):
+        schema.validate(local.assign(n_instruments=local["n_instruments"].astype(np.float64)), schema.MR)
+    with pytest.raises(StoreError, match="mr/reason has dtype int64, expected str"):
+        schema.validate(local.assign(reason=xr.zeros_like(local["n_instruments"])), schema.MR)
+    with pytest.raises(StoreError, match=r"mr/local_ce has dims \('locus', 'pair', 'method'\)"):
+        schema.validate(local.assign(local_ce=local["local_ce"].transpose("locus", "pair", "method")), schema.MR)
+    with pytest.raises(StoreError, match="group 'meta' lacks variable 'n_loci_undefined'"):
+        schema.validate(glob.drop_vars("n_loci_undefined"), schema.META)
+    with pytest.raises(StoreError, match=r"meta/q has dims \('pair', 'locus', 'method'\)"):
+        schema.validate(glob.assign(q=local["q"]), schema.META)
