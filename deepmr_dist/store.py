@@ -165,12 +165,14 @@ def write_group(
 
     Fixed-width unicode variables and coordinates are written as variable-length
     strings, the string type Zarr v3 specifies (fixed-width UTF-32 has no v3
-    specification yet). Dask-backed variables are written block by block.
+    specification yet), through NumPy's ``StringDType``: unlike ``object`` it
+    needs no pass over lazy data to infer the type. Dask-backed variables are
+    written block by block.
     """
     ds = ds.copy()
     for name, var in ds.variables.items():
         if var.dtype.kind == "U":
-            ds[name] = var.astype(object)
+            ds[name] = var.astype(np.dtypes.StringDType())
     ds.to_zarr(path, group=group, mode="w", consolidated=False, storage_options=storage_options)
     return xr.open_zarr(path, group=group, consolidated=False, storage_options=storage_options)
 
