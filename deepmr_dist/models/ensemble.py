@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,21 +101,27 @@ class ModelSpec:
             raise InputError(f"--mc-dropout must be >= 0, got {self.mc_dropout}")
 
 
+def _is_torchscript(path: Path) -> bool:
+    """Whether ``path`` is a ``torch.jit.save`` archive (a zip holding ``constants.pkl`` and ``code/``)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+
+
 def _load_source(source: str) -> list[nn.Module]:
     path = Path(source)
     if path.is_file():
-        try:
+        if _is_torchscript(path):
             return [torch.jit.load(str(path), map_location="cpu")]
-        except RuntimeError as exc:
-            jit_error = str(exc).splitlines()[0].split(". ")[0]
         from deepmr_dist.simulation.training import load_ensemble
 
         try:
             return load_ensemble([path])
-        except InputError:
+        except InputError as exc:
             raise InputError(
                 f"model file {source} is neither a TorchScript archive nor a simulation CNN state dict (save "
-                f"members with torch.jit.save, or give an entry point package.module:factory); TorchScript: {jit_error}"
+                f"members with torch.jit.save, or give an entry point package.module:factory): {exc}"
             ) from None
     if ":" in source:
         module_name, _, factory_name = source.partition(":")
