@@ -22,6 +22,7 @@ SUBCOMMAND_MODULES = (
     "deepmr_dist.cli.mr",
     "deepmr_dist.cli.meta",
     "deepmr_dist.cli.simulate",
+    "deepmr_dist.cli.run",
 )
 
 

@@ -58,7 +58,7 @@ from deepmr_dist.simulation.motifs import DEFAULT_MOTIFS, MotifSet, resolve_moti
 from deepmr_dist.simulation.training import TrainingSettings, train_ensemble
 from deepmr_dist.simulation.truth import true_causal_effects
 
-__all__ = ["StudyConfig", "round_directory", "run_round", "run_study", "summarize_round"]
+__all__ = ["MotifChoice", "StudyConfig", "fit_round_calibration", "motif_set", "round_directory", "run_round", "run_study", "summarize_round"]
 
 TASKS = ("exposure", "outcome")
 PAIR = ("exposure", "outcome")
@@ -200,7 +200,7 @@ def run_round(
     marks the round done.
     """
     round_dir = Path(round_dir)
-    motifs = _motifs(config) if motifs is None else motifs
+    motifs = motif_set(config.motifs) if motifs is None else motifs
     timings: dict[str, float] = {}
     started = time.perf_counter()
     ds = simulate_round(scenario, round_index, seed=config.seed, motifs=motifs, config=config.generator)
@@ -230,7 +230,7 @@ def run_round(
     timings["ism_s"] = time.perf_counter() - tick
 
     tick = time.perf_counter()
-    calibration = _fit_calibration(ds, spec, config) if config.analysis.calibration else None
+    calibration = fit_round_calibration(ds, spec, ddof=config.analysis.ddof) if config.analysis.calibration else None
     if calibration is not None:
         from deepmr_dist.calibration import write_calibration
 
@@ -369,7 +369,7 @@ def run_study(config: StudyConfig, study_dir: str | Path | None = None, *, clien
 
     study_dir = Path(config.output if study_dir is None else study_dir)
     _claim_directory(study_dir, config)
-    motifs = _motifs(config)
+    motifs = motif_set(config.motifs)
     jobs = [(s, r) for s in config.scenarios for r in range(config.rounds)]
     done = {job: pd.read_csv(round_directory(study_dir, *job) / "summary.csv")
             for job in jobs if (round_directory(study_dir, *job) / "summary.csv").exists()}
@@ -423,12 +423,18 @@ def _claim_directory(study_dir: Path, config: StudyConfig) -> None:
     marker.write_text(fingerprint + "\n")
 
 
-def _motifs(config: StudyConfig) -> MotifSet:
-    return MotifSet(**{role: resolve_motif(getattr(config.motifs, role)) for role in ("exposure", "outcome", "confounder")})
+def motif_set(choice: MotifChoice) -> MotifSet:
+    """The three motifs a :class:`MotifChoice` names (JASPAR IDs or PWM files)."""
+    return MotifSet(**{role: resolve_motif(getattr(choice, role)) for role in ("exposure", "outcome", "confounder")})
 
 
-def _fit_calibration(ds: xr.Dataset, spec: ModelSpec, config: StudyConfig):
-    """The isotonic SE calibration fitted on the round's held-out calibration split."""
+def fit_round_calibration(ds: xr.Dataset, spec: ModelSpec, *, ddof: int = 0):
+    """The isotonic SE calibration of ``spec``'s ensemble, fitted on the round's held-out calibration split.
+
+    The label noise is the exact variance of the Anscombe transform of a
+    Poisson count at each locus's expected count (see
+    :func:`deepmr_dist.calibration.poisson_anscombe_variance`).
+    """
     import torch
 
     from deepmr_dist.calibration import fit_calibration, poisson_anscombe_variance
@@ -447,7 +453,7 @@ def _fit_calibration(ds: xr.Dataset, spec: ModelSpec, config: StudyConfig):
         poisson_anscombe_variance(held_out["expected_count"].values), dims=("locus", "task"), coords=coords
     )
     return fit_calibration(
-        labels, members, noise_variance=noise, ddof=config.analysis.ddof,
+        labels, members, noise_variance=noise, ddof=ddof,
         source=f"scenario {ds.attrs['scenario']} round {ds.attrs['round']}: {held_out.sizes['locus']} calibration loci",
     )
 

@@ -1,0 +1,227 @@
+"""The declarative pipeline of ``deepmr run PIPELINE.yaml``: every section, validated.
+
+A pipeline names the sequences, the model, the tasks and pairs, and the
+settings of every stage. Unknown keys are errors; :func:`deepmr_dist.config.load_config`
+reports each bad field by its YAML path. Relative input paths (sequences,
+model files) are taken from the directory of the YAML file; the store is
+relative to the working directory, like every output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from deepmr_dist.errors import InputError
+from deepmr_dist.instruments import RULES
+from deepmr_dist.meta import META_METHODS
+from deepmr_dist.models.heads import TRANSFORMS
+from deepmr_dist.mr import METHODS
+from deepmr_dist.simulation.generator import SimulationConfig, parse_scenario
+from deepmr_dist.simulation.study import MotifChoice
+from deepmr_dist.simulation.training import TrainingSettings
+
+__all__ = ["PipelineConfig", "SimulatedSequences"]
+
+
+def _is_entry_point(source: str, base: Path) -> bool:
+    """``package.module:factory`` (not a file path that happens to hold a colon)."""
+    module, colon, factory = source.partition(":")
+    return bool(colon) and factory.isidentifier() and all(p.isidentifier() for p in module.split(".")) and not (base / source).exists()
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SimulatedSequences(_Section):
+    """One round of the paper's simulation: its test loci are mutated, its training loci train the model."""
+
+    scenario: int = Field(1, description="1-4 or unconfounded, random, sequence, both")
+    round: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0)
+    motifs: MotifChoice = Field(default_factory=MotifChoice)
+    generator: SimulationConfig = Field(default_factory=SimulationConfig)
+
+    @field_validator("scenario", mode="before")
+    @classmethod
+    def _scenario(cls, value: int | str) -> int:
+        return parse_scenario(value)
+
+
+class Sequences(_Section):
+    """Exactly one source of loci."""
+
+    fasta: str | None = Field(None, description="FASTA of equal-length loci")
+    bed: str | None = Field(None, description="BED regions, centred to `width` bp in `genome`")
+    genome: str | None = None
+    width: int | None = Field(None, ge=1)
+    onehot: str | None = Field(None, description=".npy one-hot array (n_loci, 4, length)")
+    simulation: SimulatedSequences | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Sequences:
+        given = [name for name in ("fasta", "bed", "onehot", "simulation") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of fasta, bed (+ genome, width), onehot or simulation; got {given or 'none'}")
+        if self.bed is not None and (self.genome is None or self.width is None):
+            raise ValueError("bed needs genome and width")
+        return self
+
+
+class Model(_Section):
+    """The ensemble: files or an entry point, or the simulation's ensemble trained by the pipeline."""
+
+    sources: list[str] = Field(default_factory=list, description="TorchScript / state-dict files or package.module:factory")
+    train_simulation: bool = Field(False, description="train the paper's CNN on the simulation's training loci")
+    members: int = Field(3, ge=2, description="members to train (train_simulation)")
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    mc_dropout: int = Field(0, ge=0, description="N frozen dropout masks of one model instead of an ensemble")
+    mc_seed: int = 0
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> Model:
+        if self.train_simulation == bool(self.sources):
+            raise ValueError("give either sources or train_simulation: true")
+        return self
+
+
+class Tasks(_Section):
+    """How task predictions are read from the model output (see :class:`~deepmr_dist.models.heads.OutputHead`)."""
+
+    names: list[str] | None = Field(None, description="names of ALL model outputs, in output order")
+    keep: list[str | int] | None = Field(None, description="outputs to keep, by name or index (default all)")
+    output_index: int | None = Field(None, description="element of a tuple output")
+    profile_axis: int | None = Field(None, description="axis summed over (a profile output)")
+    transform: str = Field("none", description=f"one of {', '.join(TRANSFORMS)}")
+
+    @field_validator("transform")
+    @classmethod
+    def _transform(cls, value: str) -> str:
+        if value not in TRANSFORMS:
+            raise ValueError(f"unknown transform; expected one of {', '.join(TRANSFORMS)}")
+        return value
+
+
+class ISM(_Section):
+    chunk_loci: int = Field(64, ge=1, description="loci per store chunk and per task")
+    mutant_batch: int = Field(2048, ge=1, description="mutants per forward pass")
+    incremental: bool = True
+
+
+class Effects(_Section):
+    ddof: Literal[0, 1] = 0
+    calibration: bool = Field(False, description="isotonic SE calibration on held-out labelled loci (simulation only)")
+
+
+class Instruments(_Section):
+    rule: str = Field("pooled_z", description=f"one of {', '.join(RULES)}")
+    threshold: float = Field(1.0, gt=0)
+
+    @field_validator("rule")
+    @classmethod
+    def _rule(cls, value: str) -> str:
+        if value not in RULES:
+            raise ValueError(f"unknown instrument rule; expected one of {', '.join(RULES)}")
+        return value
+
+
+class MR(_Section):
+    methods: list[str] = Field(default_factory=lambda: ["egger_paper", "ivw", "wald_mean"])
+    n_boot: int = Field(1000, ge=10, description="bootstrap draws of the median and mode estimators")
+    seed: int = 0
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, methods: list[str]) -> list[str]:
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown or not methods:
+            raise ValueError(f"unknown MR method(s) {unknown}; valid: {', '.join(METHODS)}")
+        return list(dict.fromkeys(methods))
+
+
+class Meta(_Section):
+    method: str = Field("dl", description=f"one of {', '.join(META_METHODS)}")
+    hksj: bool = False
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, value: str) -> str:
+        if value not in META_METHODS:
+            raise ValueError(f"unknown meta-analysis method; expected one of {', '.join(META_METHODS)}")
+        return value
+
+
+class Cluster(_Section):
+    address: str = "local"
+    n_workers: int | None = Field(None, ge=1)
+
+
+class PipelineConfig(_Section):
+    """Everything ``deepmr run`` needs; see ``pipelines/*.yaml`` for examples."""
+
+    name: str = "deepmr-run"
+    sequences: Sequences
+    model: Model
+    tasks: Tasks = Field(default_factory=Tasks)
+    pairs: Literal["all"] | list[tuple[str, str]] = Field(
+        "all", description='"all" ordered pairs of the kept tasks, or [[exposure, outcome], ...]'
+    )
+    ism: ISM = Field(default_factory=ISM)
+    effects: Effects = Field(default_factory=Effects)
+    instruments: Instruments = Field(default_factory=Instruments)
+    mr: MR = Field(default_factory=MR)
+    meta: Meta = Field(default_factory=Meta)
+    cluster: Cluster = Field(default_factory=Cluster)
+    store: str = Field("runs/run.zarr", description="run store: a directory or an fsspec URL")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PipelineConfig:
+        if self.model.train_simulation and self.sequences.simulation is None:
+            raise ValueError("model.train_simulation needs sequences.simulation")
+        if self.effects.calibration and self.sequences.simulation is None:
+            raise ValueError("effects.calibration needs held-out labelled loci: use sequences.simulation")
+        if self.tasks.keep is not None and self.tasks.names is not None:
+            unknown = [t for t in self.tasks.keep if isinstance(t, str) and t not in self.tasks.names]
+            if unknown:
+                raise ValueError(f"tasks.keep names unknown task(s) {unknown}; tasks.names has {self.tasks.names}")
+        if self.pairs != "all":
+            for exposure, outcome in self.pairs:
+                if exposure == outcome:
+                    raise ValueError(f"pair ({exposure}, {outcome}) has the same task on both sides")
+        return self
+
+    def resolve_paths(self, base: Path) -> PipelineConfig:
+        """A copy whose relative input paths (sequences, model files) are taken from ``base``."""
+
+        def resolve(value: str | None) -> str | None:
+            if value is None or "://" in value or Path(value).is_absolute():
+                return value
+            return str(base / value)
+
+        seq = self.sequences.model_copy(update={k: resolve(getattr(self.sequences, k)) for k in ("fasta", "bed", "genome", "onehot")})
+        sources = [s if _is_entry_point(s, base) else resolve(s) for s in self.model.sources]
+        resolved = self.model_copy(update={
+            "sequences": seq,
+            "model": self.model.model_copy(update={"sources": sources}),
+        })
+        resolved.check_inputs_exist()
+        return resolved
+
+    def check_inputs_exist(self) -> None:
+        """Raise :class:`InputError` naming the field of the first local input file that does not exist."""
+        fields = [(f"sequences.{k}", getattr(self.sequences, k)) for k in ("fasta", "bed", "genome", "onehot")]
+        fields += [(f"model.sources[{i}]", s) for i, s in enumerate(self.model.sources) if not _is_entry_point(s, Path("."))]
+        for name, value in fields:
+            if value is not None and "://" not in value and not Path(value).exists():
+                raise InputError(f"{name}: file not found: {value}")
+
+    def stage_fingerprint(self, *sections: str) -> str:
+        """SHA-256 of the named sections (what a stage's result depends on)."""
+        data = self.model_dump(mode="json", include=set(sections))
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+

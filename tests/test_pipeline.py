@@ -1,0 +1,140 @@
+"""``deepmr run``: config validation with field paths, dry run, all pairs, resume, the quickstart."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import xarray as xr
+from distributed import Client, LocalCluster
+
+from conftest import EXAMPLE_ENSEMBLE, EXAMPLE_FASTA
+from deepmr_dist.cli import main
+from deepmr_dist.config import load_config, parse_config
+from deepmr_dist.errors import InputError
+from deepmr_dist.pipeline import output_directory, plan, run_pipeline
+from deepmr_dist.pipeline_config import PipelineConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def client():
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    ) as cluster, Client(cluster, set_as_default=False) as c:
+        yield c
+
+
+def _example(tmp_path: Path, **changes) -> PipelineConfig:
+    data = {
+        "sequences": {"fasta": str(EXAMPLE_FASTA)},
+        "model": {"sources": [EXAMPLE_ENSEMBLE]},
+        "ism": {"chunk_loci": 16},
+        "mr": {"methods": ["ivw", "egger"]},
+        "store": str(tmp_path / "run.zarr"),
+        **changes,
+    }
+    return parse_config(data, PipelineConfig, "pipeline.yaml")
+
+
+# ----------------------------------------------------------------------------- config errors
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        ({"model": {"sources": ["m.pt"]}}, "pipeline.yaml: sequences: Field required"),
+        ({"sequences": {"fasta": "a.fa", "onehot": "b.npy"}, "model": {"sources": ["m.pt"]}}, "sequences: Value error, give exactly one"),
+        ({"sequences": {"fasta": "a.fa"}, "model": {"sources": ["m.pt"]}, "mr": {"methods": ["egger", "eggers"]}}, "mr.methods: "),
+        ({"sequences": {"fasta": "a.fa"}, "model": {"sources": ["m.pt"]}, "ism": {"chunk_loci": 0}}, "ism.chunk_loci: "),
+        ({"sequences": {"fasta": "a.fa"}, "model": {"sources": ["m.pt"], "member": 3}}, "model.member: Extra inputs"),
+        ({"sequences": {"fasta": "a.fa"}, "model": {"sources": ["m.pt"]}, "tasks": {"names": ["a", "b"], "keep": ["a", "c"]}},
+         "tasks.keep names unknown task(s) ['c']"),
+        ({"sequences": {"fasta": "a.fa"}, "model": {"sources": ["m.pt"]}, "pairs": [["a"]]}, "pairs"),
+        ({"sequences": {"fasta": "a.fa"}, "model": {"train_simulation": True}}, "model.train_simulation needs sequences.simulation"),
+    ],
+)
+def test_pipeline_config__errors_name_the_field(data, expected):
+    with pytest.raises(InputError) as err:
+        parse_config(data, PipelineConfig, "pipeline.yaml")
+    assert expected.replace("Value error, ", "") in str(err.value).replace("Value error, ", ""), str(err.value)
+
+
+def test_pipeline_config__missing_input_file_names_the_field(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text(f"sequences: {{fasta: missing.fa}}\nmodel: {{sources: ['{EXAMPLE_ENSEMBLE}']}}\n")
+    with pytest.raises(InputError, match=r"sequences.fasta: file not found: .*missing.fa"):
+        load_config(path, PipelineConfig).resolve_paths(tmp_path)
+    path.write_text(f"sequences: {{fasta: {EXAMPLE_FASTA}}}\nmodel: {{sources: [m0.pt]}}\n")
+    with pytest.raises(InputError, match=r"model.sources\[0\]: file not found: .*m0.pt"):
+        load_config(path, PipelineConfig).resolve_paths(tmp_path)
+
+
+def test_pipeline__pair_naming_a_missing_task_is_an_error(tmp_path, client):
+    config = _example(tmp_path, pairs=[["task0", "accessibility"]])
+    with pytest.raises(InputError, match=r"pairs\[0\] names task 'accessibility'.*\['task0', 'task1'\]"):
+        plan(config)
+
+
+def test_pipelines__every_yaml_in_the_repository_is_valid():
+    for path in sorted((REPO / "pipelines").glob("*.yaml")):
+        text = path.read_text()
+        if "\nsequences:" in text:
+            load_config(path, PipelineConfig)
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def test_run_pipeline__all_pairs_from_one_pass_and_resume_skips_finished_stages(tmp_path, client):
+    config = _example(tmp_path)
+    dry = plan(config)
+    assert (dry.n_loci, dry.length, dry.n_members) == (48, 100, 3)
+    assert dry.pairs == [("task0", "task1"), ("task1", "task0")]
+    assert dry.forward_passes == 48 * 3 * 301
+
+    first = run_pipeline(config, client=client, progress=False)
+    local = xr.open_zarr(config.store, group="mr", consolidated=False)
+    assert list(local["pair"].values) == ["task0->task1", "task1->task0"]
+    table = pd.read_csv(first.outputs / "global_ce.csv")
+    assert len(table) == 4 and set(table["method"]) == {"ivw", "egger"}
+    assert (first.outputs / "local_ce.parquet").exists()
+    pd.testing.assert_frame_equal(pd.read_parquet(first.outputs / "global_ce.parquet"), first.global_table, check_dtype=False)
+
+    mr_meta = Path(config.store) / "mr" / "zarr.json"
+    stamp = mr_meta.stat().st_mtime_ns
+    again = run_pipeline(config, client=client, progress=False)
+    assert mr_meta.stat().st_mtime_ns == stamp  # MR not recomputed
+    pd.testing.assert_frame_equal(again.global_table, first.global_table)
+
+    changed = _example(tmp_path, mr={"methods": ["ivw", "egger", "weighted_median"], "n_boot": 50})
+    third = run_pipeline(changed, client=client, progress=False)
+    assert mr_meta.stat().st_mtime_ns != stamp  # a changed MR section reruns MR, not ISM
+    assert set(third.global_table["method"]) == {"ivw", "egger", "weighted_median"}
+    np.testing.assert_allclose(
+        third.global_table.query("method == 'ivw'")["estimate"].values,
+        first.global_table.query("method == 'ivw'")["estimate"].values,
+    )
+
+
+def test_cli_run__quickstart_estimates_the_true_global_ce(tmp_path, capsys, client):
+    store = tmp_path / "quickstart.zarr"
+    code = main(["run", str(REPO / "pipelines" / "quickstart.yaml"), "--store", str(store),
+                 "--cluster", client.scheduler.address, "--quiet"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    estimate = float(printed.split("egger_paper\tglobal CE ")[1].split()[0])
+    truth = float(printed.split("true global CE (simulation): ")[1].split()[0])
+    assert truth > 1.0  # gamma ~ 10: a strong effect
+    assert abs(np.log(estimate / truth)) < np.log(1.5), printed
+    assert (output_directory(parse_config({"sequences": {"fasta": "x"}, "model": {"sources": ["m"]}, "store": str(store)},
+                                          PipelineConfig, "t")) / "members" / "member-0.pt").exists()
+
+
+def test_cli_run__dry_run_prints_the_plan(capsys):
+    assert main(["run", str(REPO / "pipelines" / "quickstart.yaml"), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "loci: 100 x 100 bp" in printed and "forward passes: 90,300" in printed and "chunk(s) of 25 loci" in printed
