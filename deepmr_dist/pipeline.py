@@ -10,11 +10,12 @@ settings (a fingerprint of the config sections it depends on):
 5. ``mr``: instruments and per-locus MR of every pair, all pairs from one pass over the effects;
 6. ``meta``: the meta-analysis of every (pair, method) across loci;
 7. ``truth`` (simulation only): the true causal effects;
-8. outputs: local and global CE tables (CSV and Parquet) beside the store.
+8. outputs: local and global CE tables (CSV and Parquet), the resolved config,
+   stage timings and the HTML report (:mod:`deepmr_dist.report`).
 
 Outputs beside the store ``runs/name.zarr`` go to ``runs/name/``: ``members/``
 (trained simulation members), ``local_ce.{csv,parquet}``,
-``global_ce.{csv,parquet}``.
+``global_ce.{csv,parquet}``, ``pipeline.yaml``, ``timings.json``, ``report.html``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import zarr
 
 from deepmr_dist import schema, store
 from deepmr_dist.analysis import global_ce, local_ce
+from deepmr_dist.config import dump_config
 from deepmr_dist.effects import write_effects
 from deepmr_dist.errors import InputError
 from deepmr_dist.models.ensemble import ModelSpec, load_members
@@ -249,7 +251,12 @@ def run_pipeline(config: PipelineConfig, *, client, progress: bool = True) -> Pi
     for name, table in (("local_ce", local_table), ("global_ce", global_table)):
         table.to_csv(outputs / f"{name}.csv", index=False)
         table.to_parquet(outputs / f"{name}.parquet", index=False)
-    seconds["meta_and_outputs"] = time.perf_counter() - tick
+    seconds["meta_and_tables"] = time.perf_counter() - tick
+    (outputs / "pipeline.yaml").write_text(dump_config(config))
+    (outputs / "timings.json").write_text(json.dumps(seconds, indent=1))
+    from deepmr_dist.report import write_report  # the report reads this module's tables
+
+    write_report(path, outputs=outputs)
     if progress:
         print(_summary(global_table, true_global), file=sys.stderr)
     return PipelineResult(store=path, outputs=outputs, global_table=global_table, true_global_ce=true_global, seconds=seconds)

@@ -23,6 +23,7 @@ SUBCOMMAND_MODULES = (
     "deepmr_dist.cli.meta",
     "deepmr_dist.cli.simulate",
     "deepmr_dist.cli.run",
+    "deepmr_dist.cli.report",
 )
 
 
