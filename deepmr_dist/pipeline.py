@@ -10,7 +10,8 @@ settings (a fingerprint of the config sections it depends on):
 5. ``mr``: instruments and per-locus MR of every pair, all pairs from one pass over the effects;
 6. ``meta``: the meta-analysis of every (pair, method) across loci;
 7. ``truth`` (simulation only): the true causal effects;
-8. outputs: local and global CE tables (CSV and Parquet), the resolved config,
+8. outputs: local and global CE tables (CSV and Parquet), the global CE per
+   motif-spacing bin when ``spacing`` is configured, the resolved config,
    stage timings and the HTML report (:mod:`deepmr_dist.report`).
 
 Outputs beside the store ``runs/name.zarr`` go to ``runs/name/``: ``members/``
@@ -251,6 +252,10 @@ def run_pipeline(config: PipelineConfig, *, client, progress: bool = True) -> Pi
     for name, table in (("local_ce", local_table), ("global_ce", global_table)):
         table.to_csv(outputs / f"{name}.csv", index=False)
         table.to_parquet(outputs / f"{name}.parquet", index=False)
+    if config.spacing is not None:
+        spacing = spacing_table(config, local)
+        for suffix in ("csv", "parquet"):
+            getattr(spacing, f"to_{suffix}")(outputs / f"spacing.{suffix}", index=False)
     seconds["meta_and_tables"] = time.perf_counter() - tick
     (outputs / "pipeline.yaml").write_text(dump_config(config))
     (outputs / "timings.json").write_text(json.dumps(seconds, indent=1))
@@ -260,6 +265,16 @@ def run_pipeline(config: PipelineConfig, *, client, progress: bool = True) -> Pi
     if progress:
         print(_summary(global_table, true_global), file=sys.stderr)
     return PipelineResult(store=path, outputs=outputs, global_table=global_table, true_global_ce=true_global, seconds=seconds)
+
+
+def spacing_table(config: PipelineConfig, local: xr.Dataset) -> pd.DataFrame:
+    """Global CE per (pair, method, motif-spacing bin) from the loci's motif instances."""
+    from deepmr_dist.spacing import locus_spacing, motif_instances, spacing_bins, stratified_global_ce
+
+    pairs = [(str(e), str(o)) for e, o in zip(local["exposure"].values, local["outcome"].values)]
+    distance = locus_spacing(motif_instances(config.spacing.motifs_bed), local, pairs, motif_names=config.spacing.motif_names)
+    bins = spacing_bins(distance, config.spacing.edges)
+    return stratified_global_ce(local, bins, config.meta.method, hksj=config.meta.hksj)
 
 
 # --------------------------------------------------------------------------- tables

@@ -156,6 +156,14 @@ class Meta(_Section):
         return value
 
 
+class Spacing(_Section):
+    """Motif-spacing stratification (the paper's S1 Fig); needs loci from a BED (intervals)."""
+
+    motifs_bed: str = Field(description="BED of motif instances, the TF in the name column")
+    motif_names: dict[str, str] | None = Field(None, description="task -> TF name in the BED (default: the task name)")
+    edges: list[float] = Field(default_factory=lambda: [0.0, 35.0, 70.0, 150.0, float("inf")], description="bin edges, bp")
+
+
 class Cluster(_Section):
     address: str = "local"
     n_workers: int | None = Field(None, ge=1)
@@ -176,6 +184,7 @@ class PipelineConfig(_Section):
     instruments: Instruments = Field(default_factory=Instruments)
     mr: MR = Field(default_factory=MR)
     meta: Meta = Field(default_factory=Meta)
+    spacing: Spacing | None = None
     cluster: Cluster = Field(default_factory=Cluster)
     store: str = Field("runs/run.zarr", description="run store: a directory or an fsspec URL")
 
@@ -189,6 +198,8 @@ class PipelineConfig(_Section):
             unknown = [t for t in self.tasks.keep if isinstance(t, str) and t not in self.tasks.names]
             if unknown:
                 raise ValueError(f"tasks.keep names unknown task(s) {unknown}; tasks.names has {self.tasks.names}")
+        if self.spacing is not None and self.sequences.bed is None:
+            raise ValueError("spacing needs loci with genomic intervals: use sequences.bed")
         if self.pairs != "all":
             for exposure, outcome in self.pairs:
                 if exposure == outcome:
@@ -204,10 +215,12 @@ class PipelineConfig(_Section):
             return str(base / value)
 
         seq = self.sequences.model_copy(update={k: resolve(getattr(self.sequences, k)) for k in ("fasta", "bed", "genome", "onehot")})
+        spacing = None if self.spacing is None else self.spacing.model_copy(update={"motifs_bed": resolve(self.spacing.motifs_bed)})
         sources = [s if _is_entry_point(s, base) else resolve(s) for s in self.model.sources]
         resolved = self.model_copy(update={
             "sequences": seq,
             "model": self.model.model_copy(update={"sources": sources}),
+            "spacing": spacing,
         })
         resolved.check_inputs_exist()
         return resolved
@@ -215,6 +228,8 @@ class PipelineConfig(_Section):
     def check_inputs_exist(self) -> None:
         """Raise :class:`InputError` naming the field of the first local input file that does not exist."""
         fields = [(f"sequences.{k}", getattr(self.sequences, k)) for k in ("fasta", "bed", "genome", "onehot")]
+        if self.spacing is not None:
+            fields.append(("spacing.motifs_bed", self.spacing.motifs_bed))
         fields += [(f"model.sources[{i}]", s) for i, s in enumerate(self.model.sources) if not _is_entry_point(s, Path("."))]
         for name, value in fields:
             if value is not None and "://" not in value and not Path(value).exists():

@@ -138,3 +138,34 @@ def test_cli_run__dry_run_prints_the_plan(capsys):
     assert main(["run", str(REPO / "pipelines" / "quickstart.yaml"), "--dry-run"]) == 0
     printed = capsys.readouterr().out
     assert "loci: 100 x 100 bp" in printed and "forward passes: 90,300" in printed and "chunk(s) of 25 loci" in printed
+
+
+def test_run_pipeline__bed_loci_with_motif_spacing_stratification(tmp_path, client):
+    rng = np.random.default_rng(0)
+    genome = tmp_path / "genome.fa"
+    genome.write_text(">chr1\n" + "".join(rng.choice(list("ACGT"), 4000)) + "\n")
+    regions = tmp_path / "peaks.bed"
+    regions.write_text("".join(f"chr1\t{300 * i + 20}\t{300 * i + 80}\tpeak{i}\n" for i in range(12)))
+    motifs = tmp_path / "motifs.bed"
+    lines = []
+    for i in range(12):  # locus i spans [300 i, 300 i + 100): GATA at +5, TAL1 at +5 + gap
+        gap = (10, 50, 80)[i % 3]
+        lines += [f"chr1\t{300 * i + 5}\t{300 * i + 15}\tGATA\n", f"chr1\t{300 * i + 5 + gap}\t{300 * i + 15 + gap}\tTAL1\n"]
+    motifs.write_text("".join(lines))
+    config = parse_config(
+        {
+            "sequences": {"bed": str(regions), "genome": str(genome), "width": 100},
+            "model": {"sources": [EXAMPLE_ENSEMBLE]},
+            "mr": {"methods": ["ivw"]},
+            "spacing": {"motifs_bed": str(motifs), "motif_names": {"task0": "GATA", "task1": "TAL1"}},
+            "store": str(tmp_path / "bed.zarr"),
+        },
+        PipelineConfig,
+        "test",
+    )
+    result = run_pipeline(config, client=client, progress=False)
+    table = pd.read_csv(result.outputs / "spacing.csv")
+    ivw = table[(table["pair"] == "task0->task1") & (table["method"] == "ivw")].set_index("bin")
+    assert ivw.loc["0-35", "k"] == 4 and ivw.loc["35-70", "k"] == 4 and ivw.loc["70-150", "k"] == 4
+    assert ivw.loc[">=150", "k"] == 0
+    assert "Global CE by motif spacing" in (result.outputs / "report.html").read_text()
