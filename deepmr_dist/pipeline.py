@@ -27,6 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -38,6 +39,7 @@ from deepmr_dist.analysis import global_ce, local_ce
 from deepmr_dist.config import dump_config
 from deepmr_dist.effects import write_effects
 from deepmr_dist.errors import InputError
+from deepmr_dist.models.architectures import head_for_tasks
 from deepmr_dist.models.ensemble import ModelSpec, load_members
 from deepmr_dist.models.heads import OutputHead, parse_tasks
 from deepmr_dist.pipeline_config import PipelineConfig
@@ -121,12 +123,20 @@ def load_sequences(config: PipelineConfig) -> tuple[xr.Dataset, xr.Dataset | Non
 
 
 def output_head(config: PipelineConfig) -> OutputHead:
-    """The head of ``config.tasks`` (the simulation's CNN names its outputs exposure, outcome)."""
+    """The head of ``config.tasks`` (the simulation's CNN names its outputs exposure, outcome).
+
+    With ``tasks.names``, kept tasks may be named (unknown names are errors
+    with close matches suggested) or given by index.
+    """
     tasks = config.tasks
     names = tasks.names or (list(SIMULATION_TASKS) if config.model.train_simulation else None)
-    keep = None if tasks.keep is None else ",".join(str(t) for t in tasks.keep)
+    if names is not None:
+        keep = None if tasks.keep is None else [names[t] if isinstance(t, int) else t for t in tasks.keep]
+        return head_for_tasks(
+            names, keep, transform=tasks.transform, output_index=tasks.output_index, profile_axis=tasks.profile_axis
+        )
     try:
-        indices, task_names = parse_tasks(keep, names)
+        indices, task_names = parse_tasks(None if tasks.keep is None else ",".join(map(str, tasks.keep)), None)
         return OutputHead(tasks.output_index, tasks.profile_axis, indices, tasks.transform, task_names)
     except ValueError as exc:
         raise InputError(f"tasks: {exc}") from None
@@ -184,7 +194,13 @@ def plan(config: PipelineConfig) -> Plan:
 
 def model_spec(config: PipelineConfig) -> ModelSpec:
     """The ensemble of ``config.model.sources``."""
-    return ModelSpec(tuple(config.model.sources), mc_dropout=config.model.mc_dropout, mc_seed=config.model.mc_seed)
+    options = tuple((name, _frozen(value)) for name, value in sorted(config.model.options.items()))
+    return ModelSpec(tuple(config.model.sources), mc_dropout=config.model.mc_dropout, mc_seed=config.model.mc_seed, options=options)
+
+
+def _frozen(value: Any) -> Any:
+    """YAML lists as tuples (a ModelSpec is frozen and hashable)."""
+    return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
 
 
 def run_pipeline(config: PipelineConfig, *, client, progress: bool = True) -> PipelineResult:

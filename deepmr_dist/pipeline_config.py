@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -77,6 +77,7 @@ class Model(_Section):
     """The ensemble: files or an entry point, or the simulation's ensemble trained by the pipeline."""
 
     sources: list[str] = Field(default_factory=list, description="TorchScript / state-dict files or package.module:factory")
+    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the entry point's factory")
     train_simulation: bool = Field(False, description="train the paper's CNN on the simulation's training loci")
     members: int = Field(3, ge=2, description="members to train (train_simulation)")
     training: TrainingSettings = Field(default_factory=TrainingSettings)
@@ -196,6 +197,7 @@ class PipelineConfig(_Section):
             raise ValueError("effects.calibration needs held-out labelled loci: use sequences.simulation")
         if self.tasks.keep is not None and self.tasks.names is not None:
             unknown = [t for t in self.tasks.keep if isinstance(t, str) and t not in self.tasks.names]
+            unknown += [t for t in self.tasks.keep if isinstance(t, int) and not 0 <= t < len(self.tasks.names)]
             if unknown:
                 raise ValueError(f"tasks.keep names unknown task(s) {unknown}; tasks.names has {self.tasks.names}")
         if self.spacing is not None and self.sequences.bed is None:

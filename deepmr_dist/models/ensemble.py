@@ -20,10 +20,12 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib
+import inspect
 import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -88,11 +90,15 @@ class ModelSpec:
         Number of frozen dropout masks (0: the sources are the members).
     mc_seed
         Seed of the dropout masks.
+    options
+        Keyword arguments of every entry point's factory, as ``(name, value)``
+        pairs (e.g. ``(("n_members", 5), ("tasks", ("Oct4", "Sox2")))``).
     """
 
     sources: tuple[str, ...]
     mc_dropout: int = 0
     mc_seed: int = 0
+    options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -109,7 +115,7 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("/constants.pkl") for name in archive.namelist())
 
 
-def _load_source(source: str) -> list[nn.Module]:
+def _load_source(source: str, options: dict[str, Any]) -> list[nn.Module]:
     path = Path(source)
     if path.is_file():
         if _is_torchscript(path):
@@ -129,7 +135,11 @@ def _load_source(source: str) -> list[nn.Module]:
             factory = getattr(importlib.import_module(module_name), factory_name)
         except (ImportError, AttributeError) as exc:
             raise InputError(f"cannot load model entry point {source!r}: {exc}") from None
-        built = factory()
+        try:
+            inspect.signature(factory).bind(**options)
+        except TypeError as exc:
+            raise InputError(f"entry point {source!r} does not take the options {sorted(options)}: {exc}") from None
+        built = factory(**options)
         members = list(built) if isinstance(built, (list, tuple)) else [built]
         if not members or not all(isinstance(m, nn.Module) for m in members):
             raise InputError(f"entry point {source!r} must return a torch.nn.Module or a list of them")
@@ -139,7 +149,7 @@ def _load_source(source: str) -> list[nn.Module]:
 
 def load_members(spec: ModelSpec, device: torch.device | str = "cpu") -> list[nn.Module]:
     """Load every ensemble member in eval mode on ``device``."""
-    members = [m for source in spec.sources for m in _load_source(source)]
+    members = [m for source in spec.sources for m in _load_source(source, dict(spec.options))]
     if spec.mc_dropout:
         if len(members) != 1:
             raise InputError(f"--mc-dropout needs exactly one model, got {len(members)} members")
