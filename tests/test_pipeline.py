@@ -220,3 +220,46 @@ def test_run_pipeline__deepsea_style_tasks_by_name_with_sigmoid(tmp_path, client
     wrong = config.model_copy(update={"tasks": config.tasks.model_copy(update={"keep": ["cell1|GATA", "cell1|DNase"]})})
     with pytest.raises(InputError, match="unknown task.*cell1\\|GATA.*did you mean"):
         plan(wrong)
+
+
+def test_cli_run__resumes_after_the_process_is_killed_during_ism(tmp_path, client):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import zarr
+
+    pipeline = tmp_path / "p.yaml"
+    pipeline.write_text(
+        f"sequences: {{fasta: {EXAMPLE_FASTA}}}\nmodel: {{sources: ['{EXAMPLE_ENSEMBLE}']}}\n"
+        "ism: {chunk_loci: 1, mutant_batch: 1, incremental: false}\nmr: {methods: [ivw]}\n"
+        f"store: {tmp_path / 'run.zarr'}\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    command = [sys.executable, "-m", "deepmr_dist.cli", "run", str(pipeline), "--cluster", client.scheduler.address, "--quiet"]
+    proc = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def complete() -> int:
+        try:
+            return int(zarr.open_array(str(tmp_path / "run.zarr"), path="ism/complete", mode="r")[:].sum())
+        except (FileNotFoundError, KeyError, zarr.errors.ArrayNotFoundError, zarr.errors.NodeTypeValidationError):
+            return 0
+
+    deadline = time.monotonic() + 180
+    while complete() < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert 0 < complete() < 48, "the run was not interrupted during ISM"
+    assert not (tmp_path / "run" / "global_ce.csv").exists()
+
+    config = load_config(pipeline, PipelineConfig)
+    resumed = run_pipeline(config, client=client, progress=False)
+    undisturbed = run_pipeline(config.model_copy(update={"store": str(tmp_path / "undisturbed.zarr")}), client=client, progress=False)
+    np.testing.assert_array_equal(
+        xr.open_zarr(config.store, group="ism", consolidated=False)["mut_pred"].values,
+        xr.open_zarr(tmp_path / "undisturbed.zarr", group="ism", consolidated=False)["mut_pred"].values,
+    )
+    pd.testing.assert_frame_equal(resumed.global_table, undisturbed.global_table)
