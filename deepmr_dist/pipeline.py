@@ -43,7 +43,7 @@ from deepmr_dist.models.architectures import head_for_tasks
 from deepmr_dist.models.ensemble import ModelSpec, load_members
 from deepmr_dist.models.heads import OutputHead, parse_tasks
 from deepmr_dist.pipeline_config import PipelineConfig
-from deepmr_dist.predict import ISMSettings, _validate_model, predict
+from deepmr_dist.predict import ISMSettings, validate_model, predict
 from deepmr_dist.sequence import read_bed_regions, read_fasta, read_onehot, sequences_dataset
 from deepmr_dist.simulation.generator import one_hot, select_split, simulate_round
 from deepmr_dist.simulation.study import TRUTH_GROUP, fit_round_calibration, motif_set
@@ -179,7 +179,7 @@ def plan(config: PipelineConfig) -> Plan:
     else:
         spec = model_spec(config)
         members = load_members(spec)
-        tasks = _validate_model(members, spec, head, loci)
+        tasks = validate_model(members, spec, head, loci)
         n_members = len(members)
     pairs = resolve_pairs(config, tasks)
     n_loci, length = loci.sizes["locus"], loci.sizes["position"]

@@ -164,7 +164,7 @@ def _n_outputs(member: torch.nn.Module, head: OutputHead, loci: xr.Dataset) -> i
     return int(all_tasks.shape[1])
 
 
-def _validate_model(members: list[torch.nn.Module], spec: ModelSpec, head: OutputHead, loci: xr.Dataset) -> list[str]:
+def validate_model(members: list[torch.nn.Module], spec: ModelSpec, head: OutputHead, loci: xr.Dataset) -> list[str]:
     """Run each member on the first locus through the head; return the task names.
 
     Raises
@@ -237,7 +237,7 @@ def predict(
     """
     t0 = time.perf_counter()
     members = load_members(spec, worker_device())
-    tasks = _validate_model(members, spec, settings.head, loci)
+    tasks = validate_model(members, spec, settings.head, loci)
     model_fp = fingerprint(members, spec)
     run_fp = run_fingerprint(model_fp, loci, settings)
     exists = store.store_exists(path, storage_options)
