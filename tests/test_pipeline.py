@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
+import yaml
 from distributed import Client, LocalCluster
 
 from conftest import EXAMPLE_ENSEMBLE, EXAMPLE_FASTA
@@ -171,50 +172,52 @@ def test_run_pipeline__bed_loci_with_motif_spacing_stratification(tmp_path, clie
     assert "Global CE by motif spacing" in (result.outputs / "report.html").read_text()
 
 
-def test_run_pipeline__random_initialised_bpnet_counts_heads_all_pairs(tmp_path, client):
+def _run_yaml(tmp_path: Path, data: dict, client) -> PipelineConfig:
+    """Write ``data`` as a pipeline YAML and run it through ``deepmr run``."""
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["run", str(path), "--cluster", client.scheduler.address, "--quiet"]) == 0
+    return load_config(path, PipelineConfig)
+
+
+def test_cli_run__random_initialised_bpnet_counts_heads_all_pairs(tmp_path, client):
     pytest.importorskip("bpnetlite")
-    config = parse_config(
-        {
-            "sequences": {"fasta": str(EXAMPLE_FASTA)},
-            "model": {
-                "sources": ["deepmr_dist.models.bpnet:bpnet_ensemble"],
-                "options": {"n_members": 2, "tasks": ["Oct4", "Sox2", "Nanog"], "n_filters": 8, "n_layers": 2},
-            },
-            "tasks": {"names": ["Oct4", "Sox2", "Nanog"], "output_index": 1},
-            "ism": {"chunk_loci": 24},
-            "mr": {"methods": ["ivw"]},
-            "store": str(tmp_path / "bpnet.zarr"),
+    data = {
+        "sequences": {"fasta": str(EXAMPLE_FASTA)},
+        "model": {
+            "sources": ["deepmr_dist.models.bpnet:bpnet_ensemble"],
+            "options": {"n_members": 2, "tasks": ["Oct4", "Sox2", "Nanog"], "n_filters": 8, "n_layers": 2},
         },
-        PipelineConfig,
-        "test",
-    )
-    result = run_pipeline(config, client=client, progress=False)
-    assert len(result.global_table) == 6  # all ordered pairs of three TFs
+        "tasks": {"names": ["Oct4", "Sox2", "Nanog"], "output_index": 1},
+        "ism": {"chunk_loci": 24},
+        "mr": {"methods": ["ivw"]},
+        "store": str(tmp_path / "bpnet.zarr"),
+    }
+    config = _run_yaml(tmp_path, data, client)
+    table = pd.read_csv(output_directory(config) / "global_ce.csv")
+    assert len(table) == 6  # all ordered pairs of three TFs
     ism = xr.open_zarr(config.store, group="ism", consolidated=False)
     assert list(ism["task"].values) == ["Oct4", "Sox2", "Nanog"] and ism.sizes["member"] == 2
 
 
-def test_run_pipeline__deepsea_style_tasks_by_name_with_sigmoid(tmp_path, client):
+def test_cli_run__deepsea_style_tasks_by_name_with_sigmoid(tmp_path, client):
     names = [f"cell{i}|{tf}" for i in range(3) for tf in ("GATA1", "TAL1", "DNase")]
-    config = parse_config(
-        {
-            "sequences": {"fasta": str(EXAMPLE_FASTA)},
-            "model": {
-                "sources": ["deepmr_dist.models.architectures:deepsea_ensemble"],
-                "options": {"n_members": 2, "length": 100, "n_tasks": len(names), "filters": [8, 8, 8],
-                            "width": 4, "pool": 2, "hidden": 16},
-            },
-            "tasks": {"names": names, "keep": ["cell1|GATA1", "cell1|TAL1", "cell1|DNase"], "transform": "sigmoid"},
-            "pairs": [["cell1|GATA1", "cell1|DNase"], ["cell1|TAL1", "cell1|DNase"]],
-            "ism": {"chunk_loci": 24},
-            "mr": {"methods": ["ivw", "egger"]},
-            "store": str(tmp_path / "deepsea.zarr"),
+    data = {
+        "sequences": {"fasta": str(EXAMPLE_FASTA)},
+        "model": {
+            "sources": ["deepmr_dist.models.architectures:deepsea_ensemble"],
+            "options": {"n_members": 2, "length": 100, "n_tasks": len(names), "filters": [8, 8, 8],
+                        "width": 4, "pool": 2, "hidden": 16},
         },
-        PipelineConfig,
-        "test",
-    )
-    result = run_pipeline(config, client=client, progress=False)
-    assert sorted(result.global_table["pair"].unique()) == ["cell1|GATA1->cell1|DNase", "cell1|TAL1->cell1|DNase"]
+        "tasks": {"names": names, "keep": ["cell1|GATA1", "cell1|TAL1", "cell1|DNase"], "transform": "sigmoid"},
+        "pairs": [["cell1|GATA1", "cell1|DNase"], ["cell1|TAL1", "cell1|DNase"]],
+        "ism": {"chunk_loci": 24},
+        "mr": {"methods": ["ivw", "egger"]},
+        "store": str(tmp_path / "deepsea.zarr"),
+    }
+    config = _run_yaml(tmp_path, data, client)
+    table = pd.read_csv(output_directory(config) / "global_ce.csv")
+    assert sorted(table["pair"].unique()) == ["cell1|GATA1->cell1|DNase", "cell1|TAL1->cell1|DNase"]
     ref = xr.open_zarr(config.store, group="ism", consolidated=False)["ref_pred"].values
     assert ((ref > 0) & (ref < 1)).all()  # sigmoid outputs
     wrong = config.model_copy(update={"tasks": config.tasks.model_copy(update={"keep": ["cell1|GATA", "cell1|DNase"]})})
