@@ -78,13 +78,13 @@ class PredictReport:
         return self.mutant_predictions / self.seconds if self.seconds > 0 else float("nan")
 
 
-def _ensemble(spec: ModelSpec, model_fp: str, length: int, incremental: bool) -> list[Any]:
+def _ensemble(spec: ModelSpec, model_fp: str, length: int, incremental: bool, head: OutputHead) -> list[Any]:
     device = worker_device()
 
     def load() -> list[Any]:
-        return [make_runner(m, length, incremental=incremental) for m in load_members(spec, device)]
+        return [make_runner(m, length, incremental=incremental, head=head) for m in load_members(spec, device)]
 
-    return MODEL_CACHE.get((model_fp, str(device), length, incremental), load)
+    return MODEL_CACHE.get((model_fp, str(device), length, incremental, head.output_index), load)
 
 
 def check_predictions(
@@ -125,7 +125,7 @@ def predict_chunk(
     """
     try:
         codes = store.read_sequences(path, start, stop, storage_options)
-        runners = _ensemble(spec, model_fp, codes.shape[1], settings.incremental)
+        runners = _ensemble(spec, model_fp, codes.shape[1], settings.incremental, settings.head)
         device = worker_device()
         x = codes_to_onehot(torch.from_numpy(codes).to(device))
         ref, mut = saturation_mutagenesis(runners, settings.head, x, mutant_batch=settings.mutant_batch)
@@ -140,7 +140,7 @@ def predict_chunk(
 def predict_in_memory(loci: xr.Dataset, spec: ModelSpec, settings: ISMSettings = ISMSettings()) -> xr.Dataset:
     """The ``ism`` group for ``loci`` computed in this process, without a cluster or a store."""
     members = load_members(spec, worker_device())
-    runners = [make_runner(m, loci.sizes["position"], incremental=settings.incremental) for m in members]
+    runners = [make_runner(m, loci.sizes["position"], incremental=settings.incremental, head=settings.head) for m in members]
     codes = loci["sequence"].values
     x = codes_to_onehot(torch.from_numpy(codes).to(worker_device()))
     ref, mut = saturation_mutagenesis(runners, settings.head, x, mutant_batch=settings.mutant_batch)

@@ -84,12 +84,19 @@ def mutation_list(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     return locus, position, base
 
 
-def make_runner(member: nn.Module, length: int, *, incremental: bool = True) -> MemberRunner:
-    """The fastest exact runner for ``member``: incremental where the model can be analysed."""
+def make_runner(
+    member: nn.Module, length: int, *, incremental: bool = True, head: OutputHead | None = None
+) -> MemberRunner:
+    """The fastest exact runner for ``member``: incremental where the model can be analysed.
+
+    With a ``head`` that reads one element of a tuple output (BPNet's counts),
+    the incremental runner skips the layers only the other elements need.
+    """
     if incremental:
         from deepmr_dist.ism.incremental import build_incremental_runner
 
-        runner = build_incremental_runner(member, length)
+        outputs = None if head is None or head.output_index is None else (head.output_index,)
+        runner = build_incremental_runner(member, length, outputs=outputs)
         if runner is not None:
             return runner
     return FullRecompute(member)
