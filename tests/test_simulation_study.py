@@ -133,6 +133,23 @@ def test_run_study__resumes_round_by_round_and_refuses_other_round_settings(tmp_
     with pytest.raises(StoreError, match="other settings"):
         run_study(_config(training={"epochs": 4}), tmp_path, client=client, progress=False)
 
+    # a rescore redoes the analysis only: members and ISM predictions stay, the MR methods change
+    members = round_directory(tmp_path, 1, 0) / "members" / "member-0.pt"
+    ism_chunk = sorted((round_directory(tmp_path, 1, 0) / "run.zarr" / "ism" / "mut_pred").rglob("c/*"))[0]
+    stamps = members.stat().st_mtime_ns, ism_chunk.stat().st_mtime_ns
+    analysis = {**TINY["analysis"], "methods": ["egger_paper", "wald_mean", "ivw"], "meta_method": "reml"}
+    rescored = run_study(_config(training={"epochs": 3}, rounds=2, analysis=analysis), tmp_path, client=client,
+                         progress=False, rescore=True)
+    assert (members.stat().st_mtime_ns, ism_chunk.stat().st_mtime_ns) == stamps
+    assert sorted(rescored["method"].unique()) == ["egger_paper", "ivw", "wald_mean"]
+    same = rescored[rescored["method"] == "wald_mean"].reset_index(drop=True)  # not meta-analysed: unchanged
+    np.testing.assert_allclose(same["estimate"], more[more["method"] == "wald_mean"]["estimate"].to_numpy())
+    np.testing.assert_array_equal(rescored[rescored["method"] == "egger_paper"]["train_s"].to_numpy(),
+                                  more[more["method"] == "egger_paper"]["train_s"].to_numpy())
+    with pytest.raises(StoreError, match="other settings other than analysis"):
+        run_study(_config(training={"epochs": 5}, analysis=analysis), tmp_path, client=client, progress=False,
+                  rescore=True)
+
 
 def test_cli_simulate__runs_a_config_and_prints_table1(tmp_path, capsys, client):
     config = tmp_path / "study.yaml"

@@ -20,6 +20,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--rounds", type=int, help="rounds per scenario (overrides the config)")
     p.add_argument("--cluster", help="'local' or a scheduler address (overrides the config)")
     p.add_argument("--n-workers", type=int, help="workers of the local cluster (overrides the config)")
+    p.add_argument(
+        "--rescore", action="store_true",
+        help="redo the analysis of finished rounds (instruments, MR, meta-analysis) from their stored ISM predictions",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar, no per-round lines")
     p.set_defaults(func=run_simulate)
 
@@ -33,7 +37,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     config = StudyConfig.model_validate({**config.model_dump(), **overrides, "cluster": cluster.model_dump()})
     out = args.out or config.output
     with connect(config.cluster.address, n_workers=config.cluster.n_workers, verbose=not args.quiet) as client:
-        run_study(config, out, client=client, progress=not args.quiet)
+        run_study(config, out, client=client, progress=not args.quiet, rescore=args.rescore)
     print((Path(out) / "table1.md").read_text())
     print(f"{out}: rounds.csv, table1.csv, table1.md, figures/")
     return 0

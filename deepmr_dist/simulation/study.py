@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from deepmr_dist import schema, store
 from deepmr_dist.analysis import global_ce, local_ce
-from deepmr_dist.config import dump_config
+from deepmr_dist.config import dump_config, load_config
 from deepmr_dist.effects import write_effects
 from deepmr_dist.errors import InputError, StoreError
 from deepmr_dist.instruments import RULES
@@ -58,7 +58,18 @@ from deepmr_dist.simulation.motifs import DEFAULT_MOTIFS, MotifSet, resolve_moti
 from deepmr_dist.simulation.training import TrainingSettings, train_ensemble
 from deepmr_dist.simulation.truth import true_causal_effects
 
-__all__ = ["MotifChoice", "StudyConfig", "fit_round_calibration", "motif_set", "round_directory", "run_round", "run_study", "summarize_round"]
+__all__ = [
+    "MotifChoice",
+    "StudyConfig",
+    "analyse_round",
+    "fit_round_calibration",
+    "motif_set",
+    "rescore_round",
+    "round_directory",
+    "run_round",
+    "run_study",
+    "summarize_round",
+]
 
 TASKS = ("exposure", "outcome")
 PAIR = ("exposure", "outcome")
@@ -66,6 +77,8 @@ TRUTH_GROUP = "truth"
 CALIBRATION_GROUP = "calibration"
 BASELINE = "wald_mean"
 PAPER_RULE = "egger_paper"
+RESCORABLE = {"ddof", "calibration", "instrument_rule", "instrument_threshold", "methods", "meta_method"}
+"""Analysis settings a rescore may change: everything downstream of the stored ISM predictions."""
 
 
 class _Section(BaseModel):
@@ -165,6 +178,17 @@ class StudyConfig(_Section):
         fixed = self.model_dump(mode="json", exclude={"name", "scenarios", "rounds", "concurrent_rounds", "cluster", "output"})
         return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()
 
+    def prediction_fingerprint(self) -> str:
+        """SHA-256 of the settings behind a round's members and ISM store (what a rescore keeps)."""
+        fixed = self.model_dump(
+            mode="json",
+            exclude={
+                **{name: True for name in ("name", "scenarios", "rounds", "concurrent_rounds", "cluster", "output")},
+                "analysis": RESCORABLE,
+            },
+        )
+        return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()
+
 
 # --------------------------------------------------------------------------- one round
 
@@ -229,6 +253,23 @@ def run_round(
     predict(loci, spec, path, client=client, settings=settings, overwrite=True, progress=False)
     timings["ism_s"] = time.perf_counter() - tick
 
+    val_mse = np.mean([m.history.best_val_mse for m in members], axis=0)  # per task, Anscombe units
+    rows = analyse_round(config, ds, truth, spec, path)
+    rows["val_mse_exposure"], rows["val_mse_outcome"] = float(val_mse[0]), float(val_mse[1])
+    timings["round_s"] = time.perf_counter() - started
+    for name, seconds in timings.items():
+        rows[name] = seconds
+    _write_atomically(rows, round_dir / "summary.csv")
+    return rows
+
+
+def analyse_round(config: StudyConfig, ds: xr.Dataset, truth: xr.Dataset, spec: ModelSpec, path: str) -> pd.DataFrame:
+    """Effects, MR, meta-analysis and truth of a round whose ISM store is complete; its summary rows.
+
+    Writes the ``effects``, ``mr``, ``meta`` and ``truth`` groups (and
+    ``calibration`` when configured) of the store at ``path``; the rows carry
+    the round's identity, parameters and ``analysis_s``.
+    """
     tick = time.perf_counter()
     calibration = fit_round_calibration(ds, spec, ddof=config.analysis.ddof) if config.analysis.calibration else None
     if calibration is not None:
@@ -247,20 +288,36 @@ def run_round(
     )
     local = store.write_group(path, local, schema.MR)
     global_ = store.write_group(path, global_ce(local, meta_method=config.analysis.meta_method), schema.META)
-    store.write_group(path, truth.reindex(locus=loci["locus"].values), TRUTH_GROUP)  # NaN: no exposure instance
-    timings["analysis_s"] = time.perf_counter() - tick
-    timings["round_s"] = time.perf_counter() - started
-
+    store.write_group(path, truth.reindex(locus=effects["locus"].values), TRUTH_GROUP)  # NaN: no exposure instance
     rows = summarize_round(local.load(), global_, truth, baseline=BASELINE)
-    rows.insert(0, "round", round_index)
-    rows.insert(0, "scenario", scenario)
-    rows["scenario_name"] = SCENARIOS[scenario]
+    rows.insert(0, "round", int(ds.attrs["round"]))
+    rows.insert(0, "scenario", int(ds.attrs["scenario"]))
+    rows["scenario_name"] = SCENARIOS[int(ds.attrs["scenario"])]
     rows["alpha"] = ds.attrs["alpha"]
     rows["gamma"] = ds.attrs["gamma"]
-    val_mse = np.mean([m.history.best_val_mse for m in members], axis=0)  # per task, Anscombe units
-    rows["val_mse_exposure"], rows["val_mse_outcome"] = float(val_mse[0]), float(val_mse[1])
-    for name, seconds in timings.items():
-        rows[name] = seconds
+    rows["analysis_s"] = time.perf_counter() - tick
+    return rows
+
+
+def rescore_round(
+    config: StudyConfig, scenario: int, round_index: int, round_dir: str | Path, *, motifs: MotifSet | None = None
+) -> pd.DataFrame:
+    """Redo a finished round's analysis under ``config.analysis`` from its stored members and ISM predictions.
+
+    Nothing is retrained or re-mutated; the training and ISM columns of the
+    old summary are kept. The round is regenerated from the seed only for its
+    parameters and truth (milliseconds).
+    """
+    round_dir = Path(round_dir)
+    old = pd.read_csv(round_dir / "summary.csv")
+    motifs = motif_set(config.motifs) if motifs is None else motifs
+    ds = simulate_round(scenario, round_index, seed=config.seed, motifs=motifs, config=config.generator)
+    spec = ModelSpec(tuple(str(round_dir / "members" / f"member-{i}.pt") for i in range(config.members)))
+    rows = analyse_round(config, ds, true_causal_effects(ds), spec, str(round_dir / "run.zarr"))
+    kept = ["val_mse_exposure", "val_mse_outcome", "simulate_s", "train_s", "ism_s"]
+    for name in kept:
+        rows[name] = old[name].iloc[0]
+    rows["round_s"] = rows[["simulate_s", "train_s", "ism_s", "analysis_s"]].sum(axis=1)
     _write_atomically(rows, round_dir / "summary.csv")
     return rows
 
@@ -338,7 +395,9 @@ def summarize_round(local: xr.Dataset, global_: xr.Dataset, truth: xr.Dataset, *
 # --------------------------------------------------------------------------- the study
 
 
-def run_study(config: StudyConfig, study_dir: str | Path | None = None, *, client, progress: bool = True) -> pd.DataFrame:
+def run_study(
+    config: StudyConfig, study_dir: str | Path | None = None, *, client, progress: bool = True, rescore: bool = False
+) -> pd.DataFrame:
     """Run (or resume) every round of ``config`` and write the study's tables and figures.
 
     Parameters
@@ -351,6 +410,11 @@ def run_study(config: StudyConfig, study_dir: str | Path | None = None, *, clien
         Dask client of the cluster that trains members and runs ISM.
     progress
         A progress bar over rounds on stderr, and one line per finished round.
+    rescore
+        Redo the analysis of every finished round under ``config.analysis``
+        (instruments, MR methods, meta-analysis, ddof, calibration) from its
+        stored members and ISM predictions (:func:`rescore_round`); the other
+        settings must equal those the rounds were made with.
 
     Returns
     -------
@@ -360,7 +424,8 @@ def run_study(config: StudyConfig, study_dir: str | Path | None = None, *, clien
     Raises
     ------
     StoreError
-        If ``study_dir`` holds rounds made with other round settings.
+        If ``study_dir`` holds rounds made with other round settings (with
+        ``rescore``: other settings than the rescorable analysis ones).
     """
     from tqdm.auto import tqdm
 
@@ -368,11 +433,14 @@ def run_study(config: StudyConfig, study_dir: str | Path | None = None, *, clien
     from deepmr_dist.simulation.metrics import table1, table1_markdown
 
     study_dir = Path(config.output if study_dir is None else study_dir)
-    _claim_directory(study_dir, config)
+    _claim_directory(study_dir, config, rescore=rescore)
     motifs = motif_set(config.motifs)
     jobs = [(s, r) for s in config.scenarios for r in range(config.rounds)]
-    done = {job: pd.read_csv(round_directory(study_dir, *job) / "summary.csv")
-            for job in jobs if (round_directory(study_dir, *job) / "summary.csv").exists()}
+    finished = [job for job in jobs if (round_directory(study_dir, *job) / "summary.csv").exists()]
+    if rescore:
+        done = {job: rescore_round(config, *job, round_directory(study_dir, *job), motifs=motifs) for job in finished}
+    else:
+        done = {job: pd.read_csv(round_directory(study_dir, *job) / "summary.csv") for job in finished}
     todo = [job for job in jobs if job not in done]
     with tqdm(total=len(jobs), initial=len(done), unit="round", desc="study", disable=not progress, file=sys.stderr) as bar:
         with ThreadPoolExecutor(max_workers=config.concurrent_rounds) as pool:
@@ -409,18 +477,27 @@ def _round_line(rows: pd.DataFrame) -> str:
     )
 
 
-def _claim_directory(study_dir: Path, config: StudyConfig) -> None:
-    """Write ``config.yaml``, or check that the rounds already there were made with the same round settings."""
+def _claim_directory(study_dir: Path, config: StudyConfig, *, rescore: bool = False) -> None:
+    """Write ``config.yaml``, or check that the rounds already there were made with the same settings.
+
+    A rescore needs only the settings behind the members and ISM stores to match.
+    """
     marker = study_dir / "round_settings.sha256"
-    fingerprint = config.round_fingerprint()
-    if marker.exists() and marker.read_text().strip() != fingerprint:
-        raise StoreError(
-            f"{study_dir} holds rounds made with other settings (see {study_dir / 'config.yaml'}); "
-            "use another output directory or remove it"
-        )
+    if marker.exists():
+        if rescore:
+            made_with = load_config(study_dir / "config.yaml", StudyConfig)
+            same = made_with.prediction_fingerprint() == config.prediction_fingerprint()
+        else:
+            same = marker.read_text().strip() == config.round_fingerprint()
+        if not same:
+            allowed = f" other than analysis.{{{', '.join(sorted(RESCORABLE))}}}" if rescore else ""
+            raise StoreError(
+                f"{study_dir} holds rounds made with other settings{allowed} (see {study_dir / 'config.yaml'}); "
+                "use another output directory or remove it"
+            )
     study_dir.mkdir(parents=True, exist_ok=True)
     (study_dir / "config.yaml").write_text(dump_config(config))
-    marker.write_text(fingerprint + "\n")
+    marker.write_text(config.round_fingerprint() + "\n")
 
 
 def motif_set(choice: MotifChoice) -> MotifSet:
