@@ -1,22 +1,69 @@
-"""Reading validated YAML configurations.
+"""Reading validated YAML configurations, and the pieces every config shares.
 
-Configs are pydantic models that forbid unknown keys; :func:`load_config`
-turns a validation failure into one :class:`~deepmr_dist.errors.InputError`
-whose lines give the file, the YAML path of each bad field (``training.epochs``,
-``analysis.methods[2]``) and what was expected.
+Configs are pydantic models built from :class:`Section` (unknown keys are
+errors); :func:`load_config` turns a validation failure into one
+:class:`~deepmr_dist.errors.InputError` whose lines give the file, the YAML
+path of each bad field (``training.epochs``, ``analysis.methods[2]``) and what
+was expected. :data:`InstrumentRule`, :data:`MetaMethod`, :data:`Transform`
+and :data:`MRMethods` check a field against the library's own lists of valid
+names; :class:`ClusterSettings` is where a run's Dask tasks go.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from deepmr_dist.errors import InputError
+from deepmr_dist.instruments import RULES
+from deepmr_dist.meta import META_METHODS
+from deepmr_dist.models.heads import TRANSFORMS
+from deepmr_dist.mr import METHODS
 
 Config = TypeVar("Config", bound=BaseModel)
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def _one_of(valid: Sequence[str], what: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        if value not in valid:
+            raise ValueError(f"unknown {what}; expected one of {', '.join(valid)}")
+        return value
+
+    return check
+
+
+def _mr_methods(methods: list[str]) -> list[str]:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"unknown MR method(s) {unknown}; valid: {', '.join(METHODS)}")
+    return list(dict.fromkeys(methods))
+
+
+InstrumentRule = Annotated[str, AfterValidator(_one_of(RULES, "instrument rule"))]
+"""A rule of :mod:`deepmr_dist.instruments`."""
+MetaMethod = Annotated[str, AfterValidator(_one_of(META_METHODS, "meta-analysis method"))]
+"""A method of :func:`deepmr_dist.meta.meta_analysis`."""
+Transform = Annotated[str, AfterValidator(_one_of(TRANSFORMS, "transform"))]
+"""A transform of :class:`~deepmr_dist.models.heads.OutputHead`."""
+MRMethods = Annotated[list[str], AfterValidator(_mr_methods)]
+"""A non-empty list of :data:`deepmr_dist.mr.METHODS`, repeats dropped."""
+
+
+class ClusterSettings(Section):
+    """Where a run's Dask tasks run."""
+
+    address: str = Field("local", description='"local" (embedded cluster) or a scheduler address')
+    n_workers: int | None = Field(None, ge=1, description="workers of the embedded cluster (default: one per core)")
 
 
 def field_path(location: tuple[int | str, ...]) -> str:

@@ -14,13 +14,13 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from deepmr_dist.config import ClusterSettings, InstrumentRule, MetaMethod, MRMethods, Section, Transform
 from deepmr_dist.errors import InputError
 from deepmr_dist.instruments import RULES
 from deepmr_dist.meta import META_METHODS
 from deepmr_dist.models.heads import TRANSFORMS
-from deepmr_dist.mr import METHODS
 from deepmr_dist.simulation.generator import SimulationConfig, parse_scenario
 from deepmr_dist.simulation.study import MotifChoice
 from deepmr_dist.simulation.training import TrainingSettings
@@ -34,11 +34,7 @@ def _is_entry_point(source: str, base: Path) -> bool:
     return bool(colon) and factory.isidentifier() and all(p.isidentifier() for p in module.split(".")) and not (base / source).exists()
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SimulatedSequences(_Section):
+class SimulatedSequences(Section):
     """One round of the paper's simulation: its test loci are mutated, its training loci train the model."""
 
     scenario: int = Field(1, description="1-4 or unconfounded, random, sequence, both")
@@ -53,7 +49,7 @@ class SimulatedSequences(_Section):
         return parse_scenario(value)
 
 
-class Sequences(_Section):
+class Sequences(Section):
     """Exactly one source of loci."""
 
     fasta: str | None = Field(None, description="FASTA of equal-length loci")
@@ -73,7 +69,7 @@ class Sequences(_Section):
         return self
 
 
-class Model(_Section):
+class Model(Section):
     """The ensemble: files or an entry point, or the simulation's ensemble trained by the pipeline."""
 
     sources: list[str] = Field(default_factory=list, description="TorchScript / state-dict files or package.module:factory")
@@ -91,73 +87,44 @@ class Model(_Section):
         return self
 
 
-class Tasks(_Section):
+class Tasks(Section):
     """How task predictions are read from the model output (see :class:`~deepmr_dist.models.heads.OutputHead`)."""
 
     names: list[str] | None = Field(None, description="names of ALL model outputs, in output order")
     keep: list[str | int] | None = Field(None, description="outputs to keep, by name or index (default all)")
     output_index: int | None = Field(None, description="element of a tuple output")
     profile_axis: int | None = Field(None, description="axis summed over (a profile output)")
-    transform: str = Field("none", description=f"one of {', '.join(TRANSFORMS)}")
-
-    @field_validator("transform")
-    @classmethod
-    def _transform(cls, value: str) -> str:
-        if value not in TRANSFORMS:
-            raise ValueError(f"unknown transform; expected one of {', '.join(TRANSFORMS)}")
-        return value
+    transform: Transform = Field("none", description=f"one of {', '.join(TRANSFORMS)}")
 
 
-class ISM(_Section):
+class ISM(Section):
     chunk_loci: int = Field(64, ge=1, description="loci per store chunk and per task")
     mutant_batch: int = Field(2048, ge=1, description="mutants per forward pass")
     incremental: bool = True
 
 
-class Effects(_Section):
+class Effects(Section):
     ddof: Literal[0, 1] = 0
     calibration: bool = Field(False, description="isotonic SE calibration on held-out labelled loci (simulation only)")
 
 
-class Instruments(_Section):
-    rule: str = Field("pooled_z", description=f"one of {', '.join(RULES)}")
+class Instruments(Section):
+    rule: InstrumentRule = Field("pooled_z", description=f"one of {', '.join(RULES)}")
     threshold: float = Field(1.0, gt=0)
 
-    @field_validator("rule")
-    @classmethod
-    def _rule(cls, value: str) -> str:
-        if value not in RULES:
-            raise ValueError(f"unknown instrument rule; expected one of {', '.join(RULES)}")
-        return value
 
-
-class MR(_Section):
-    methods: list[str] = Field(default_factory=lambda: ["egger_paper", "ivw", "wald_mean"])
+class MR(Section):
+    methods: MRMethods = Field(default_factory=lambda: ["egger_paper", "ivw", "wald_mean"])
     n_boot: int = Field(1000, ge=10, description="bootstrap draws of the median and mode estimators")
     seed: int = 0
 
-    @field_validator("methods")
-    @classmethod
-    def _methods(cls, methods: list[str]) -> list[str]:
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown or not methods:
-            raise ValueError(f"unknown MR method(s) {unknown}; valid: {', '.join(METHODS)}")
-        return list(dict.fromkeys(methods))
 
-
-class Meta(_Section):
-    method: str = Field("dl", description=f"one of {', '.join(META_METHODS)}")
+class Meta(Section):
+    method: MetaMethod = Field("dl", description=f"one of {', '.join(META_METHODS)}")
     hksj: bool = False
 
-    @field_validator("method")
-    @classmethod
-    def _method(cls, value: str) -> str:
-        if value not in META_METHODS:
-            raise ValueError(f"unknown meta-analysis method; expected one of {', '.join(META_METHODS)}")
-        return value
 
-
-class Spacing(_Section):
+class Spacing(Section):
     """Motif-spacing stratification (the paper's S1 Fig); needs loci from a BED (intervals)."""
 
     motifs_bed: str = Field(description="BED of motif instances, the TF in the name column")
@@ -165,12 +132,7 @@ class Spacing(_Section):
     edges: list[float] = Field(default_factory=lambda: [0.0, 35.0, 70.0, 150.0, float("inf")], description="bin edges, bp")
 
 
-class Cluster(_Section):
-    address: str = "local"
-    n_workers: int | None = Field(None, ge=1)
-
-
-class PipelineConfig(_Section):
+class PipelineConfig(Section):
     """Everything ``deepmr run`` needs; see ``pipelines/*.yaml`` for examples."""
 
     name: str = "deepmr-run"
@@ -186,7 +148,7 @@ class PipelineConfig(_Section):
     mr: MR = Field(default_factory=MR)
     meta: Meta = Field(default_factory=Meta)
     spacing: Spacing | None = None
-    cluster: Cluster = Field(default_factory=Cluster)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     store: str = Field("runs/run.zarr", description="run store: a directory or an fsspec URL")
 
     @model_validator(mode="after")

@@ -39,18 +39,15 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import xarray as xr
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from deepmr_dist import schema, store
 from deepmr_dist.analysis import global_ce, local_ce
-from deepmr_dist.config import dump_config, load_config
+from deepmr_dist.config import ClusterSettings, InstrumentRule, MetaMethod, MRMethods, Section, dump_config, load_config
 from deepmr_dist.effects import write_effects
 from deepmr_dist.errors import InputError, StoreError
-from deepmr_dist.instruments import RULES
-from deepmr_dist.meta import META_METHODS
 from deepmr_dist.models.ensemble import ModelSpec
 from deepmr_dist.models.heads import OutputHead
-from deepmr_dist.mr import METHODS
 from deepmr_dist.predict import ISMSettings, predict
 from deepmr_dist.sequence import sequences_dataset
 from deepmr_dist.simulation.generator import SCENARIOS, SimulationConfig, one_hot, parse_scenario, select_split, simulate_round
@@ -81,11 +78,7 @@ RESCORABLE = {"ddof", "calibration", "instrument_rule", "instrument_threshold", 
 """Analysis settings a rescore may change: everything downstream of the stored ISM predictions."""
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class MotifChoice(_Section):
+class MotifChoice(Section):
     """The three motifs: JASPAR matrix IDs (offline, pyjaspar) or PWM files (``path`` or ``path::name``)."""
 
     exposure: str = DEFAULT_MOTIFS["exposure"]
@@ -93,53 +86,29 @@ class MotifChoice(_Section):
     confounder: str = DEFAULT_MOTIFS["confounder"]
 
 
-class AnalysisSettings(_Section):
+class AnalysisSettings(Section):
     """ISM chunking, effects, instruments, MR and meta-analysis of every round."""
 
     chunk_loci: int = Field(100, ge=1, description="loci per store chunk and per ISM task")
     ddof: Literal[0, 1] = Field(0, description="degrees of freedom of the SD over members (0 as the paper)")
     calibration: bool = Field(False, description="rescale effect SEs by the isotonic calibration on held-out loci")
-    instrument_rule: str = Field("pooled_z", description="pooled_z (the paper's) or mutation_z")
+    instrument_rule: InstrumentRule = Field("pooled_z", description="pooled_z (the paper's) or mutation_z")
     instrument_threshold: float = Field(1.0, gt=0, description="z threshold of the instrument rule")
-    methods: list[str] = Field(
+    methods: MRMethods = Field(
         default_factory=lambda: [PAPER_RULE, BASELINE, "ivw"], description="MR methods; Table 1 needs egger_paper and wald_mean"
     )
-    meta_method: str = Field("dl", description="meta-analysis of local CEs: fe, dl, reml or pm")
-
-    @field_validator("instrument_rule")
-    @classmethod
-    def _known_rule(cls, rule: str) -> str:
-        if rule not in RULES:
-            raise ValueError(f"unknown instrument rule; expected one of {', '.join(RULES)}")
-        return rule
+    meta_method: MetaMethod = Field("dl", description="meta-analysis of local CEs: fe, dl, reml or pm")
 
     @field_validator("methods")
     @classmethod
-    def _known_methods(cls, methods: list[str]) -> list[str]:
-        unknown = [m for m in methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown MR method(s) {unknown}; valid: {', '.join(METHODS)}")
+    def _table1_methods(cls, methods: list[str]) -> list[str]:
         missing = [m for m in (PAPER_RULE, BASELINE) if m not in methods]
         if missing:
             raise ValueError(f"methods must include {missing} (the paper's rule and baseline, for Table 1)")
-        return list(dict.fromkeys(methods))
-
-    @field_validator("meta_method")
-    @classmethod
-    def _known_meta(cls, method: str) -> str:
-        if method not in META_METHODS:
-            raise ValueError(f"unknown meta-analysis method; expected one of {', '.join(META_METHODS)}")
-        return method
+        return methods
 
 
-class ClusterSettings(_Section):
-    """Where the study's Dask tasks run."""
-
-    address: str = Field("local", description='"local" (embedded cluster) or a scheduler address')
-    n_workers: int | None = Field(None, ge=1, description="workers of the embedded cluster (default: one per core)")
-
-
-class StudyConfig(_Section):
+class StudyConfig(Section):
     """A simulation study: which scenarios and rounds, and every setting of a round.
 
     The study design is the paper's (4 scenarios x 50 rounds, 10,000 training
