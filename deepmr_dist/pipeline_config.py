@@ -34,6 +34,22 @@ def _is_entry_point(source: str, base: Path) -> bool:
     return bool(colon) and factory.isidentifier() and all(p.isidentifier() for p in module.split(".")) and not (base / source).exists()
 
 
+def _resolve_option_paths(value: Any, base: Path) -> Any:
+    """``value`` with every relative string naming an existing file or folder under ``base`` made ``base / string``.
+
+    Entry-point options are free-form (a checkpoint path, a dict of task ->
+    list of paths), so a string counts as a path exactly when it names
+    something that exists next to the YAML; any other string is left alone.
+    """
+    if isinstance(value, dict):
+        return {key: _resolve_option_paths(item, base) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_resolve_option_paths(item, base) for item in value]
+    if isinstance(value, str) and value and "://" not in value and not Path(value).is_absolute() and (base / value).exists():
+        return str(base / value)
+    return value
+
+
 class SimulatedSequences(Section):
     """One round of the paper's simulation: its test loci are mutated, its training loci train the model."""
 
@@ -73,7 +89,10 @@ class Model(Section):
     """The ensemble: files or an entry point, or the simulation's ensemble trained by the pipeline."""
 
     sources: list[str] = Field(default_factory=list, description="TorchScript / state-dict files or package.module:factory")
-    options: dict[str, Any] = Field(default_factory=dict, description="keyword arguments of the entry point's factory")
+    options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="keyword arguments of the entry point's factory; a relative path naming a file next to the YAML is taken from there",
+    )
     train_simulation: bool = Field(False, description="train the paper's CNN on the simulation's training loci")
     members: int = Field(3, ge=2, description="members to train (train_simulation)")
     training: TrainingSettings = Field(default_factory=TrainingSettings)
@@ -181,9 +200,10 @@ class PipelineConfig(Section):
         seq = self.sequences.model_copy(update={k: resolve(getattr(self.sequences, k)) for k in ("fasta", "bed", "genome", "onehot")})
         spacing = None if self.spacing is None else self.spacing.model_copy(update={"motifs_bed": resolve(self.spacing.motifs_bed)})
         sources = [s if _is_entry_point(s, base) else resolve(s) for s in self.model.sources]
+        options = _resolve_option_paths(self.model.options, base)
         resolved = self.model_copy(update={
             "sequences": seq,
-            "model": self.model.model_copy(update={"sources": sources}),
+            "model": self.model.model_copy(update={"sources": sources, "options": options}),
             "spacing": spacing,
         })
         resolved.check_inputs_exist()

@@ -74,6 +74,18 @@ def test_pipeline_config__missing_input_file_names_the_field(tmp_path):
         load_config(path, PipelineConfig).resolve_paths(tmp_path)
 
 
+def test_pipeline_config__option_paths_are_taken_from_the_yaml_folder(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    for name in ("oct4.m0.torch", "ckpt/sox2.m0.torch"):
+        (tmp_path / name).write_bytes(b"")
+    options = {"checkpoints": {"Oct4": ["oct4.m0.torch"], "Sox2": ["ckpt/sox2.m0.torch"]}, "tasks": ["Oct4"], "absent": "x.torch",
+               "trimming": 0, "url": "s3://bucket/oct4.m0.torch"}
+    data = {"sequences": {"fasta": str(EXAMPLE_FASTA)}, "model": {"sources": ["deepmr_dist.models.bpnet:load_bpnet_checkpoints"],
+                                                                  "options": options}}
+    resolved = parse_config(data, PipelineConfig, "p.yaml").resolve_paths(tmp_path).model.options
+    assert resolved == {**options, "checkpoints": {"Oct4": [str(tmp_path / "oct4.m0.torch")], "Sox2": [str(tmp_path / "ckpt/sox2.m0.torch")]}}
+
+
 def test_pipeline__pair_naming_a_missing_task_is_an_error(tmp_path, client):
     config = _example(tmp_path, pairs=[["task0", "accessibility"]])
     with pytest.raises(InputError, match=r"pairs\[0\] names task 'accessibility'.*\['task0', 'task1'\]"):

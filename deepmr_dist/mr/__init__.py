@@ -18,4 +18,4 @@ Modules: :mod:`.ivw`, :mod:`.egger`, :mod:`.robust` (MM / lmrob), :mod:`.median`
 from deepmr_dist.mr.api import BOOTSTRAP_METHODS, METHODS, estimate
 from deepmr_dist.mr.result import REASONS, MRResult
 
-__all__ = ["BOOTSTRAP_METHODS", "METHODS", "MRResult", "REASONS", "estimate"]
+__all__ = ["BOOTSTRAP_METHODS", "METHODS", "REASONS", "MRResult", "estimate"]

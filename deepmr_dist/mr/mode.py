@@ -92,7 +92,7 @@ def density_mode(b: np.ndarray, w: np.ndarray, valid: np.ndarray, bw: np.ndarray
 
 
 def _density_mode(b: np.ndarray, w: np.ndarray, valid: np.ndarray, bw: np.ndarray) -> np.ndarray:
-    rows, k = b.shape
+    rows = b.shape[0]
     n = N_GRID
     ok = np.isfinite(bw) & (bw > 0) & valid.any(axis=1)
     bw_s = np.where(ok, bw, 1.0)

@@ -38,15 +38,18 @@ Differences from robustbase, by design:
 * All loci of a chunk are iterated together (a loop over iterations and over
   candidates, never over loci); converged loci drop out of the working set.
 
-Implementation notes. The cost is one numpy pass over the ``(loci, K)`` arrays
-of a chunk per elementwise operation, so every per-instrument array lives in a
-per-thread :class:`_Workspace` allocated once and reused by every chunk and
-iteration (fresh temporaries of this size cost page faults that dominate the
-arithmetic), and chunks are large (one per thread at least) so that the last,
+Implementation notes. Each S- or M-iteration needs residuals, bisquare weights
+and weighted sums over every instrument of every locus in the working set; these
+come from one fused loop per iteration (:mod:`deepmr_dist.mr._bisquare`, numba)
+instead of about ten numpy passes, which dominated the time at thousands of
+instruments per locus. Everything else (candidates, medians, convergence
+bookkeeping, the small ``p x p`` algebra) is numpy over all loci of a chunk.
+Per-instrument arrays live in a per-thread :class:`_Workspace` allocated once and
+reused by every chunk and iteration (fresh temporaries of this size cost page
+faults), and chunks are large (one per thread at least) so that the last,
 slowest-converging loci of a chunk iterate together.
-Weighted sums ``sum w x x'`` and ``sum w x y`` are one batched matrix product with
-the precomputed products of the design columns; ``sum psi'(u) x x'`` follows from
-the same sums with weights ``v`` and ``v^2`` (``psi'(u) = 5 v^2 - 4 v``); the joint
+``sum psi'(u) x x'`` follows from the sums with weights ``v`` and ``v^2``
+(``psi'(u) = 5 v^2 - 4 v``); the joint
 Newton step on ``(beta, s)`` eliminates ``s`` and solves a ``p x p`` system in
 closed form. Only the design (``x``, ``y``) of a chunk is built from the inputs,
 inside its worker.
@@ -62,6 +65,15 @@ from collections.abc import Callable
 import numpy as np
 
 from deepmr_dist.errors import InputError
+from deepmr_dist.mr._bisquare import (
+    avar1_sums,
+    bisquare_sums,
+    egger_design,
+    mscale,
+    n_sums,
+    rho_sums,
+    weighted_sums,
+)
 from deepmr_dist.mr._data import (
     MRData,
     chi2_sf,
@@ -100,8 +112,8 @@ ELEMENTAL_RANDOM_BUDGET = 500
 ELEMENTAL_MIN = 10
 """... or none when that is fewer than this (large loci rely on the LS and median starts)."""
 CHUNK_ELEMENTS = 200_000
-"""Target loci x instruments per chunk (the workspace of one thread is about 21 times
-this many doubles, 34 MB)."""
+"""Target loci x instruments per chunk (the workspace of one thread is about 8 times
+this many doubles, 13 MB)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,18 +221,6 @@ def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.matmul(a[:, None, :], b[:, :, None])[:, 0, 0]
 
 
-def _bisquare(u: np.ndarray, t: np.ndarray, v: np.ndarray) -> None:
-    """``t = u^2`` and ``v = max(1 - t, 0)`` for scaled residuals ``u = r / (s c)``, into ``t`` and ``v``."""
-    np.multiply(u, u, out=t)
-    _one_minus(t, v)
-
-
-def _one_minus(t: np.ndarray, v: np.ndarray) -> None:
-    """``v = max(1 - t, 0)`` into ``v``."""
-    np.subtract(1.0, t, out=v)
-    np.maximum(v, 0.0, out=v)
-
-
 # ----------------------------------------------------------------------------- one chunk of loci
 
 
@@ -238,38 +238,33 @@ class _Workspace:
     """
 
     def __init__(self, rows: int, p: int, k: int) -> None:
-        n_z = p * (p + 1) // 2 + p
         self.xy = np.empty((rows, p + 1, k))
-        self.z = np.empty((rows, n_z, k))
         self.xy_sub = np.empty((rows, p + 1, k))
-        self.z_sub = np.empty((rows, n_z, k))
-        self.scratch = np.empty((5, rows, k))
+        self.scratch = np.empty((2, rows, k))
 
 
 class _Chunk:
     """One chunk of loci (rows) in the sqrt-weighted scale.
 
-    ``xy`` stacks the ``p`` design columns and the response, ``(m, p + 1, K)``; ``z``
-    holds the products ``x_i x_j`` (``i <= j``) and ``x_i y`` for weighted sums.
+    ``xy`` stacks the ``p`` design columns and the response, ``(m, p + 1, K)``.
     Unused entries hold 0: they add nothing to weighted sums and have zero residual
-    (``rho = 0``); counts use ``n``. ``r``, ``a``, ``t``, ``v``, ``d`` are ``(m, K)``
+    (``rho = 0``); counts use ``n``. ``r`` and ``a`` are ``(m, K)``
     scratch views shared with every other chunk of the same workspace.
     """
 
-    def __init__(
-        self, xy: np.ndarray, z: np.ndarray, valid: np.ndarray, n: np.ndarray, ws: _Workspace, compact: bool = False
-    ) -> None:
-        self.xy, self.z, self.valid, self.ws, self.compact = xy, z, valid, ws, compact
+    def __init__(self, xy: np.ndarray, valid: np.ndarray, n: np.ndarray, ws: _Workspace, compact: bool = False) -> None:
+        self.xy, self.valid, self.ws, self.compact = xy, valid, ws, compact
         self.invalid = ~valid
         self.n = n
         self.nf = n.astype(np.float64)
         self.m, self.p, self.k = xy.shape[0], xy.shape[1] - 1, xy.shape[2]
         self.q = self.p * (self.p + 1) // 2
+        self.nz = n_sums(self.p)
         self.sym, self.diag = _SYM[self.p], _DIAG[self.p]
         self.x = xy[:, : self.p]
         self.y = xy[:, self.p]
         self.target = BB * (self.nf - self.p)
-        self.r, self.a, self.t, self.v, self.d = (buf[: self.m] for buf in ws.scratch)
+        self.r, self.a = (buf[: self.m] for buf in ws.scratch)
 
     def subset(self, rows: np.ndarray) -> _Chunk:
         """The chunk restricted to ``rows``, copied into the workspace's compaction arrays.
@@ -280,8 +275,7 @@ class _Chunk:
         assert not self.compact, "subsets are taken from the full chunk"
         m = rows.size
         xy = np.take(self.xy, rows, axis=0, out=self.ws.xy_sub[:m], mode="clip")
-        z = np.take(self.z, rows, axis=0, out=self.ws.z_sub[:m], mode="clip")
-        return _Chunk(xy, z, self.valid[rows], self.n[rows], self.ws, compact=True)
+        return _Chunk(xy, self.valid[rows], self.n[rows], self.ws, compact=True)
 
     def resid(self, beta: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
         """Residuals ``y - X beta`` (times ``scale`` per row) in the ``r`` scratch array.
@@ -296,10 +290,9 @@ class _Chunk:
         np.matmul(coef, self.xy, out=self.r[:, None, :])
         return self.r
 
-    def wsums(self, w: np.ndarray, xx_only: bool = False) -> np.ndarray:
-        """Flat weighted sums ``(sum w x x', sum w x y)`` per row (only the first part if ``xx_only``)."""
-        z = self.z[:, : self.q] if xx_only else self.z
-        return np.matmul(z, w[:, :, None])[:, :, 0]
+    def wsums(self, w: np.ndarray) -> np.ndarray:
+        """Flat weighted sums ``(sum w x x', sum w x y)`` per row."""
+        return weighted_sums(self.xy, w)
 
     def median_abs(self, r: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
         """``median(|r|)`` over used entries of ``r`` (all rows, or chunk ``rows`` with ``r`` their residuals).
@@ -325,85 +318,27 @@ class _Chunk:
         return np.count_nonzero(a < EXACT_TOL, axis=1) - (self.k - n) > (n + self.p) / 2.0
 
 
-def _products(xy: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """Fill ``out`` with the design products ``x_i x_j`` (``i <= j``) and ``x_i y``."""
-    p = xy.shape[1] - 1
-    cols = [(i, j) for i in range(p) for j in range(i, p)] + [(i, p) for i in range(p)]
-    for idx, (i, j) in enumerate(cols):
-        np.multiply(xy[:, i], xy[:, j], out=out[:, idx])
-    return out
-
-
-def _mscale(
-    r2: np.ndarray, target: np.ndarray, s0: np.ndarray, scratch: tuple[np.ndarray, ...],
-    tol: float = 1e-10, max_iter: int = 100,
-) -> np.ndarray:
-    """M-scale per row, ``sum rho_c1(r / s) = target``, from squared residuals ``r2``.
-
-    Newton steps, with the fixed-point step ``s sqrt(sum rho / target)`` as fallback;
-    rows stop at a relative change of ``tol``. ``scratch`` holds three arrays of
-    ``r2``'s shape.
-    """
-    s = s0.copy()
-    active = np.isfinite(s) & (s > 0)
-    idx = np.arange(s.size)
-    t, v, d = scratch
-    k = r2.shape[1]
-    for _ in range(max_iter):
-        if not active.any():
-            break
-        if active.sum() <= 0.5 * active.size and active.size > 4:
-            keep = np.flatnonzero(active)
-            idx, r2, active = idx[keep], r2[keep], active[keep]
-            t, v, d = t[: keep.size], v[: keep.size], d[: keep.size]
-        sc = s[idx]
-        np.multiply(r2, (1.0 / (C_CHI * sc) ** 2)[:, None], out=t)
-        _one_minus(t, v)
-        np.multiply(v, v, out=d)
-        tg = target[idx]
-        g = k - _rowdot(d, v) - tg
-        dg = -6.0 * _rowdot(d, t) / sc  # d/ds sum rho(r / s)
-        s_newton = sc - g / dg
-        s_fp = sc * np.sqrt((g + tg) / tg)
-        use_newton = np.isfinite(s_newton) & (s_newton > 0.5 * sc) & (s_newton < 2.0 * sc)
-        s_new = np.where(active, np.where(use_newton, s_newton, s_fp), sc)
-        done = np.abs(s_new - sc) <= tol * sc
-        s[idx] = s_new
-        active &= ~done & np.isfinite(s_new) & (s_new > 0)
-    return s
-
-
 def _agrees(xx_diag: np.ndarray, beta: np.ndarray, b_irwls: np.ndarray, b_newton: np.ndarray) -> np.ndarray:
     """Newton and IRWLS steps point the same way (positive cosine in the metric diag(X'WX))."""
     return ((b_irwls - beta) * (b_newton - beta) * np.abs(xx_diag)).sum(axis=1) > 0
 
 
-def _s_eval(
-    ch: _Chunk, beta: np.ndarray, s: np.ndarray, newton: bool, r: np.ndarray | None = None
-) -> tuple[np.ndarray, ...]:
+def _s_eval(ch: _Chunk, beta: np.ndarray, s: np.ndarray, newton: bool) -> tuple[np.ndarray, ...]:
     """S-iteration at ``(beta, s)``: IRWLS update and, if ``newton``, the Newton update.
 
     The IRWLS update is robustbase's ``refine_fast_s`` step (scale step
     ``s sqrt(mean rho / bb)`` and weighted least squares with weights ``psi(u) / u``),
     with both evaluated at the current point. Newton solves the joint equations
     ``sum psi_c1(r / s) x = 0`` and ``sum rho_c1(r / s) = bb (n - p)``; the scale
-    is eliminated, leaving a ``p x p`` system. ``r``: the residuals at ``beta`` when
-    already in the chunk's ``r`` array.
+    is eliminated, leaving a ``p x p`` system.
     """
-    inv = 1.0 / (C_CHI * s)
-    u = ch.resid(beta, inv) if r is None else np.multiply(r, inv[:, None], out=r)
-    _bisquare(u, ch.t, ch.v)
-    if newton:
-        sums_v = ch.wsums(ch.v)
-    v2 = np.multiply(ch.v, ch.v, out=ch.d)
-    rho = ch.k - _rowdot(v2, ch.v)
-    sums = ch.wsums(v2)
+    fused = bisquare_sums(ch.xy, beta, 1.0 / (C_CHI * s))
+    sums, sums_v, rho, tv2 = fused[:, : ch.nz], fused[:, ch.nz : 2 * ch.nz], fused[:, -2], fused[:, -1]
     xx_w, xy_w = sums[:, ch.sym], sums[:, ch.q :]
     s_fp = s * np.sqrt(rho / ch.target)
     beta_irwls = _solve(xx_w, xy_w)
     if not newton:
         return beta_irwls, s_fp, None, None
-    tv2 = _rowdot(v2, ch.t)
     sums_d = 5.0 * sums - 4.0 * sums_v  # psi'(u) = v (1 - 5 t) = 5 v^2 - 4 v
     xx_d, xy_d = sums_d[:, ch.sym], sums_d[:, ch.q :]
     fb = (xy_w - _mv(xx_w, beta)) / s[:, None]  # sum psi(u) x
@@ -422,10 +357,8 @@ def _s_eval(
 
 def _m_eval(ch: _Chunk, beta: np.ndarray, s: np.ndarray, newton: bool) -> tuple[np.ndarray, ...]:
     """M-iteration at fixed scale (bisquare c2): IRWLS update and, if ``newton``, the Newton update."""
-    _bisquare(ch.resid(beta, 1.0 / (C_PSI * s)), ch.t, ch.v)
-    if newton:
-        xx_v = ch.wsums(ch.v, xx_only=True)
-    sums = ch.wsums(np.multiply(ch.v, ch.v, out=ch.d))
+    fused = bisquare_sums(ch.xy, beta, 1.0 / (C_PSI * s))
+    sums, xx_v = fused[:, : ch.nz], fused[:, ch.nz : ch.nz + ch.q]
     xx_w, xy_w = sums[:, ch.sym], sums[:, ch.q :]
     beta_irwls = _solve(xx_w, xy_w)
     if not newton:
@@ -601,7 +534,7 @@ def _fast_s_candidate(
         exact[rows] = ch.exact(r[rows], rows)
         fallback = np.sqrt(_rowdot(r, r) / np.maximum(ch.nf, 1.0))
         s0 = np.where(s0 > 0, s0, np.where(fallback > 0, fallback, 1.0))
-    b_new = _s_eval(ch, beta, s0, False, r)[0]
+    b_new = _s_eval(ch, beta, s0, False)[0]
     good = np.isfinite(b_new).all(axis=1) & ~exact
     beta = np.where(good[:, None], b_new, beta)
     return beta, ch.resid(beta), exact
@@ -627,7 +560,6 @@ def _s_start(ch: _Chunk, ok: np.ndarray, xx: np.ndarray, xy: np.ndarray) -> tupl
         """Offer the candidates ``beta`` (residuals ``r``) of chunk rows ``rows`` where ``use``."""
         use = use & ok[rows] & ~exact[rows]
         j = rows.size
-        t, v, d = ch.t[:j], ch.v[:j], ch.d[:j]
         cur = best_s[rows]
         first = use & ~np.isfinite(cur) & ~is_exact
         screen = use & np.isfinite(cur) & ~is_exact
@@ -640,10 +572,7 @@ def _s_start(ch: _Chunk, ok: np.ndarray, xx: np.ndarray, xy: np.ndarray) -> tupl
             s0[loc] = 1.4826 * med
             check[loc[med < EXACT_TOL]] = True
         if screen.any():
-            np.multiply(r, (1.0 / (C_CHI * np.where(screen, cur, 1.0)))[:, None], out=t)
-            _bisquare(t, t, v)
-            np.multiply(v, v, out=d)
-            passed = ch.k - _rowdot(d, v) < ch.target[rows]
+            passed = rho_sums(r, 1.0 / (C_CHI * np.where(screen, cur, 1.0))) < ch.target[rows]
             check |= screen & (passed | (6.0 * ch.nf[rows] * EXACT_TOL**2 >= (C_CHI * cur) ** 2))
             screen &= passed
         if check.any():
@@ -668,7 +597,7 @@ def _s_start(ch: _Chunk, ok: np.ndarray, xx: np.ndarray, xy: np.ndarray) -> tupl
         if not (s0 > 0).all():
             fallback = np.sqrt(r2.sum(axis=1) / np.maximum(ch.nf[g], 1.0))
             s0 = np.where(s0 > 0, s0, np.where(fallback > 0, fallback, 1.0))
-        s_new = _mscale(r2, ch.target[g], s0, (t[: loc.size], v[: loc.size], d[: loc.size]))
+        s_new = mscale(r2, ch.target[g], s0, C_CHI)
         imp = np.isfinite(s_new) & (s_new < best_s[g])
         best_beta[g[imp]] = beta[loc[imp]]
         best_s[g[imp]] = s_new[imp]
@@ -708,29 +637,17 @@ def _s_start(ch: _Chunk, ok: np.ndarray, xx: np.ndarray, xy: np.ndarray) -> tupl
 
 def _vcov_avar1(ch: _Chunk, beta: np.ndarray, beta_s: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """robustbase's ``.vcov.avar1`` per row (negative eigenvalues posdefified) and the RSS at ``beta``."""
-    p, n, sym, q = ch.p, ch.nf, ch.sym, ch.q
-    rs = ch.resid(beta, 1.0 / s)  # final scaled residuals
-    rss = _rowdot(rs, rs) * s * s
-    np.multiply(rs, 1.0 / C_PSI, out=ch.t)
-    _bisquare(ch.t, ch.t, ch.v)
-    v2 = np.multiply(ch.v, ch.v, out=ch.d)
-    psi = np.multiply(rs, v2, out=ch.a)
-    dpsi = np.multiply(ch.t, -5.0, out=ch.t)
-    dpsi += 1.0
-    dpsi *= ch.v  # psi'(u) = v (1 - 5 t)
-    sums_d = ch.wsums(dpsi)
+    p, n, sym, q, nz = ch.p, ch.nf, ch.sym, ch.q, ch.nz
+    sums = avar1_sums(ch.xy, beta, beta_s, s, C_PSI, C_CHI)
+    sums_d = sums[:, :nz]  # weights psi'(r / s)
+    x_psi2_x = sums[:, nz : nz + q][:, sym]
+    xww = sums[:, nz + q : nz + q + p]  # sum x psi(r / s) chi(r0 / s)
+    rss = sums[:, -3] * s * s
+    mean_dchi = 6.0 * sums[:, -2] / n  # mean(chi'(r0/s) r0/s) with chi' = (6/c^2) u v^2
+    mean_chi2 = sums[:, -1] / n
     xwx = sums_d[:, sym]
     # sum x psi'(r/s) r/s = (sum psi' x y - sum psi' x x' beta) / s
     num = (sums_d[:, q:] - _mv(xwx, beta)) / s[:, None]
-    x_psi2_x = ch.wsums(np.multiply(psi, psi, out=ch.v), xx_only=True)[:, sym]
-    u0 = ch.resid(beta_s, 1.0 / (C_CHI * s))  # initial (S) residuals / (s c1)
-    _bisquare(u0, ch.t, ch.v)
-    v02 = np.multiply(ch.v, ch.v, out=ch.d)
-    mean_dchi = 6.0 * _rowdot(ch.t, v02) / n  # mean(chi'(r0/s) r0/s) with chi' = (6/c^2) u v^2
-    chi = np.multiply(v02, ch.v, out=ch.v)
-    np.subtract(1.0, chi, out=chi)  # rho_c1 (normalised); unused entries: 0
-    mean_chi2 = _rowdot(chi, chi) / n
-    xww = np.matmul(ch.x, np.multiply(psi, chi, out=ch.a)[:, :, None])[:, :, 0]
     a_mat = _inv(xwx) * s[:, None, None]
     a = _mv(a_mat, num) / mean_dchi[:, None]
     axww = _mv(a_mat, xww)
@@ -761,7 +678,8 @@ def _fit_chunk(ch: _Chunk) -> MMFit:
 
     # unweighted sums: rank check of the (sqrt-weighted) design, as lmrob's
     # .lm.fit(tol = solve.tol), and the least-squares start
-    sums = ch.z.sum(axis=2)
+    ch.a.fill(1.0)
+    sums = ch.wsums(ch.a)
     xx, xy = sums[:, ch.sym], sums[:, ch.q :]
     if p == 1:
         singular = ~(xx[:, 0, 0] > 0)
@@ -816,7 +734,7 @@ def _fit(
         with np.errstate(all="ignore"):
             xy = ws.xy[: hi - lo]
             fill(lo, hi, xy)
-            part = _fit_chunk(_Chunk(xy, _products(xy, ws.z[: hi - lo]), valid[lo:hi], n[lo:hi], ws))
+            part = _fit_chunk(_Chunk(xy, valid[lo:hi], n[lo:hi], ws))
         for field in dataclasses.fields(MMFit):
             getattr(fit, field.name)[lo:hi] = getattr(part, field.name)
 
@@ -960,10 +878,7 @@ def robust_egger(data: MRData, *, alpha: float = 0.05, t_dist: bool = False, thr
 
     def fill(lo: int, hi: int, xy: np.ndarray) -> None:
         # oriented (|bx|, sign(bx) by) times sqrt(w) = 1 / byse, with an intercept column
-        inv = np.divide(data.valid[lo:hi], data.byse[lo:hi], out=xy[:, 0])
-        np.multiply(np.abs(data.bx[lo:hi], out=xy[:, 1]), inv, out=xy[:, 1])
-        np.multiply(np.sign(data.bx[lo:hi], out=xy[:, 2]), data.by[lo:hi], out=xy[:, 2])
-        np.multiply(xy[:, 2], inv, out=xy[:, 2])
+        egger_design(data.bx[lo:hi], data.by[lo:hi], data.byse[lo:hi], data.valid[lo:hi], xy)
 
     # rows with fewer than three instruments are not fitted (n <= p) and flagged below
     fit = _fit(fill, data.valid, data.n, 2, threads)
