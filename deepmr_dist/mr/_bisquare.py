@@ -24,7 +24,7 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-_JIT = {"nogil": True, "cache": True, "fastmath": True, "boundscheck": False}
+_JIT = {"nogil": True, "cache": True, "fastmath": True, "boundscheck": False, "error_model": "numpy"}
 
 
 def n_sums(p: int) -> int:
