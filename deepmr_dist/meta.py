@@ -8,7 +8,10 @@ models, version 3.8 and later):
 * ``reml``: restricted maximum likelihood by Fisher scoring with step halving at
   the boundary ``tau2 = 0``, started at the Hedges (HE) estimate (as metafor),
   including metafor's check that the restricted likelihood is not larger at
-  ``tau2 = 0``.
+  ``tau2 = 0``. Where Fisher scoring does not settle (it can oscillate with a
+  growing amplitude when the sampling variances span orders of magnitude, and
+  metafor then stops with an error), the root of the REML score is bracketed
+  and found by Brent's method instead.
 * ``pm``: Paule-Mandel, the root of the generalized Q statistic
   ``sum w_i(tau2) (y_i - mu(tau2))^2 = k - 1`` (``tau2 = 0`` when ``Q < k - 1``).
 
@@ -52,7 +55,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING
 
 import numpy as np
-from scipy import stats
+from scipy import optimize, stats
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -214,10 +217,33 @@ def _weighted_fit(y: np.ndarray, v: np.ndarray, valid: np.ndarray, tau2: np.ndar
     return w, sw, mu, r, rss
 
 
+def _others(a: np.ndarray) -> np.ndarray:
+    """``sum_{j != i} a_j`` for every entry of every row, from prefix and suffix sums (no subtraction)."""
+    out = np.zeros_like(a)
+    out[:, 1:] += np.cumsum(a, axis=1)[:, :-1]
+    out[:, :-1] += np.cumsum(a[:, ::-1], axis=1)[:, ::-1][:, 1:]
+    return out
+
+
 def _tr_p(w: np.ndarray, sw: np.ndarray) -> np.ndarray:
-    """Trace of ``P = W - w w' / sum w`` (intercept-only model): ``sum w - sum w^2 / sum w``."""
+    """Trace of ``P = W - w w' / sum w`` (intercept-only model): ``sum w - sum w^2 / sum w``.
+
+    Summed as ``sum_i w_i sum_{j != i} w_j / sum w``, positive terms only: the
+    difference form cancels when one study carries nearly all the weight.
+    """
     with np.errstate(invalid="ignore", divide="ignore"):
-        return sw - (w * w).sum(axis=1) / sw
+        return (w * _others(w)).sum(axis=1) / sw
+
+
+def _tr_pp(w: np.ndarray, sw: np.ndarray) -> np.ndarray:
+    """``tr(P P) = sum_ij P_ij^2`` with ``P_ii = w_i sum_{j != i} w_j / sum w`` and ``P_ij = -w_i w_j / sum w``.
+
+    Positive terms only, for the reason given in :func:`_tr_p`; equal to
+    ``sum w^2 - 2 sum w^3 / sum w + (sum w^2 / sum w)^2``.
+    """
+    w2 = w * w
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return ((w2 * _others(w) ** 2).sum(axis=1) + (w2 * _others(w2)).sum(axis=1)) / (sw * sw)
 
 
 # --------------------------------------------------------------------------- tau^2 estimators
@@ -253,16 +279,49 @@ def _tolerance(v, valid, k, tau2) -> np.ndarray:
     return _TOL * tau2 + _FLOOR * vbar
 
 
+def _reml_score(y, v, valid, tau2) -> tuple[np.ndarray, np.ndarray]:
+    """Twice the REML score, ``y'PPy - tr P`` (positive below the maximum), and twice its Fisher information, ``tr(PP)``."""
+    w, sw, _, r, _ = _weighted_fit(y, v, valid, tau2)
+    return (w * w * r * r).sum(axis=1) - _tr_p(w, sw), _tr_pp(w, sw)
+
+
 def _reml_step(y, v, valid, tau2) -> np.ndarray:
     """Fisher-scoring step ``(y'PPy - tr P) / tr(PP)`` of the REML score at ``tau2``."""
-    w, sw, _, r, _ = _weighted_fit(y, v, valid, tau2)
-    w2 = (w * w).sum(axis=1)
-    w3 = (w * w * w).sum(axis=1)
-    yppy = (w * w * r * r).sum(axis=1)
+    score, information = _reml_score(y, v, valid, tau2)
     with np.errstate(invalid="ignore", divide="ignore"):
-        trp = sw - w2 / sw
-        trpp = w2 - 2.0 * w3 / sw + (w2 / sw) ** 2
-        return (yppy - trp) / trpp
+        return score / information
+
+
+def _reml_root(y, v, valid, k, tau2) -> float:
+    """REML ``tau2`` of one group (rows of length 1) by Brent's method on the score, near ``tau2``.
+
+    The bracket grows from ``tau2`` (doubling up, halving down to 0); a score that
+    is negative at 0 puts the maximum on the boundary. NaN if no bracket is found.
+    """
+
+    def score(t: float) -> float:
+        return float(_reml_score(y, v, valid, np.array([t]))[0][0])
+
+    t0 = float(tau2) if np.isfinite(tau2) and tau2 > 0 else float(k[0] / (1.0 / v[valid]).sum())
+    g0 = score(t0)
+    if g0 == 0.0:
+        return t0
+    lo = hi = t0
+    for _ in range(200):
+        if g0 > 0:
+            hi *= 2.0
+            if score(hi) <= 0.0:
+                break
+        else:
+            lo *= 0.5
+            if lo < 1e-300 or score(lo) >= 0.0:
+                break
+    else:
+        return float("nan")
+    if g0 < 0 and score(lo) < 0:
+        return 0.0
+    tol = float(_tolerance(v, valid, k, np.array([t0]))[0])
+    return optimize.brentq(score, lo, hi, xtol=tol, rtol=4 * _EPS)
 
 
 def _reml_loglik(y, v, valid, tau2) -> np.ndarray:
@@ -290,6 +349,9 @@ def _tau2_reml(y, v, valid, k) -> tuple[np.ndarray, np.ndarray]:
         tau2[active] = new
         converged[active[done]] = True
         active = active[~done]
+    for g in np.flatnonzero(~converged):
+        tau2[g] = _reml_root(y[g : g + 1], v[g : g + 1], valid[g : g + 1], k[g : g + 1], tau2[g])
+        converged[g] = np.isfinite(tau2[g])
     tau2 = _reml_boundary(y, v, valid, k, tau2, converged)
     return np.where(converged, tau2, np.nan), converged
 

@@ -161,6 +161,27 @@ def test_reml__matches_bruteforce_maximisation_of_restricted_likelihood():
     np.testing.assert_allclose(one(res, "tau2"), ref_reml(yi, vi), rtol=1e-9)
 
 
+# Per-locus MR-Egger estimates of one simulation round (every 30th locus): one study has
+# variance 0.03 and others above 1e4. Fisher scoring oscillates with a growing amplitude
+# around the maximum here (metafor stops with "Fisher scoring algorithm did not converge").
+OSCILLATING_Y = np.array([-0.1325, 1.3026, 1.1146, 1.2787, 1.3519, 3.6741, 1.1241, 1.2545, 1.212, 1.3048, 1.3252,
+                          -0.0969, 1.2521, 0.972, 1.1396, 1.4165, 1.2704, 0.9154, 1.6921])
+OSCILLATING_SE = np.array([0.1804, 2.6622, 0.8327, 2.2997, 13.9404, 0.6711, 2.1726, 2.7752, 1.4958, 1.9568, 6.2133,
+                           8.9357, 3.1241, 104.9572, 4.328, 3.3915, 5.3266, 1.1849, 89.3492])
+
+
+def test_reml__where_fisher_scoring_oscillates_the_maximum_is_still_found():
+    yi, vi = OSCILLATING_Y, OSCILLATING_SE**2
+    res = meta_analysis(yi, OSCILLATING_SE, "reml")
+    assert res.reason[0] == ""
+    opt = optimize.minimize_scalar(
+        neg_restricted_loglik, bounds=(0.0, 100.0), args=(yi, vi), method="bounded", options={"xatol": 1e-13}
+    )
+    np.testing.assert_allclose(one(res, "tau2"), opt.x, rtol=1e-7)
+    mu, se, _ = ref_re(yi, vi, opt.x)
+    np.testing.assert_allclose([one(res, "estimate"), one(res, "se")], [mu, se], rtol=1e-7)
+
+
 def random_groups(seed: int, n_groups: int = 40, max_k: int = 15):
     rng = np.random.default_rng(seed)
     est = np.full((n_groups, max_k), np.nan)
