@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import xarray as xr
+from distributed import Client, LocalCluster
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLE_FASTA = EXAMPLES / "loci.fa"
@@ -22,6 +25,31 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def reference_one_hot(seq: str) -> np.ndarray:
+    """Independent one-hot encoding (not the package's): rows A, C, G, T; ``N`` is an all-zero column."""
+    x = np.zeros((4, len(seq)), dtype=np.float32)
+    for j, base in enumerate(seq):
+        if base in "ACGT":
+            x["ACGT".index(base), j] = 1.0
+    return x
+
+
+@contextmanager
+def embedded_client() -> Iterator[Client]:
+    """An embedded cluster of 2 single-threaded worker processes on 127.0.0.1 (not the session's default client)."""
+    with LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+    ) as cluster, Client(cluster, set_as_default=False) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def client() -> Iterator[Client]:
+    """One embedded cluster per test module (see :func:`embedded_client`)."""
+    with embedded_client() as c:
+        yield c
 
 
 def assert_same_ism(actual: xr.Dataset, expected: xr.Dataset) -> None:

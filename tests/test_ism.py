@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import reference_one_hot
 from deepmr_dist.errors import InputError
 from deepmr_dist.ism.engine import FullRecompute, apply_mutations, mutation_list, saturation_mutagenesis
 from deepmr_dist.models.architectures import SimulationCNN
@@ -14,15 +15,6 @@ from deepmr_dist.models.ensemble import ModelSpec, freeze_dropout, load_members
 from deepmr_dist.models.heads import OutputHead
 
 BASES = "ACGT"
-
-
-def _onehot(seq: str) -> np.ndarray:
-    """Independent one-hot: rows A, C, G, T; N is the zero column."""
-    x = np.zeros((4, len(seq)), dtype=np.float32)
-    for j, base in enumerate(seq):
-        if base in BASES:
-            x[BASES.index(base), j] = 1.0
-    return x
 
 
 def _random_seqs(n: int, length: int, seed: int, with_n: bool = False) -> list[str]:
@@ -44,7 +36,7 @@ def brute_force(members: list[nn.Module], head: OutputHead, seqs: list[str]) -> 
     with torch.no_grad():
         for i, seq in enumerate(seqs):
             for m, member in enumerate(members):
-                r = head(member(torch.from_numpy(_onehot(seq)[None])), 1).numpy()[0]
+                r = head(member(torch.from_numpy(reference_one_hot(seq)[None])), 1).numpy()[0]
                 if ref is None:
                     ref = np.zeros((len(seqs), len(members), r.size))
                     mut = np.full((len(seqs), len(members), length, 4, r.size), np.nan)
@@ -53,7 +45,7 @@ def brute_force(members: list[nn.Module], head: OutputHead, seqs: list[str]) -> 
                 for p in range(length):
                     for b, base in enumerate(BASES):
                         if seq[p] != base:
-                            batch.append(_onehot(seq[:p] + base + seq[p + 1 :]))
+                            batch.append(reference_one_hot(seq[:p] + base + seq[p + 1 :]))
                             slots.append((p, b))
                 out = head(member(torch.from_numpy(np.stack(batch))), len(batch)).numpy()
                 for (p, b), row in zip(slots, out):
@@ -62,7 +54,7 @@ def brute_force(members: list[nn.Module], head: OutputHead, seqs: list[str]) -> 
 
 
 def engine(members: list[nn.Module], head: OutputHead, seqs: list[str], **kw) -> tuple[np.ndarray, np.ndarray]:
-    x = torch.from_numpy(np.stack([_onehot(s) for s in seqs]))
+    x = torch.from_numpy(np.stack([reference_one_hot(s) for s in seqs]))
     ref, mut = saturation_mutagenesis([FullRecompute(m) for m in members], head, x, **kw)
     return ref.numpy(), mut.numpy()
 
@@ -138,7 +130,7 @@ def test_ism__mc_dropout_masks_are_frozen_and_match_brute_force():
     ref, _ = _check(members, OutputHead(), seqs)
     assert not np.allclose(ref[:, 0], ref[:, 1]), "different masks must give different members"
     # a mutant equal to its reference gives exactly zero difference under a frozen mask
-    x = torch.from_numpy(np.stack([_onehot(seqs[0])] * 2 + [_onehot(seqs[1])]))
+    x = torch.from_numpy(np.stack([reference_one_hot(seqs[0])] * 2 + [reference_one_hot(seqs[1])]))
     with torch.inference_mode():
         for member in members:
             out = member(x)
@@ -150,7 +142,7 @@ def test_freeze_dropout__same_seed_same_mask_and_no_dropout_is_an_error():
     from deepmr_dist.models.examples import simulation_cnn_with_dropout, simulation_ensemble
 
     a, b = freeze_dropout(simulation_cnn_with_dropout(), 1), freeze_dropout(simulation_cnn_with_dropout(), 1)
-    x = torch.from_numpy(np.stack([_onehot(s) for s in _random_seqs(2, 100, 6)]))
+    x = torch.from_numpy(np.stack([reference_one_hot(s) for s in _random_seqs(2, 100, 6)]))
     with torch.inference_mode():
         assert torch.equal(a(x), b(x))
     with pytest.raises(InputError, match="has none"):
@@ -158,7 +150,7 @@ def test_freeze_dropout__same_seed_same_mask_and_no_dropout_is_an_error():
 
 
 def test_mutation_list__skips_identity_and_orders_by_locus_position_base():
-    x = torch.from_numpy(np.stack([_onehot("ACGN"), _onehot("TTTT")]))
+    x = torch.from_numpy(np.stack([reference_one_hot("ACGN"), reference_one_hot("TTTT")]))
     locus, position, base = mutation_list(x)
     assert locus.shape[0] == 3 * 3 + 4 + 3 * 4
     keys = list(zip(locus.tolist(), position.tolist(), base.tolist()))

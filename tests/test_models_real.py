@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import reference_one_hot
 from deepmr_dist.errors import InputError
 from deepmr_dist.ism.engine import FullRecompute, make_runner, saturation_mutagenesis
 from deepmr_dist.ism.incremental import IncrementalRunner
@@ -30,15 +31,6 @@ TASK_NAMES = [f"{cell}|{assay}" for cell in CELLS for assay in ASSAYS]  # 320 na
 SMALL_DEEPSEA = {"filters": (8, 12, 16), "width": 5, "pool": 2, "hidden": 16, "dropout": (0.2, 0.2, 0.5)}
 
 
-def one_hot(seq: str) -> np.ndarray:
-    """Independent one-hot encoding: rows A, C, G, T; ``N`` is an all-zero column."""
-    x = np.zeros((4, len(seq)), dtype=np.float32)
-    for j, base in enumerate(seq):
-        if base in BASES:
-            x[BASES.index(base), j] = 1.0
-    return x
-
-
 def random_seqs(n: int, length: int, seed: int) -> list[str]:
     """Random sequences; the first has an ``N`` at its first and middle positions."""
     rng = np.random.default_rng(seed)
@@ -50,7 +42,7 @@ def random_seqs(n: int, length: int, seed: int) -> list[str]:
 
 
 def batch(seqs: list[str]) -> torch.Tensor:
-    return torch.from_numpy(np.stack([one_hot(s) for s in seqs]))
+    return torch.from_numpy(np.stack([reference_one_hot(s) for s in seqs]))
 
 
 def brute_force(members: list[nn.Module], head: OutputHead, seqs: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -59,9 +51,9 @@ def brute_force(members: list[nn.Module], head: OutputHead, seqs: list[str]) -> 
     with torch.no_grad():
         for i, seq in enumerate(seqs):
             edits = [(p, b) for p in range(len(seq)) for b, base in enumerate(BASES) if seq[p] != base]
-            mutants = np.stack([one_hot(seq[:p] + BASES[b] + seq[p + 1 :]) for p, b in edits])
+            mutants = np.stack([reference_one_hot(seq[:p] + BASES[b] + seq[p + 1 :]) for p, b in edits])
             for m, member in enumerate(members):
-                r = head(member(torch.from_numpy(one_hot(seq)[None])), 1).numpy()[0]
+                r = head(member(torch.from_numpy(reference_one_hot(seq)[None])), 1).numpy()[0]
                 if ref is None:
                     ref = np.zeros((len(seqs), len(members), r.size))
                     mut = np.full((len(seqs), len(members), len(seq), 4, r.size), np.nan)

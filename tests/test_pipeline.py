@@ -9,7 +9,6 @@ import pandas as pd
 import pytest
 import xarray as xr
 import yaml
-from distributed import Client, LocalCluster
 
 from conftest import EXAMPLE_ENSEMBLE, EXAMPLE_FASTA
 from deepmr_dist.cli import main
@@ -19,14 +18,6 @@ from deepmr_dist.pipeline import output_directory, plan, run_pipeline
 from deepmr_dist.pipeline_config import PipelineConfig
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def client():
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
-    ) as cluster, Client(cluster, set_as_default=False) as c:
-        yield c
 
 
 def _example(tmp_path: Path, **changes) -> PipelineConfig:

@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from distributed import Client, LocalCluster
+from distributed import Client
 
-from conftest import EXAMPLE_ENSEMBLE, EXAMPLE_FASTA, assert_same_ism
+from conftest import EXAMPLE_ENSEMBLE, EXAMPLE_FASTA, assert_same_ism, embedded_client
 from deepmr_dist import store
 from deepmr_dist.cli import main
 from deepmr_dist.cluster import task_resources
@@ -129,10 +129,8 @@ def bad_models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(bad_models):
-    """An embedded cluster: 2 single-threaded worker processes (not the session's default client)."""
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
-    ) as cluster, Client(cluster, set_as_default=False) as c:
+    """The embedded cluster, started after ``bad_models`` is importable by its workers."""
+    with embedded_client() as c:
         yield c
 
 

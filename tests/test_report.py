@@ -6,7 +6,6 @@ import base64
 import re
 
 import pytest
-from distributed import Client, LocalCluster
 
 from conftest import EXAMPLE_ENSEMBLE, EXAMPLE_FASTA
 from deepmr_dist.cli import main
@@ -20,14 +19,6 @@ from deepmr_dist.report import write_report
 from deepmr_dist.sequence import read_fasta
 
 PNG = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def client():
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
-    ) as cluster, Client(cluster, set_as_default=False) as c:
-        yield c
 
 
 def _images(text: str) -> list[bytes]:

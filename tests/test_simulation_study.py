@@ -6,7 +6,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import xarray as xr
-from distributed import Client, LocalCluster
 
 from deepmr_dist.cli import main
 from deepmr_dist.config import load_config, parse_config
@@ -24,14 +23,6 @@ TINY = {
     "training": {"epochs": 25},
     "analysis": {"chunk_loci": 20, "methods": ["egger_paper", "wald_mean"]},
 }
-
-
-@pytest.fixture(scope="module")
-def client():
-    with LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
-    ) as cluster, Client(cluster, set_as_default=False) as c:
-        yield c
 
 
 def _config(**changes) -> StudyConfig:
