@@ -524,12 +524,14 @@ def _fast_s_candidate(
     fits before the step (an exact fit has mad 0: zeros are counted only then).
     """
     beta = np.where(np.isfinite(beta), beta, 0.0)
-    r = ch.resid(beta)
+    r = None  # residuals at the start, needed only for the MAD and for rows without a usable scale
     if s0 is None:
+        r = ch.resid(beta)
         s0 = 1.4826 * ch.median_abs(r)
     exact = np.zeros(ch.m, dtype=bool)
     check = ~(s0 > 0)
     if check.any():
+        r = ch.resid(beta) if r is None else r
         rows = np.flatnonzero(check)
         exact[rows] = ch.exact(r[rows], rows)
         fallback = np.sqrt(_rowdot(r, r) / np.maximum(ch.nf, 1.0))
