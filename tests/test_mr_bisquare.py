@@ -28,61 +28,96 @@ def _flat(xy: np.ndarray, w: np.ndarray) -> np.ndarray:
     return np.stack([*upper, *np.einsum("mk,mak,mk->ma", w, x, y).T], axis=1)
 
 
+def _resid(xy: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """Residuals ``y - x beta`` per row."""
+    p = xy.shape[1] - 1
+    return xy[:, p] - np.einsum("mak,ma->mk", xy[:, :p], beta)
+
+
+def _row_sums(xy: np.ndarray, i: int, beta: np.ndarray, c: float) -> tuple:
+    if xy.shape[1] == 3:
+        return kernels.row_sums_2(xy, i, beta[0], beta[1], c)
+    return kernels.row_sums_1(xy, i, beta[0], c)
+
+
 @pytest.mark.parametrize("p", [1, 2])
-def test_bisquare_sums__match_the_definitions(p):
+def test_row_sums__match_the_definitions(p):
     xy = _design(p)
     rng = np.random.default_rng(1)
     beta = rng.normal(scale=0.3, size=(xy.shape[0], p))
     inv = rng.uniform(0.2, 1.0, xy.shape[0])
-    u = (xy[:, p] - np.einsum("mak,ma->mk", xy[:, :p], beta)) * inv[:, None]
+    u = _resid(xy, beta) * inv[:, None]
     t = u * u
     v = np.maximum(1 - t, 0)
-    got = kernels.bisquare_sums(xy, beta, inv)
     nz = kernels.n_sums(p)
+    got = np.array([_row_sums(xy, i, beta[i], inv[i]) for i in range(xy.shape[0])])
     np.testing.assert_allclose(got[:, :nz], _flat(xy, v * v), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(got[:, nz : 2 * nz], _flat(xy, v), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(got[:, -2], (1 - v**3).sum(axis=1), rtol=1e-12)
     np.testing.assert_allclose(got[:, -1], (v * v * t).sum(axis=1), rtol=1e-12)
-    np.testing.assert_allclose(kernels.rho_sums(u / inv[:, None], inv), (1 - v**3).sum(axis=1), rtol=1e-12)
+    b1 = beta[:, 1] if p == 2 else np.zeros(xy.shape[0])
+    rho = np.array([kernels.row_rho(xy, i, beta[i, 0], b1[i], inv[i]) for i in range(xy.shape[0])])
+    np.testing.assert_allclose(rho, got[:, -2:], rtol=1e-12)
 
 
-def test_bisquare_sums__rows_with_non_finite_parameters_are_nan_and_leave_others_alone():
-    xy = _design(2)
-    beta = np.zeros((xy.shape[0], 2))
-    inv = np.ones(xy.shape[0])
-    clean = kernels.bisquare_sums(xy, beta, inv)
-    beta[1, 0] = np.nan
-    inv[3] = np.inf
-    got = kernels.bisquare_sums(xy, beta, inv)
-    assert np.isnan(got[[1, 3]]).all()
-    np.testing.assert_array_equal(np.delete(got, [1, 3], axis=0), np.delete(clean, [1, 3], axis=0))
-    assert np.isnan(kernels.rho_sums(xy[:, 2], inv)[3])
+@pytest.mark.parametrize("p", [1, 2])
+def test_row_resid_stats__count_small_residuals_and_sum_squares(p):
+    xy = _design(p, seed=7)
+    beta = np.random.default_rng(8).normal(size=(xy.shape[0], p))
+    r = _resid(xy, beta)
+    b1 = beta[:, 1] if p == 2 else np.zeros(xy.shape[0])
+    for i in range(xy.shape[0]):
+        small, rss = kernels.row_resid_stats(xy, i, beta[i, 0], b1[i], 0.5)
+        assert small == np.count_nonzero(np.abs(r[i]) < 0.5)  # unused entries (residual 0) count too
+        assert rss == pytest.approx((r[i] ** 2).sum(), rel=1e-12)
 
 
-def test_weighted_sums__match_einsum():
-    xy = _design(2)
-    w = np.random.default_rng(2).random(xy.shape[::2])
-    np.testing.assert_allclose(kernels.weighted_sums(xy, w), _flat(xy, w), rtol=1e-12)
-
-
-def test_mscale__solves_the_scale_equation_as_brentq():
-    rng = np.random.default_rng(3)
-    r = rng.standard_t(3, size=(6, 50))
-    r[0, 30:] = 0.0  # unused entries: zero residual, rho 0
-    target = 0.5 * np.array([48, 48, 48, 48, 48, 48.0])
-    got = kernels.mscale(r * r, target, np.ones(6), C_CHI)
+@pytest.mark.parametrize("p", [1, 2])
+def test_row_mscale__solves_the_scale_equation_as_brentq(p):
+    xy = _design(p, m=6, k=50, seed=3)
+    used = xy[:, 0] != 0
+    xy[:, p] += np.random.default_rng(3).standard_t(3, size=(6, 50)) * used
+    beta = np.full((6, p), 0.2)
+    r = _resid(xy, beta)
+    target = 0.5 * (used.sum(axis=1) - p)
 
     def excess(s: float, row: np.ndarray, goal: float) -> float:
         return np.sum(1 - np.maximum(1 - (row / (C_CHI * s)) ** 2, 0) ** 3) - goal
 
     for i in range(6):
-        assert got[i] == pytest.approx(optimize.brentq(excess, 1e-3, 1e3, args=(r[i], target[i]), xtol=1e-14), rel=1e-9)
+        b1 = beta[i, 1] if p == 2 else 0.0
+        got = kernels.row_mscale(xy, i, beta[i, 0], b1, target[i], 1.0, C_CHI, 1e-12, 100)
+        want = optimize.brentq(excess, 1e-3, 1e3, args=(r[i], target[i]), xtol=1e-14)
+        assert got == pytest.approx(want, rel=1e-9)
 
 
-def test_mscale__keeps_starts_that_are_not_positive_finite():
-    r2 = np.ones((3, 5))
-    got = kernels.mscale(r2, np.full(3, 2.0), np.array([0.0, np.nan, 1.0]), C_CHI)
-    assert got[0] == 0.0 and np.isnan(got[1]) and got[2] > 0
+def test_design_sums__match_einsum():
+    for p in (1, 2):
+        xy = _design(p, seed=9)
+        np.testing.assert_allclose(kernels.design_sums(xy), _flat(xy, np.ones(xy.shape[::2])), rtol=1e-12)
+
+
+def test_ratios_intercepts_abs_resid__used_entries_only_inf_elsewhere():
+    xy = _design(2, seed=10)
+    xy[:, 0] = np.where(xy[:, 1] != 0, 1.5, 0.0)  # an intercept column, 0 at unused entries
+    valid = xy[:, 0] != 0
+    xy[0, 1, 0] = 0.0  # a used instrument with x = 0 has no ratio
+    xy[1, 0, 1] = 0.0  # ... and where x0 = 0 the intercept residual is left undivided
+    out = np.empty(xy.shape[::2])
+    count = kernels.ratios(xy, valid, out)
+    usable = valid & (xy[:, 1] != 0)
+    np.testing.assert_array_equal(count, usable.sum(axis=1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        np.testing.assert_array_equal(out, np.where(usable, xy[:, 2] / xy[:, 1], np.inf))
+    slope = np.random.default_rng(11).normal(size=xy.shape[0])
+    kernels.intercepts(xy, valid, slope, out)
+    r = xy[:, 2] - slope[:, None] * xy[:, 1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        want = np.where(valid, np.where(xy[:, 0] != 0, r / xy[:, 0], r), np.inf)
+    np.testing.assert_allclose(out, want, rtol=1e-15)
+    beta = np.column_stack([slope, -slope])
+    kernels.abs_resid(xy, valid, beta, out)
+    np.testing.assert_allclose(out, np.where(valid, np.abs(_resid(xy, beta)), np.inf), rtol=1e-13, atol=1e-15)
 
 
 @pytest.mark.parametrize("p", [1, 2])

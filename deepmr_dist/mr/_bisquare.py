@@ -1,11 +1,18 @@
 """Fused per-instrument loops of the MM-estimation in :mod:`deepmr_dist.mr.robust` (numba).
 
-Every iteration of an S- or M-step needs, per locus, the residuals at the
-current coefficients, the bisquare weights and a handful of weighted sums over
-the instruments. As numpy expressions that is about ten passes over
-``(loci, instruments)`` arrays per iteration, each a round trip through memory;
-here it is one loop that keeps everything in registers (about ten times faster
-at thousands of instruments per locus, where the passes dominate).
+Every step of an S- or M-fit needs, per locus, the residuals at the current
+coefficients, the bisquare weights and a handful of sums over the instruments.
+As numpy expressions that is about ten passes over ``(loci, instruments)``
+arrays per step, each a round trip through memory; here it is one loop that
+keeps everything in registers.
+
+Two kinds of loops:
+
+* ``row_*`` functions work on one row (locus) ``i`` of a design and return
+  scalars; :mod:`deepmr_dist.mr._mm_per_locus` calls them inside its compiled
+  per-locus iterations (they are also callable from Python, for tests);
+* the other kernels fill whole ``(m, ...)`` arrays for the numpy parts of
+  :mod:`deepmr_dist.mr.robust` (starting values, the covariance).
 
 Layout and notation as :mod:`deepmr_dist.mr.robust`: ``xy`` is ``(m, p + 1, K)``
 (the ``p`` design columns, then the response; 0 at unused entries, which then
@@ -18,9 +25,10 @@ The loops for p = 1 and p = 2 design columns are written out separately: a loop
 over the columns inside the loop over instruments keeps LLVM from vectorising it
 (a column-generic covariance loop ran about 2.5 times slower).
 
-The loops are compiled with ``fastmath`` (reassociated sums, no NaN/inf
-semantics), so the wrappers take only finite coefficients and scales: rows where
-they are not finite get NaN sums without entering a loop.
+The sums are compiled with ``fastmath`` (reassociated sums, no NaN/inf
+semantics), so callers pass only finite coefficients and positive finite
+scales. Loops that write or test infinities (the starting-value helpers) keep
+IEEE semantics.
 """
 
 from __future__ import annotations
@@ -28,7 +36,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-_JIT = {"nogil": True, "cache": True, "fastmath": True, "boundscheck": False, "error_model": "numpy"}
+_IEEE = {"nogil": True, "cache": True, "boundscheck": False, "error_model": "numpy"}
+"""Loops that write or test infinities keep IEEE semantics."""
+_JIT = {**_IEEE, "fastmath": True}
 
 
 def n_sums(p: int) -> int:
@@ -37,201 +47,234 @@ def n_sums(p: int) -> int:
 
 
 @numba.njit(**_JIT)
-def _bisquare_sums_1(xy, beta, inv, out):  # pragma: no cover - compiled
-    m, _, k = xy.shape
-    for i in range(m):
-        b0 = beta[i, 0]
-        c = inv[i]
-        w00 = w0y = v00 = v0y = rho = tw = 0.0
+def row_sums_1(xy, i, b0, c):  # pragma: no cover - compiled
+    """Bisquare sums of row ``i``, p = 1, at ``u = (y - b0 x0) c``.
+
+    Returns ``(w00, w0y, v00, v0y, rho, tw)``: the flat sums with weights ``v^2``,
+    then with weights ``v``, ``sum rho(u)`` and ``sum v^2 t``.
+    """
+    k = xy.shape[2]
+    w00 = w0y = v00 = v0y = rho = tw = 0.0
+    for j in range(k):
+        x0 = xy[i, 0, j]
+        y = xy[i, 1, j]
+        u = (y - b0 * x0) * c
+        t = u * u
+        v = max(1.0 - t, 0.0)
+        w = v * v
+        rho += 1.0 - w * v
+        tw += w * t
+        wx0 = w * x0
+        w00 += wx0 * x0
+        w0y += wx0 * y
+        vx0 = v * x0
+        v00 += vx0 * x0
+        v0y += vx0 * y
+    return w00, w0y, v00, v0y, rho, tw
+
+
+@numba.njit(**_JIT)
+def row_sums_2(xy, i, b0, b1, c):  # pragma: no cover - compiled
+    """Bisquare sums of row ``i``, p = 2, at ``u = (y - b0 x0 - b1 x1) c``.
+
+    Returns ``(w00, w01, w11, w0y, w1y, v00, v01, v11, v0y, v1y, rho, tw)``: the
+    flat sums with weights ``v^2``, then with weights ``v``, ``sum rho(u)`` and
+    ``sum v^2 t``.
+    """
+    k = xy.shape[2]
+    w00 = w01 = w11 = w0y = w1y = 0.0
+    v00 = v01 = v11 = v0y = v1y = 0.0
+    rho = tw = 0.0
+    for j in range(k):
+        x0 = xy[i, 0, j]
+        x1 = xy[i, 1, j]
+        y = xy[i, 2, j]
+        u = (y - b0 * x0 - b1 * x1) * c
+        t = u * u
+        v = max(1.0 - t, 0.0)
+        w = v * v
+        rho += 1.0 - w * v
+        tw += w * t
+        wx0 = w * x0
+        wx1 = w * x1
+        w00 += wx0 * x0
+        w01 += wx0 * x1
+        w11 += wx1 * x1
+        w0y += wx0 * y
+        w1y += wx1 * y
+        vx0 = v * x0
+        vx1 = v * x1
+        v00 += vx0 * x0
+        v01 += vx0 * x1
+        v11 += vx1 * x1
+        v0y += vx0 * y
+        v1y += vx1 * y
+    return w00, w01, w11, w0y, w1y, v00, v01, v11, v0y, v1y, rho, tw
+
+
+@numba.njit(**_JIT)
+def row_rho(xy, i, b0, b1, c):  # pragma: no cover - compiled
+    """``(sum rho(u), sum v^2 t)`` of row ``i`` at ``u = (y - x beta) c`` (``b1`` unused when p = 1)."""
+    k = xy.shape[2]
+    rho = tw = 0.0
+    if xy.shape[1] == 3:
         for j in range(k):
-            x0 = xy[i, 0, j]
-            y = xy[i, 1, j]
-            u = (y - b0 * x0) * c
+            u = (xy[i, 2, j] - b0 * xy[i, 0, j] - b1 * xy[i, 1, j]) * c
             t = u * u
             v = max(1.0 - t, 0.0)
             w = v * v
             rho += 1.0 - w * v
             tw += w * t
-            wx0 = w * x0
-            w00 += wx0 * x0
-            w0y += wx0 * y
-            vx0 = v * x0
-            v00 += vx0 * x0
-            v0y += vx0 * y
-        out[i, 0] = w00
-        out[i, 1] = w0y
-        out[i, 2] = v00
-        out[i, 3] = v0y
-        out[i, 4] = rho
-        out[i, 5] = tw
-
-
-@numba.njit(**_JIT)
-def _bisquare_sums_2(xy, beta, inv, out):  # pragma: no cover - compiled
-    m, _, k = xy.shape
-    for i in range(m):
-        b0 = beta[i, 0]
-        b1 = beta[i, 1]
-        c = inv[i]
-        w00 = w01 = w11 = w0y = w1y = 0.0
-        v00 = v01 = v11 = v0y = v1y = 0.0
-        rho = tw = 0.0
+    else:
         for j in range(k):
-            x0 = xy[i, 0, j]
-            x1 = xy[i, 1, j]
-            y = xy[i, 2, j]
-            u = (y - b0 * x0 - b1 * x1) * c
+            u = (xy[i, 1, j] - b0 * xy[i, 0, j]) * c
             t = u * u
             v = max(1.0 - t, 0.0)
             w = v * v
             rho += 1.0 - w * v
             tw += w * t
-            wx0 = w * x0
-            wx1 = w * x1
-            w00 += wx0 * x0
-            w01 += wx0 * x1
-            w11 += wx1 * x1
-            w0y += wx0 * y
-            w1y += wx1 * y
-            vx0 = v * x0
-            vx1 = v * x1
-            v00 += vx0 * x0
-            v01 += vx0 * x1
-            v11 += vx1 * x1
-            v0y += vx0 * y
-            v1y += vx1 * y
-        out[i, 0] = w00
-        out[i, 1] = w01
-        out[i, 2] = w11
-        out[i, 3] = w0y
-        out[i, 4] = w1y
-        out[i, 5] = v00
-        out[i, 6] = v01
-        out[i, 7] = v11
-        out[i, 8] = v0y
-        out[i, 9] = v1y
-        out[i, 10] = rho
-        out[i, 11] = tw
-
-
-def bisquare_sums(xy: np.ndarray, beta: np.ndarray, inv: np.ndarray) -> np.ndarray:
-    """Bisquare sums at residuals ``u = (y - x beta) inv`` per row, in one pass.
-
-    Parameters
-    ----------
-    xy : numpy.ndarray
-        ``(m, p + 1, K)`` design and response, p = 1 or 2.
-    beta : numpy.ndarray
-        ``(m, p)`` coefficients.
-    inv : numpy.ndarray
-        ``(m,)`` inverse scale of the residuals (``1 / (c s)``).
-
-    Returns
-    -------
-    numpy.ndarray
-        ``(m, 2 n_sums(p) + 2)``: the flat sums with weights ``v^2``, the flat
-        sums with weights ``v``, ``sum rho(u)`` and ``sum v^2 t``. NaN rows where
-        ``beta`` or ``inv`` is not finite.
-    """
-    m, p = beta.shape
-    out = np.empty((m, 2 * n_sums(p) + 2))
-    finite = np.isfinite(beta).all(axis=1) & np.isfinite(inv)
-    kernel = _bisquare_sums_1 if p == 1 else _bisquare_sums_2
-    kernel(np.ascontiguousarray(xy), np.where(finite[:, None], beta, 0.0), np.where(finite, inv, 0.0), out)
-    out[~finite] = np.nan
-    return out
+    return rho, tw
 
 
 @numba.njit(**_JIT)
-def _rho_sums(r, inv, out):  # pragma: no cover - compiled
-    m, k = r.shape
-    for i in range(m):
-        c = inv[i]
-        total = 0.0
+def row_resid_stats(xy, i, b0, b1, tol):  # pragma: no cover - compiled
+    """``(number of |r| < tol, sum r^2)`` of row ``i``'s residuals ``r = y - x beta`` (unused entries count)."""
+    k = xy.shape[2]
+    small = 0
+    rss = 0.0
+    if xy.shape[1] == 3:
         for j in range(k):
-            u = r[i, j] * c
-            v = max(1.0 - u * u, 0.0)
-            total += 1.0 - v * v * v
-        out[i] = total
-
-
-def rho_sums(r: np.ndarray, inv: np.ndarray) -> np.ndarray:
-    """``sum rho(r inv)`` per row of residuals ``r`` ``(m, K)``; NaN where ``inv`` is not finite."""
-    out = np.empty(r.shape[0])
-    finite = np.isfinite(inv)
-    _rho_sums(np.ascontiguousarray(r), np.where(finite, inv, 0.0), out)
-    out[~finite] = np.nan
-    return out
+            r = xy[i, 2, j] - b0 * xy[i, 0, j] - b1 * xy[i, 1, j]
+            small += abs(r) < tol
+            rss += r * r
+    else:
+        for j in range(k):
+            r = xy[i, 1, j] - b0 * xy[i, 0, j]
+            small += abs(r) < tol
+            rss += r * r
+    return small, rss
 
 
 @numba.njit(**_JIT)
-def _mscale(r2, target, s0, c, tol, max_iter, out):  # pragma: no cover - compiled
-    m, k = r2.shape
-    for i in range(m):
-        s = s0[i]
-        tg = target[i]
-        for _ in range(max_iter):
-            inv2 = 1.0 / (c * s) ** 2
-            rho = tv = 0.0
-            for j in range(k):
-                t = r2[i, j] * inv2
-                v = max(1.0 - t, 0.0)
-                d = v * v
-                rho += 1.0 - d * v
-                tv += d * t
-            # Newton on sum rho(r / s) = target (d/ds sum rho = -6 tv / s), else the fixed-point
-            # step; both stay finite for finite s > 0 (rho lies in [0, K])
-            s_new = s * np.sqrt(rho / tg)
-            if tv > 0.0:
-                s_newton = s + (rho - tg) * s / (6.0 * tv)
-                if 0.5 * s < s_newton < 2.0 * s:
-                    s_new = s_newton
-            done = abs(s_new - s) <= tol * s
-            s = s_new
-            if done or s <= 0.0:
-                break
-        out[i] = s
+def row_mscale(xy, i, b0, b1, target, s0, c, tol, max_iter):  # pragma: no cover - compiled
+    """M-scale of row ``i``'s residuals: ``sum rho_c(r / s) = target``, from ``s0 > 0``.
 
-
-def mscale(r2: np.ndarray, target: np.ndarray, s0: np.ndarray, c: float, tol: float = 1e-10, max_iter: int = 100) -> np.ndarray:
-    """M-scale per row, ``sum rho_c(r / s) = target``, from squared residuals ``r2`` ``(m, K)``.
-
-    Newton steps, with the fixed-point step ``s sqrt(sum rho / target)`` where
-    Newton leaves ``(s / 2, 2 s)``; a row stops at a relative change of ``tol``.
-    Rows whose start ``s0`` is not a positive finite number keep it.
+    Newton steps (``d/ds sum rho = -6 sum v^2 t / s``), with the fixed-point step
+    ``s sqrt(sum rho / target)`` where Newton leaves ``(s / 2, 2 s)``; stops at a
+    relative change of ``tol``. Both steps stay finite for finite ``s > 0``
+    (``rho`` lies in ``[0, K]``).
     """
-    out = np.empty(r2.shape[0])
-    start = np.isfinite(s0) & (s0 > 0) & np.isfinite(target) & (target > 0)
-    _mscale(np.ascontiguousarray(r2), np.where(start, target, 1.0), np.where(start, s0, 1.0), c, tol, max_iter, out)
-    return np.where(start, out, s0)
+    s = s0
+    for _ in range(max_iter):
+        rho, tv = row_rho(xy, i, b0, b1, 1.0 / (c * s))
+        s_new = s * np.sqrt(rho / target)
+        if tv > 0.0:
+            s_newton = s + (rho - target) * s / (6.0 * tv)
+            if 0.5 * s < s_newton < 2.0 * s:
+                s_new = s_newton
+        done = abs(s_new - s) <= tol * s
+        s = s_new
+        if done or s <= 0.0:
+            break
+    return s
 
 
-@numba.njit(**_JIT)
-def _weighted_sums(xy, w, out):  # pragma: no cover - compiled
+@numba.njit(**_IEEE)
+def _ratios(xy, valid, out):  # pragma: no cover - compiled
     m, p1, k = xy.shape
-    p = p1 - 1
+    count = np.zeros(m, dtype=np.int64)
     for i in range(m):
-        col = 0
-        for a in range(p):
-            for b in range(a, p):
-                total = 0.0
-                for j in range(k):
-                    total += w[i, j] * xy[i, a, j] * xy[i, b, j]
-                out[i, col] = total
-                col += 1
-        for a in range(p):
-            total = 0.0
+        used = 0
+        for j in range(k):
+            x = xy[i, p1 - 2, j]
+            ok = valid[i, j] & (x != 0.0)  # a select, not a branch: the loop vectorises
+            out[i, j] = xy[i, p1 - 1, j] / x if ok else np.inf
+            used += ok
+        count[i] = used
+    return count
+
+
+def ratios(xy: np.ndarray, valid: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Ratios ``y / x_last`` of the used entries with ``x_last != 0`` into ``out`` (``+inf`` elsewhere).
+
+    Returns the number of ratios per row. ``xy`` is ``(m, p + 1, K)``, ``out`` ``(m, K)``.
+    """
+    return _ratios(np.ascontiguousarray(xy), np.ascontiguousarray(valid), out)
+
+
+@numba.njit(**_IEEE)
+def _intercepts(xy, valid, slope, out):  # pragma: no cover - compiled
+    m, _, k = xy.shape
+    for i in range(m):
+        b = slope[i]
+        for j in range(k):
+            if valid[i, j]:
+                r = xy[i, 2, j] - b * xy[i, 1, j]
+                x0 = xy[i, 0, j]
+                out[i, j] = r / x0 if x0 != 0.0 else r
+            else:
+                out[i, j] = np.inf
+
+
+def intercepts(xy: np.ndarray, valid: np.ndarray, slope: np.ndarray, out: np.ndarray) -> None:
+    """``(y - slope x1) / x0`` of the used entries of a p = 2 design into ``out`` (``+inf`` elsewhere).
+
+    Where ``x0 == 0`` the residual is left undivided.
+    """
+    _intercepts(np.ascontiguousarray(xy), np.ascontiguousarray(valid), np.ascontiguousarray(slope), out)
+
+
+@numba.njit(**_IEEE)
+def _abs_resid(xy, valid, beta, out):  # pragma: no cover - compiled
+    m, p1, k = xy.shape
+    for i in range(m):
+        b0 = beta[i, 0]
+        b1 = beta[i, 1] if p1 == 3 else 0.0
+        for j in range(k):
+            if valid[i, j]:
+                r = xy[i, p1 - 1, j] - b0 * xy[i, 0, j]
+                if p1 == 3:
+                    r -= b1 * xy[i, 1, j]
+                out[i, j] = abs(r)
+            else:
+                out[i, j] = np.inf
+
+
+def abs_resid(xy: np.ndarray, valid: np.ndarray, beta: np.ndarray, out: np.ndarray) -> None:
+    """``|y - x beta|`` of the used entries into ``out`` (``+inf`` elsewhere); ``beta`` is ``(m, p)``."""
+    _abs_resid(np.ascontiguousarray(xy), np.ascontiguousarray(valid), np.ascontiguousarray(beta), out)
+
+
+@numba.njit(**_JIT)
+def _design_sums(xy, out):  # pragma: no cover - compiled
+    m, p1, k = xy.shape
+    for i in range(m):
+        if p1 == 3:
+            s00 = s01 = s11 = s0y = s1y = 0.0
             for j in range(k):
-                total += w[i, j] * xy[i, a, j] * xy[i, p, j]
-            out[i, col] = total
-            col += 1
+                x0 = xy[i, 0, j]
+                x1 = xy[i, 1, j]
+                y = xy[i, 2, j]
+                s00 += x0 * x0
+                s01 += x0 * x1
+                s11 += x1 * x1
+                s0y += x0 * y
+                s1y += x1 * y
+            out[i, 0], out[i, 1], out[i, 2], out[i, 3], out[i, 4] = s00, s01, s11, s0y, s1y
+        else:
+            s00 = s0y = 0.0
+            for j in range(k):
+                x0 = xy[i, 0, j]
+                s00 += x0 * x0
+                s0y += x0 * xy[i, 1, j]
+            out[i, 0], out[i, 1] = s00, s0y
 
 
-def weighted_sums(xy: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Flat weighted sums ``(sum w x x' upper triangle, sum w x y)`` per row; ``w`` is ``(m, K)``."""
+def design_sums(xy: np.ndarray) -> np.ndarray:
+    """Flat unweighted sums ``(sum x x' upper triangle, sum x y)`` per row of ``xy`` ``(m, p + 1, K)``, p = 1 or 2."""
     m, p1, _ = xy.shape
     out = np.empty((m, n_sums(p1 - 1)))
-    _weighted_sums(np.ascontiguousarray(xy), np.ascontiguousarray(w), out)
+    _design_sums(np.ascontiguousarray(xy), out)
     return out
 
 

@@ -18,9 +18,7 @@ import numpy as np
 from scipy import special, stats
 
 from deepmr_dist.errors import InputError
-
-ROW_BLOCK_ELEMENTS = 65_536
-"""Loci x instruments per block of row-wise reductions over a whole batch (bounds temporaries)."""
+from deepmr_dist.mr._input_loops import sum_squared_ratio, valid_mask
 
 
 @dataclass(frozen=True)
@@ -56,12 +54,7 @@ class MRData:
 
     def fstat(self) -> np.ndarray:
         """Mean first-stage F statistic per locus, mean(bx^2 / bxse^2); NaN without instruments."""
-        n_loci, k = self.bx.shape
-        f = np.empty(n_loci)
-        buf = np.empty((min(n_loci, max(1, ROW_BLOCK_ELEMENTS // max(k, 1))), k))
-        for lo, hi in chunk_bounds(n_loci, buf.shape[0]):
-            t = np.divide(self.bx[lo:hi], self.bxse[lo:hi], out=buf[: hi - lo])  # 0 at unused entries
-            f[lo:hi] = np.einsum("ij,ij->i", t, t)
+        f = sum_squared_ratio(self.bx, self.bxse)  # unused entries add 0 / 1
         with np.errstate(invalid="ignore", divide="ignore"):
             return np.where(self.n > 0, f / np.maximum(self.n, 1), np.nan)
 
@@ -106,11 +99,7 @@ def prepare(bx: np.ndarray, bxse: np.ndarray, by: np.ndarray, byse: np.ndarray) 
     for name, arr in arrays.items():
         if arr.shape != shape:
             raise InputError(f"{name} has shape {arr.shape} but bx has shape {shape}; all four must match")
-    valid = np.isfinite(arrays["bx"]) & np.isfinite(arrays["by"])
-    with np.errstate(invalid="ignore"):
-        # a positive, finite standard error: NaN compares False, +inf is excluded explicitly
-        valid &= (arrays["bxse"] > 0) & (arrays["bxse"] < np.inf) & (arrays["byse"] > 0) & (arrays["byse"] < np.inf)
-    n = valid.sum(axis=1).astype(np.int64)
+    valid, n = valid_mask(arrays["bx"], arrays["bxse"], arrays["by"], arrays["byse"])
     if valid.all():  # dense batch: nothing to replace, no copies
         return MRData(valid=valid, n=n, **arrays)
     return MRData(

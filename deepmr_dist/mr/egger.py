@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from deepmr_dist.mr._data import ROW_BLOCK_ELEMENTS, MRData, chi2_sf, chunk_bounds
+from deepmr_dist.mr._data import MRData, chi2_sf
+from deepmr_dist.mr._input_loops import i2gx_q
 from deepmr_dist.mr.inference import store_egger
 from deepmr_dist.mr.result import MRResult, ResultBuilder
 
@@ -34,23 +35,9 @@ def i2_gx(data: MRData) -> np.ndarray:
     """The package's I^2_GX of the oriented exposure associations.
 
     ``Q = sum((bxse/byse)^-2 (|bx|/byse - weighted.mean(|bx|/byse, (bxse/byse)^-2))^2)``,
-    ``I^2_GX = max(0, (Q - (n - 1)) / Q)``. Computed in blocks of loci.
+    ``I^2_GX = max(0, (Q - (n - 1)) / Q)``; NaN below two instruments.
     """
-    n_loci, k = data.bx.shape
-    q = np.empty(n_loci)
-    rows = min(n_loci, max(1, ROW_BLOCK_ELEMENTS // max(k, 1)))
-    v, w = np.empty((rows, k)), np.empty((rows, k))
-    for lo, hi in chunk_bounds(n_loci, rows):
-        m = hi - lo
-        vb = np.divide(np.abs(data.bx[lo:hi], out=v[:m]), data.byse[lo:hi], out=v[:m])
-        wb = np.divide(data.byse[lo:hi], data.bxse[lo:hi], out=w[:m])
-        np.multiply(wb, wb, out=wb)
-        np.multiply(wb, data.valid[lo:hi], out=wb)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            vbar = np.einsum("ij,ij->i", wb, vb) / wb.sum(axis=1)
-        np.subtract(vb, vbar[:, None], out=vb)
-        np.multiply(vb, vb, out=vb)
-        q[lo:hi] = np.einsum("ij,ij->i", wb, vb)
+    q = i2gx_q(data.bx, data.bxse, data.byse, data.valid)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(data.n >= 2, np.maximum(0.0, (q - (data.n - 1)) / q), np.nan)
 

@@ -35,24 +35,27 @@ Differences from robustbase, by design:
   steps on the estimating equations, to a relative step of 1e-10 (IRWLS) or 1e-8
   (Newton, whose error is then of order 1e-16), so results agree with robustbase to
   its own tolerance (about 1e-7 relative).
-* All loci of a chunk are iterated together (a loop over iterations and over
-  candidates, never over loci); converged loci drop out of the working set.
+* Loci are fitted one at a time inside compiled loops (the S- and M-iterations
+  and the candidate comparison); the steps that are cheapest as numpy over a
+  chunk of loci (medians, least squares, the covariance) stay numpy. There is
+  no Python loop over loci.
 
-Implementation notes. Each S- or M-iteration needs residuals, bisquare weights
-and weighted sums over every instrument of every locus in the working set; these
-come from one fused loop per iteration (:mod:`deepmr_dist.mr._bisquare`, numba)
-instead of about ten numpy passes, which dominated the time at thousands of
-instruments per locus. Everything else (candidates, medians, convergence
-bookkeeping, the small ``p x p`` algebra) is numpy over all loci of a chunk.
-Per-instrument arrays live in a per-thread :class:`_Workspace` allocated once and
-reused by every chunk and iteration (fresh temporaries of this size cost page
-faults), and chunks are large (one per thread at least) so that the last,
-slowest-converging loci of a chunk iterate together.
-``sum psi'(u) x x'`` follows from the sums with weights ``v`` and ``v^2``
-(``psi'(u) = 5 v^2 - 4 v``); the joint
-Newton step on ``(beta, s)`` eliminates ``s`` and solves a ``p x p`` system in
-closed form. Only the design (``x``, ``y``) of a chunk is built from the inputs,
-inside its worker.
+Implementation notes. Every step of an S- or M-fit needs residuals, bisquare
+weights and weighted sums over the instruments of a locus: one fused loop
+(:mod:`deepmr_dist.mr._bisquare`, numba) instead of about ten numpy passes. The
+iterations and the fast-S candidate comparison run one locus at a time in
+:mod:`deepmr_dist.mr._mm_per_locus` (numba): a locus's instruments stay in cache
+across its iterations and there is no per-iteration Python work, which had been
+half the time of the same logic written as numpy over all loci of a chunk.
+Starting values (median ratio, median intercept, MAD, least squares) and the
+``.vcov.avar1`` covariance are numpy over all loci of a chunk, with fused loops
+for the per-instrument parts. Per-instrument arrays live in a per-thread
+:class:`_Workspace` allocated once and reused by every chunk (fresh temporaries
+of this size cost page faults). ``sum psi'(u) x x'`` follows from the sums with
+weights ``v`` and ``v^2`` (``psi'(u) = 5 v^2 - 4 v``); the joint Newton step on
+``(beta, s)`` eliminates ``s`` and solves a ``p x p`` system in closed form.
+Only the design (``x``, ``y``) of a chunk is built from the inputs, inside its
+worker.
 """
 
 from __future__ import annotations
@@ -65,14 +68,15 @@ from collections.abc import Callable
 import numpy as np
 
 from deepmr_dist.errors import InputError
+from deepmr_dist.mr import _mm_per_locus as mm_per_locus
 from deepmr_dist.mr._bisquare import (
+    abs_resid,
     avar1_sums,
-    bisquare_sums,
+    design_sums,
     egger_design,
-    mscale,
+    intercepts,
     n_sums,
-    rho_sums,
-    weighted_sums,
+    ratios,
 )
 from deepmr_dist.mr._data import (
     MRData,
@@ -112,8 +116,8 @@ ELEMENTAL_RANDOM_BUDGET = 500
 ELEMENTAL_MIN = 10
 """... or none when that is fewer than this (large loci rely on the LS and median starts)."""
 CHUNK_ELEMENTS = 200_000
-"""Target loci x instruments per chunk (the workspace of one thread is about 8 times
-this many doubles, 13 MB)."""
+"""Target loci x instruments per chunk (the workspace of one thread is about 7 times
+this many doubles, 11 MB; smaller chunks cost more numpy calls per locus)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,8 +168,6 @@ class MMFit:
 
 _SYM = {1: np.array([[0]]), 2: np.array([[0, 1], [1, 2]])}
 """Flat upper-triangle index -> full symmetric matrix index."""
-_DIAG = {1: np.array([0]), 2: np.array([0, 2])}
-"""Flat upper-triangle index of the diagonal."""
 
 
 def _solve(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -216,11 +218,6 @@ def _posdefify(v: np.ndarray) -> np.ndarray:
     return out
 
 
-def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Row-wise dot products of two ``(m, K)`` arrays."""
-    return np.matmul(a[:, None, :], b[:, :, None])[:, 0, 0]
-
-
 # ----------------------------------------------------------------------------- one chunk of loci
 
 
@@ -240,7 +237,7 @@ class _Workspace:
     def __init__(self, rows: int, p: int, k: int) -> None:
         self.xy = np.empty((rows, p + 1, k))
         self.xy_sub = np.empty((rows, p + 1, k))
-        self.scratch = np.empty((2, rows, k))
+        self.scratch = np.empty((rows, k))
 
 
 class _Chunk:
@@ -248,8 +245,8 @@ class _Chunk:
 
     ``xy`` stacks the ``p`` design columns and the response, ``(m, p + 1, K)``.
     Unused entries hold 0: they add nothing to weighted sums and have zero residual
-    (``rho = 0``); counts use ``n``. ``r`` and ``a`` are ``(m, K)``
-    scratch views shared with every other chunk of the same workspace.
+    (``rho = 0``); counts use ``n``. ``a`` is an ``(m, K)`` scratch view shared
+    with every other chunk of the same workspace.
     """
 
     def __init__(self, xy: np.ndarray, valid: np.ndarray, n: np.ndarray, ws: _Workspace, compact: bool = False) -> None:
@@ -257,14 +254,14 @@ class _Chunk:
         self.invalid = ~valid
         self.n = n
         self.nf = n.astype(np.float64)
-        self.m, self.p, self.k = xy.shape[0], xy.shape[1] - 1, xy.shape[2]
+        self.m, self.p = xy.shape[0], xy.shape[1] - 1
         self.q = self.p * (self.p + 1) // 2
         self.nz = n_sums(self.p)
-        self.sym, self.diag = _SYM[self.p], _DIAG[self.p]
+        self.sym = _SYM[self.p]
         self.x = xy[:, : self.p]
         self.y = xy[:, self.p]
         self.target = BB * (self.nf - self.p)
-        self.r, self.a = (buf[: self.m] for buf in ws.scratch)
+        self.a = ws.scratch[: self.m]
 
     def subset(self, rows: np.ndarray) -> _Chunk:
         """The chunk restricted to ``rows``, copied into the workspace's compaction arrays.
@@ -277,169 +274,20 @@ class _Chunk:
         xy = np.take(self.xy, rows, axis=0, out=self.ws.xy_sub[:m], mode="clip")
         return _Chunk(xy, self.valid[rows], self.n[rows], self.ws, compact=True)
 
-    def resid(self, beta: np.ndarray, scale: np.ndarray | None = None) -> np.ndarray:
-        """Residuals ``y - X beta`` (times ``scale`` per row) in the ``r`` scratch array.
-
-        Unused entries get 0.
-        """
-        coef = np.empty((self.m, 1, self.p + 1))
-        coef[:, 0, : self.p] = -beta
-        coef[:, 0, self.p] = 1.0
-        if scale is not None:
-            coef *= scale[:, None, None]
-        np.matmul(coef, self.xy, out=self.r[:, None, :])
-        return self.r
-
-    def wsums(self, w: np.ndarray) -> np.ndarray:
-        """Flat weighted sums ``(sum w x x', sum w x y)`` per row."""
-        return weighted_sums(self.xy, w)
-
-    def median_abs(self, r: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
-        """``median(|r|)`` over used entries of ``r`` (all rows, or chunk ``rows`` with ``r`` their residuals).
-
-        Uses the ``a`` scratch array; ``r`` must be another array.
-        """
-        if rows is None:
-            a = np.abs(r, out=self.a)
-            invalid, n = self.invalid, self.n
-        else:
-            a = np.abs(r, out=self.a[: rows.size])
-            invalid, n = self.invalid[rows], self.n[rows]
-        np.copyto(a, np.inf, where=invalid)
-        return median_inplace(a, n)
-
-    def exact(self, r: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Exact fit of chunk ``rows`` (residuals ``r``): more than ``(n + p) / 2`` residuals below :data:`EXACT_TOL`.
-
-        Unused residuals are 0 and are subtracted from the count.
-        """
-        a = np.abs(r, out=self.a[: rows.size])
-        n = self.n[rows]
-        return np.count_nonzero(a < EXACT_TOL, axis=1) - (self.k - n) > (n + self.p) / 2.0
-
-
-def _agrees(xx_diag: np.ndarray, beta: np.ndarray, b_irwls: np.ndarray, b_newton: np.ndarray) -> np.ndarray:
-    """Newton and IRWLS steps point the same way (positive cosine in the metric diag(X'WX))."""
-    return ((b_irwls - beta) * (b_newton - beta) * np.abs(xx_diag)).sum(axis=1) > 0
-
-
-def _s_eval(ch: _Chunk, beta: np.ndarray, s: np.ndarray, newton: bool) -> tuple[np.ndarray, ...]:
-    """S-iteration at ``(beta, s)``: IRWLS update and, if ``newton``, the Newton update.
-
-    The IRWLS update is robustbase's ``refine_fast_s`` step (scale step
-    ``s sqrt(mean rho / bb)`` and weighted least squares with weights ``psi(u) / u``),
-    with both evaluated at the current point. Newton solves the joint equations
-    ``sum psi_c1(r / s) x = 0`` and ``sum rho_c1(r / s) = bb (n - p)``; the scale
-    is eliminated, leaving a ``p x p`` system.
-    """
-    fused = bisquare_sums(ch.xy, beta, 1.0 / (C_CHI * s))
-    sums, sums_v, rho, tv2 = fused[:, : ch.nz], fused[:, ch.nz : 2 * ch.nz], fused[:, -2], fused[:, -1]
-    xx_w, xy_w = sums[:, ch.sym], sums[:, ch.q :]
-    s_fp = s * np.sqrt(rho / ch.target)
-    beta_irwls = _solve(xx_w, xy_w)
-    if not newton:
-        return beta_irwls, s_fp, None, None
-    sums_d = 5.0 * sums - 4.0 * sums_v  # psi'(u) = v (1 - 5 t) = 5 v^2 - 4 v
-    xx_d, xy_d = sums_d[:, ch.sym], sums_d[:, ch.q :]
-    fb = (xy_w - _mv(xx_w, beta)) / s[:, None]  # sum psi(u) x
-    j_bs = -(xy_d - _mv(xx_d, beta)) / (s * s)[:, None]
-    j_sb = -(6.0 / C_CHI**2) * fb / s[:, None]
-    j_ss = -6.0 * tv2 / s
-    rhs_s = ch.target - rho
-    schur = -xx_d / s[:, None, None] - j_bs[:, :, None] * j_sb[:, None, :] / j_ss[:, None, None]
-    delta_b = _solve(schur, -fb - j_bs * (rhs_s / j_ss)[:, None])
-    s_n = s + (rhs_s - (j_sb * delta_b).sum(axis=1)) / j_ss
-    beta_n = beta + delta_b
-    ok = np.isfinite(beta_n).all(axis=1) & np.isfinite(s_n) & (s_n > 0.5 * s) & (s_n < 2.0 * s)
-    ok &= _agrees(sums[:, ch.diag], beta, beta_irwls, beta_n) & ((s_n - s) * (s_fp - s) >= 0)
-    return beta_irwls, s_fp, np.where(ok[:, None], beta_n, np.nan), np.where(ok, s_n, np.nan)
-
-
-def _m_eval(ch: _Chunk, beta: np.ndarray, s: np.ndarray, newton: bool) -> tuple[np.ndarray, ...]:
-    """M-iteration at fixed scale (bisquare c2): IRWLS update and, if ``newton``, the Newton update."""
-    fused = bisquare_sums(ch.xy, beta, 1.0 / (C_PSI * s))
-    sums, xx_v = fused[:, : ch.nz], fused[:, ch.nz : ch.nz + ch.q]
-    xx_w, xy_w = sums[:, ch.sym], sums[:, ch.q :]
-    beta_irwls = _solve(xx_w, xy_w)
-    if not newton:
-        return beta_irwls, s, None, None
-    hess_flat = 5.0 * sums[:, : ch.q] - 4.0 * xx_v  # sum psi'(u) x x'
-    beta_n = beta + _solve(hess_flat[:, ch.sym], xy_w - _mv(xx_w, beta))  # gradient: s * sum psi(u) x
-    pd = hess_flat[:, 0] > 0
-    if ch.p == 2:
-        pd &= hess_flat[:, 0] * hess_flat[:, 2] - hess_flat[:, 1] ** 2 > 0
-    ok = pd & np.isfinite(beta_n).all(axis=1) & _agrees(sums[:, ch.diag], beta, beta_irwls, beta_n)
-    return beta_irwls, s, np.where(ok[:, None], beta_n, np.nan), s
-
-
-def _step(b_new: np.ndarray, s_new: np.ndarray, b: np.ndarray, s: np.ndarray) -> np.ndarray:
-    """Relative step ``max(||b_new - b|| / max(tol, ||b||), |s_new - s| / s)`` (robustbase's measure for beta)."""
-    num = np.sqrt(((b_new - b) ** 2).sum(axis=1))
-    den = np.maximum(TOL, np.sqrt((b * b).sum(axis=1)))
-    return np.maximum(num / den, np.abs(s_new - s) / s)
-
 
 def _iterate(
-    ch: _Chunk, live: np.ndarray, beta: np.ndarray, s: np.ndarray, evaluate, start_newton: bool = False
+    ch: _Chunk, live: np.ndarray, beta: np.ndarray, s: np.ndarray, m_step: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Iterate ``evaluate`` to convergence for the ``live`` rows; returns beta, s, converged.
+    """S-iterations (``m_step`` False) or M-iterations of the ``live`` rows to convergence: beta, s, converged.
 
-    IRWLS steps until the relative step is below a per-row threshold (initially
-    :data:`NEWTON_SWITCH`), then Newton steps. A Newton step is used only if it is
-    finite, points the same way as the IRWLS step and, from the second on, at least
-    halves the previous Newton step; otherwise the row takes the IRWLS step, leaves
-    Newton mode and its threshold drops tenfold. IRWLS is a descent method for the
-    estimating equations, so every row still converges to the fixed point robustbase
-    iterates to. Finished rows are dropped from the working set (compaction).
-    ``start_newton`` tries Newton from the first step (for starts known to be close).
+    IRWLS, then safeguarded Newton steps, one row at a time
+    (:func:`deepmr_dist.mr._mm_per_locus.iterate`). The M-iterations try Newton
+    from the first step (they start at the S-estimate, close to the M-estimate).
     """
-    beta = beta.copy()
-    s = s.copy()
-    conv = np.zeros(ch.m, dtype=bool)
-    idx = np.flatnonzero(live)  # chunk rows of the working set; the state below is per working row
-    sub = ch.subset(idx) if idx.size < ch.m else ch
-    b, sc = beta[idx], s[idx]
-    newton = np.full(idx.size, bool(start_newton))
-    thresh = np.full(idx.size, NEWTON_SWITCH)
-    last = np.full(idx.size, np.inf)  # size of the row's previous step if it was a Newton step
-    active = np.ones(idx.size, dtype=bool)
-    for _ in range(MAX_ITER):
-        n_active = np.count_nonzero(active)
-        if n_active == 0:
-            break
-        if n_active <= 0.7 * active.size and active.size > 4:
-            keep = np.flatnonzero(active)
-            idx, b, sc, newton, thresh, last = idx[keep], b[keep], sc[keep], newton[keep], thresh[keep], last[keep]
-            sub = ch.subset(idx)
-            active = np.ones(idx.size, dtype=bool)
-        newton &= active
-        b_irwls, s_irwls, b_n, s_n = evaluate(sub, b, sc, bool(newton.any()))
-        if b_n is None:
-            use_n = newton
-            b_new, s_new = b_irwls, s_irwls
-        else:
-            step_n = _step(b_n, s_n, b, sc)  # NaN where the Newton step was refused
-            use_n = newton & ((step_n <= 0.5 * last) | (step_n <= 1e3 * TOL))
-            b_new = np.where(use_n[:, None], b_n, b_irwls)
-            s_new = np.where(use_n, s_n, s_irwls)
-            thresh[newton & ~use_n] *= 0.1
-        step = _step(b_new, s_new, b, sc)
-        upd = active & np.isfinite(step) & (s_new > 0)
-        b[upd] = b_new[upd]
-        sc[upd] = s_new[upd]
-        last = np.where(use_n, step, np.inf)
-        done = upd & ((step <= TOL) | (use_n & (step <= TOL_NEWTON)))
-        newton = use_n | (step <= thresh)
-        finished = active & (done | ~upd)
-        if finished.any():
-            f = np.flatnonzero(finished)
-            beta[idx[f]] = b[f]
-            s[idx[f]] = sc[f]
-            conv[idx[f]] = done[f]
-            active &= ~finished
-    beta[idx[active]] = b[active]
-    s[idx[active]] = sc[active]
-    return beta, s, conv
+    return mm_per_locus.iterate(
+        ch.xy, beta, s, live, ch.target, c=C_PSI if m_step else C_CHI, m_step=m_step, start_newton=m_step,
+        switch=NEWTON_SWITCH, tol=TOL, tol_newton=TOL_NEWTON, max_iter=MAX_ITER,
+    )  # fmt: skip
 
 
 def _elemental_plan(n: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
@@ -497,143 +345,64 @@ def _base_candidates(ch: _Chunk, xx: np.ndarray, xy: np.ndarray) -> list[np.ndar
     ``xx``, ``xy`` are the unweighted sums ``sum x x'`` and ``sum x y``.
     """
     least_squares = _solve(xx, xy)
-    last = ch.x[:, ch.p - 1]
-    usable = ch.valid & (last != 0)
-    ch.a.fill(np.inf)
-    np.divide(ch.y, last, out=ch.a, where=usable)
-    slope = np.nan_to_num(median_inplace(ch.a, usable.sum(axis=1)))
+    slope = np.nan_to_num(median_inplace(ch.a, ratios(ch.xy, ch.valid, ch.a)))
     if ch.p == 1:
         return [slope[:, None], least_squares]
-    first = ch.x[:, 0]
-    np.multiply(slope[:, None], last, out=ch.a)
-    np.subtract(ch.y, ch.a, out=ch.a)
-    np.divide(ch.a, first, out=ch.a, where=first != 0)
-    np.copyto(ch.a, np.inf, where=ch.invalid)
+    intercepts(ch.xy, ch.valid, slope, ch.a)
     icpt = np.nan_to_num(median_inplace(ch.a, ch.n))
     return [np.stack([icpt, slope], axis=1), np.stack([np.zeros_like(slope), slope], axis=1), least_squares]
-
-
-def _fast_s_candidate(
-    ch: _Chunk, beta: np.ndarray, s0: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One ``refine_fast_s`` step (robustbase's ``k.fast.s = 1``) from ``beta``.
-
-    The step starts from ``s0`` when given (the current best scale, for elemental
-    candidates), else from ``mad(r, center = 0)`` as robustbase. Returns the new
-    beta, its residuals (the chunk's ``r`` array) and the rows found to be exact
-    fits before the step (an exact fit has mad 0: zeros are counted only then).
-    """
-    beta = np.where(np.isfinite(beta), beta, 0.0)
-    r = None  # residuals at the start, needed only for the MAD and for rows without a usable scale
-    if s0 is None:
-        r = ch.resid(beta)
-        s0 = 1.4826 * ch.median_abs(r)
-    exact = np.zeros(ch.m, dtype=bool)
-    check = ~(s0 > 0)
-    if check.any():
-        r = ch.resid(beta) if r is None else r
-        rows = np.flatnonzero(check)
-        exact[rows] = ch.exact(r[rows], rows)
-        fallback = np.sqrt(_rowdot(r, r) / np.maximum(ch.nf, 1.0))
-        s0 = np.where(s0 > 0, s0, np.where(fallback > 0, fallback, 1.0))
-    b_new = _s_eval(ch, beta, s0, False)[0]
-    good = np.isfinite(b_new).all(axis=1) & ~exact
-    beta = np.where(good[:, None], b_new, beta)
-    return beta, ch.resid(beta), exact
 
 
 def _s_start(ch: _Chunk, ok: np.ndarray, xx: np.ndarray, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Best S candidate per row (smallest M-scale): beta, scale, exact-fit flag.
 
-    Candidates are compared as in robustbase's fast-S: a candidate replaces the
-    current best only if ``sum rho(r / s_best) < bb (n - p)``, which is equivalent
-    to its M-scale being smaller; only those rows get their M-scale computed. An
-    exact fit (scale 0) always replaces the best; it always passes that test too
-    unless ``s_best`` is tiny, so zeros are counted only on rows that pass it, rows
-    with a tiny ``s_best``, and first candidates whose ``median(|r|)`` is below
-    :data:`EXACT_TOL`.
+    Every candidate gets one ``refine_fast_s`` step (robustbase's ``k.fast.s = 1``)
+    and is compared with the best so far
+    (:func:`deepmr_dist.mr._mm_per_locus.offer_candidates`). The first candidate's
+    step starts from ``mad(r, center = 0)`` as robustbase; later ones from the best
+    scale so far.
     """
     m, p = ch.m, ch.p
     best_beta = np.zeros((m, p))
     best_s = np.full(m, np.inf)
     exact = np.zeros(m, dtype=bool)
+    rows = np.flatnonzero(ok)
 
-    def offer(rows: np.ndarray, beta: np.ndarray, r: np.ndarray, is_exact: np.ndarray, use: np.ndarray) -> None:
-        """Offer the candidates ``beta`` (residuals ``r``) of chunk rows ``rows`` where ``use``."""
-        use = use & ok[rows] & ~exact[rows]
-        j = rows.size
-        cur = best_s[rows]
-        first = use & ~np.isfinite(cur) & ~is_exact
-        screen = use & np.isfinite(cur) & ~is_exact
-        s0 = np.where(first, np.nan, cur)
-        check = is_exact & use  # already known exact
-        if first.any():
-            loc = np.flatnonzero(first)
-            whole = loc.size == j == ch.m  # then rows is every chunk row, in order
-            med = ch.median_abs(r if whole else r[loc], None if whole else rows[loc])
-            s0[loc] = 1.4826 * med
-            check[loc[med < EXACT_TOL]] = True
-        if screen.any():
-            passed = rho_sums(r, 1.0 / (C_CHI * np.where(screen, cur, 1.0))) < ch.target[rows]
-            check |= screen & (passed | (6.0 * ch.nf[rows] * EXACT_TOL**2 >= (C_CHI * cur) ** 2))
-            screen &= passed
-        if check.any():
-            loc = np.flatnonzero(check)
-            found = is_exact[loc] | ch.exact(r[loc], rows[loc])
-            take = loc[found]
-            best_beta[rows[take]] = beta[take]
-            best_s[rows[take]] = 0.0
-            exact[rows[take]] = True
-            first[take] = screen[take] = False
-        loc = np.flatnonzero(first | screen)
-        if loc.size == 0:
-            return
-        g = rows[loc]
-        r2 = ch.a[: loc.size]
-        if loc.size == j:
-            np.multiply(r, r, out=r2)
-        else:
-            np.take(r, loc, axis=0, out=r2, mode="clip")
-            np.multiply(r2, r2, out=r2)
-        s0 = s0[loc]
-        if not (s0 > 0).all():
-            fallback = np.sqrt(r2.sum(axis=1) / np.maximum(ch.nf[g], 1.0))
-            s0 = np.where(s0 > 0, s0, np.where(fallback > 0, fallback, 1.0))
-        s_new = mscale(r2, ch.target[g], s0, C_CHI)
-        imp = np.isfinite(s_new) & (s_new < best_s[g])
-        best_beta[g[imp]] = beta[loc[imp]]
-        best_s[g[imp]] = s_new[imp]
+    def offer(rows: np.ndarray, beta: np.ndarray, s0: np.ndarray) -> None:
+        mm_per_locus.offer_candidates(
+            ch.xy, rows, beta, s0, ch.n, ch.target, best_beta, best_s, exact, c=C_CHI, exact_tol=EXACT_TOL
+        )
 
-    every = np.arange(m)
+    def best_scale(rows: np.ndarray) -> np.ndarray:
+        return np.where(np.isfinite(best_s[rows]) & (best_s[rows] > 0), best_s[rows], np.nan)
+
     for j, beta in enumerate(_base_candidates(ch, xx, xy)):
-        # the first candidate starts from its MAD; later ones from the best scale so far
-        s_ref = None if j == 0 else np.where(np.isfinite(best_s) & (best_s > 0), best_s, np.nan)
-        beta, r, is_exact = _fast_s_candidate(ch, beta, s_ref)
-        offer(every, beta, r, is_exact, np.ones(m, dtype=bool))
+        if j == 0:
+            abs_resid(ch.xy, ch.valid, np.where(np.isfinite(beta), beta, 0.0), ch.a)
+            mad = 1.4826 * median_inplace(ch.a, ch.n)
+            offer(rows, beta[rows], mad[rows])
+        else:
+            offer(rows, beta[rows], best_scale(rows))
 
     count, exhaustive = _elemental_plan(ch.n, p)
     if count.max(initial=0) > 0:
         order = np.argsort(ch.invalid, axis=1, kind="stable")  # used entries first, in order
+        cols = np.arange(p)[None, :, None]
         for c in range(int(count.max())):
-            part = (count > c) & ok & ~exact
-            if not part.any():
+            sel = np.flatnonzero((count > c) & ok & ~exact)
+            if sel.size == 0:
                 continue
-            sel = np.flatnonzero(part)
-            sub = ch if sel.size == m else ch.subset(sel)
-            ranks = _elemental_ranks(c, sub.n, exhaustive[sel], p)
+            ranks = _elemental_ranks(c, ch.n[sel], exhaustive[sel], p)
             pos = np.take_along_axis(order[sel], ranks, axis=1)  # (ms, p) instrument positions
-            xs = np.take_along_axis(sub.x, pos[:, None, :], axis=2)  # (ms, p, p): xs[:, i, j] = x_i at pos j
-            ys = np.take_along_axis(sub.y, pos, axis=1)
+            xs = ch.x[sel[:, None, None], cols, pos[:, None, :]]  # (ms, p, p): xs[:, i, j] = x_i at pos j
+            ys = ch.y[sel[:, None], pos]
             beta = _solve(np.transpose(xs, (0, 2, 1)), ys)
             usable = np.isfinite(beta).all(axis=1)
             if p == 2:
                 det = xs[:, 0, 0] * xs[:, 1, 1] - xs[:, 0, 1] * xs[:, 1, 0]
                 usable &= np.abs(det) > SINGULAR_TOL * np.abs(xs).max(axis=(1, 2)) ** 2
-            if not usable.any():
-                continue
-            s_ref = np.where(np.isfinite(best_s[sel]) & (best_s[sel] > 0), best_s[sel], np.nan)
-            beta_f, r_f, ex_f = _fast_s_candidate(sub, beta, s_ref)
-            offer(sel, beta_f, r_f, ex_f, usable)
+            if usable.any():
+                offer(sel[usable], beta[usable], best_scale(sel[usable]))
     return best_beta, best_s, exact
 
 
@@ -667,7 +436,7 @@ def _s_estimate(ch: _Chunk, ok: np.ndarray, xx: np.ndarray, xy: np.ndarray) -> t
     """S-estimate per row: start beta, beta, scale, exact-fit flag, converged flag."""
     beta0, s0, exact = _s_start(ch, ok, xx, xy)
     go = ok & ~exact & np.isfinite(s0) & (s0 > 0)
-    beta, scale, conv = _iterate(ch, go, beta0, np.where(go, s0, 1.0), _s_eval)
+    beta, scale, conv = _iterate(ch, go, beta0, np.where(go, s0, 1.0), m_step=False)
     beta = np.where(exact[:, None], beta0, beta)
     scale = np.where(exact, 0.0, np.where(ok, scale, np.nan))
     return beta0, beta, scale, exact, conv | exact
@@ -680,8 +449,7 @@ def _fit_chunk(ch: _Chunk) -> MMFit:
 
     # unweighted sums: rank check of the (sqrt-weighted) design, as lmrob's
     # .lm.fit(tol = solve.tol), and the least-squares start
-    ch.a.fill(1.0)
-    sums = ch.wsums(ch.a)
+    sums = design_sums(ch.xy)
     xx, xy = sums[:, ch.sym], sums[:, ch.q :]
     if p == 1:
         singular = ~(xx[:, 0, 0] > 0)
@@ -693,7 +461,7 @@ def _fit_chunk(ch: _Chunk) -> MMFit:
     beta0, beta_s, s, exact, s_conv = _s_estimate(ch, ok, xx, xy)
     live = ok & ~exact
     s_ok = live & s_conv & np.isfinite(s) & (s > 0)
-    beta, _, m_conv = _iterate(ch, s_ok, beta_s, np.where(s_ok, s, 1.0), _m_eval, start_newton=True)
+    beta, _, m_conv = _iterate(ch, s_ok, beta_s, np.where(s_ok, s, 1.0), m_step=True)
     fitted = s_ok & m_conv
     if fitted.any():
         rows = np.flatnonzero(fitted)
@@ -722,7 +490,7 @@ def _fit(
     workers: undefined rows come out as NaN and are flagged by the callers.
     """
     n_loci, k = valid.shape
-    # at least one chunk per thread; fewer, larger chunks mean fewer iteration tails
+    # at least one chunk per thread; larger chunks mean fewer numpy calls per locus
     bounds = chunk_bounds(n_loci, min(CHUNK_ELEMENTS // max(k, 1), -(-n_loci // threads)))
     rows = max((hi - lo for lo, hi in bounds), default=0)
     fit = MMFit.blank(n_loci, p)
