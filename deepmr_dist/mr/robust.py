@@ -366,23 +366,25 @@ def _s_start(ch: _Chunk, ok: np.ndarray, xx: np.ndarray, xy: np.ndarray) -> tupl
     best_beta = np.zeros((m, p))
     best_s = np.full(m, np.inf)
     exact = np.zeros(m, dtype=bool)
-    rows = np.flatnonzero(ok)
+    fit_rows = np.flatnonzero(ok)
 
     def offer(rows: np.ndarray, beta: np.ndarray, s0: np.ndarray) -> None:
+        """Offer candidates ``beta`` (refinement scales ``s0``) of chunk ``rows``."""
         mm_per_locus.offer_candidates(
             ch.xy, rows, beta, s0, ch.n, ch.target, best_beta, best_s, exact, c=C_CHI, exact_tol=EXACT_TOL
         )
 
     def best_scale(rows: np.ndarray) -> np.ndarray:
+        """The best scale so far of chunk ``rows``, NaN where there is none (or an exact fit)."""
         return np.where(np.isfinite(best_s[rows]) & (best_s[rows] > 0), best_s[rows], np.nan)
 
     for j, beta in enumerate(_base_candidates(ch, xx, xy)):
         if j == 0:
             abs_resid(ch.xy, ch.valid, np.where(np.isfinite(beta), beta, 0.0), ch.a)
             mad = 1.4826 * median_inplace(ch.a, ch.n)
-            offer(rows, beta[rows], mad[rows])
+            offer(fit_rows, beta[fit_rows], mad[fit_rows])
         else:
-            offer(rows, beta[rows], best_scale(rows))
+            offer(fit_rows, beta[fit_rows], best_scale(fit_rows))
 
     count, exhaustive = _elemental_plan(ch.n, p)
     if count.max(initial=0) > 0:
