@@ -2,7 +2,7 @@
 
 Each is one pass over ``(loci, instruments)`` arrays instead of several numpy
 passes with temporaries; at thousands of instruments per locus the numpy form
-took about a sixth of a robust MR-Egger fit. Layout as
+took about an eighth of a robust MR-Egger fit. Layout as
 :class:`~deepmr_dist.mr._data.MRData`: unused entries hold ``bx = by = 0`` and
 ``bxse = byse = 1``.
 """
