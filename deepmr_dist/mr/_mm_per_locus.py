@@ -205,18 +205,16 @@ def _offer(xy, rows, beta, s0, n, target, best_beta, best_s, exact, c, exact_tol
                 small, _ = row_resid_stats(xy, i, b0, b1, exact_tol)
                 is_exact = small - (k - n[i]) > half
         if is_exact:
-            best_beta[i, 0] = b0
-            if p == 2:
-                best_beta[i, 1] = b1
-            best_s[i] = 0.0
+            s_new = 0.0
             exact[i] = True
-            continue
-        s_new = row_mscale(xy, i, b0, b1, target[i], start, c, tol, max_iter)
-        if math.isfinite(s_new) and s_new < best_s[i]:
-            best_beta[i, 0] = b0
-            if p == 2:
-                best_beta[i, 1] = b1
-            best_s[i] = s_new
+        else:
+            s_new = row_mscale(xy, i, b0, b1, target[i], start, c, tol, max_iter)
+            if not (math.isfinite(s_new) and s_new < best_s[i]):
+                continue
+        best_beta[i, 0] = b0
+        if p == 2:
+            best_beta[i, 1] = b1
+        best_s[i] = s_new
 
 
 def offer_candidates(
