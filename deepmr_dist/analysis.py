@@ -61,6 +61,8 @@ GLOBAL_VARIABLES: dict[str, str] = {
 """Float variables of :func:`global_ce` and the ``MetaResult`` field each comes from."""
 
 _DIMS = schema.variable(schema.MR, "local_ce").dims  # (pair, locus, method)
+_CODE_FIELDS = ("reason", "note")
+"""String fields of :class:`deepmr_dist.mr.MRResult` stored as fixed-width codes."""
 _CANDIDATE_DIMS = ("position", "allele")
 
 
@@ -144,22 +146,23 @@ def _check_effects(effects: xr.Dataset) -> None:
             )
 
 
-def _reason_dtype() -> np.dtype:
-    """Fixed-width unicode dtype wide enough for every MR reason code.
+def _code_dtype(field: str) -> np.dtype:
+    """Fixed-width unicode dtype wide enough for every code of the MR ``reason`` or ``note`` registry.
 
     A fixed width (not ``object``) lets Zarr writes stay lazy: xarray would
     otherwise load an object-dtype dask array to pick a string encoding.
     """
-    from deepmr_dist.mr import REASONS
+    from deepmr_dist.mr import NOTES, REASONS
 
-    return np.dtype(f"<U{max(1, *(len(code) for code in REASONS))}")
+    codes = REASONS if field == "reason" else NOTES
+    return np.dtype(f"<U{max(1, *(len(code) for code in codes))}")
 
 
-def _as_reasons(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def _as_codes(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     values = np.asarray(values, dtype=object)
     width = max((len(str(v)) for v in values), default=0)
     if width > dtype.itemsize // 4:
-        raise RuntimeError(f"MR kernel returned an unregistered reason code among {sorted(set(values))}")
+        raise RuntimeError(f"MR kernel returned an unregistered code among {sorted(set(values))}")
     return values.astype(dtype)
 
 
@@ -186,8 +189,7 @@ def _block_local_ce(
     shape = (len(pairs), n_loci, len(methods))
     out = {name: np.full(shape, np.nan) for name in LOCAL_VARIABLES}
     n_inst = np.zeros(shape, dtype=np.int64)
-    reason_dtype = _reason_dtype()
-    reason = np.full(shape, "", dtype=reason_dtype)
+    codes = {field: np.full(shape, "", dtype=_code_dtype(field)) for field in _CODE_FIELDS}
     for p, (exposure, outcome) in enumerate(pairs):
         ie, io = tasks.index(exposure), tasks.index(outcome)
         center, scale = stats.get(exposure, (np.nan, np.nan))
@@ -201,11 +203,12 @@ def _block_local_ce(
             for name, field in LOCAL_VARIABLES.items():
                 out[name][p, :, m] = np.asarray(getattr(res, field), dtype=np.float64)
             n_inst[p, :, m] = np.nan_to_num(np.asarray(res.n, dtype=np.float64), nan=0.0).astype(np.int64)
-            reason[p, :, m] = _as_reasons(res.reason, reason_dtype)
+            for field, arr in codes.items():
+                arr[p, :, m] = _as_codes(getattr(res, field), arr.dtype)
     coords = {"locus": block["locus"].values}
     data_vars = {name: (_DIMS, arr) for name, arr in out.items()}
     data_vars["n_instruments"] = (_DIMS, n_inst)
-    data_vars["reason"] = (_DIMS, reason)
+    data_vars.update({field: (_DIMS, arr) for field, arr in codes.items()})
     return xr.Dataset(data_vars, coords=coords)
 
 
@@ -215,7 +218,8 @@ def _template(effects: xr.Dataset, n_pairs: int, n_methods: int) -> xr.Dataset:
     shape = (n_pairs, sum(locus_chunks), n_methods)
     data_vars = {name: (_DIMS, da.empty(shape, chunks=chunks, dtype=np.float64)) for name in LOCAL_VARIABLES}
     data_vars["n_instruments"] = (_DIMS, da.empty(shape, chunks=chunks, dtype=np.int64))
-    data_vars["reason"] = (_DIMS, da.empty(shape, chunks=chunks, dtype=_reason_dtype()))
+    for field in _CODE_FIELDS:
+        data_vars[field] = (_DIMS, da.empty(shape, chunks=chunks, dtype=_code_dtype(field)))
     return xr.Dataset(data_vars, coords={"locus": effects["locus"].values})
 
 
@@ -255,8 +259,9 @@ def local_ce(
         Dims ``(pair, locus, method)``, dask-backed with the locus chunks of
         ``effects``: float ``local_ce, local_se, ci_lower, ci_upper, pvalue,
         intercept, intercept_se, intercept_pvalue, q, i2gx``, int
-        ``n_instruments`` and fixed-width str ``reason`` ("" where defined,
-        else a code of :data:`deepmr_dist.mr.REASONS`). Coords:
+        ``n_instruments``, fixed-width str ``reason`` ("" where defined,
+        else a code of :data:`deepmr_dist.mr.REASONS`) and ``note`` ("" or a
+        caveat code of :data:`deepmr_dist.mr.NOTES`). Coords:
         ``pair`` ("EXPOSURE->OUTCOME"), ``exposure(pair)``, ``outcome(pair)``,
         ``locus``, ``method``. Attrs record the selection and MR options.
     """

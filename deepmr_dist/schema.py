@@ -168,6 +168,13 @@ REGISTRY: tuple[Variable, ...] = (
         TEXT,
         "'' where local_ce and local_se are defined, else a code of deepmr_dist.mr.REASONS.",
     ),
+    Variable(
+        "note",
+        MR,
+        _LOCAL,
+        TEXT,
+        "'' or a caveat on a defined estimate, a code of deepmr_dist.mr.NOTES (e.g. sampled_s_start).",
+    ),
     # meta: global causal effects, one meta-analysis of the local ones per (pair, method)
     Variable(
         "global_ce",

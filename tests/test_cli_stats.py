@@ -16,7 +16,7 @@ from deepmr_dist.meta import meta_analysis
 MR_COLUMNS = [
     "locus", "method", "n", "estimate", "se", "ci_lower", "ci_upper", "pvalue",
     "intercept", "intercept_se", "intercept_ci_lower", "intercept_ci_upper", "intercept_pvalue",
-    "rse", "q", "q_pvalue", "i2", "i2gx", "fstat", "reason", "n_excluded",
+    "rse", "q", "q_pvalue", "i2", "i2gx", "fstat", "reason", "note", "n_excluded",
 ]  # fmt: skip
 META_COLUMNS = [
     "group", "method", "k", "estimate", "se", "ci_lower", "ci_upper", "pvalue",

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from deepmr_dist.errors import InputError
-from deepmr_dist.mr import METHODS, REASONS, MRResult, estimate
+from deepmr_dist.mr import METHODS, NOTES, REASONS, MRResult, estimate
 
 EXPECTED_METHODS = (
     "ivw", "ivw_fixed", "ivw_random", "penalized_ivw", "egger", "robust_ivw", "robust_egger", "egger_paper",
@@ -17,7 +17,7 @@ EXPECTED_METHODS = (
 COLUMNS = [
     "locus", "method", "n", "estimate", "se", "ci_lower", "ci_upper", "pvalue", "intercept", "intercept_se",
     "intercept_ci_lower", "intercept_ci_upper", "intercept_pvalue", "rse", "q", "q_pvalue", "i2", "i2gx", "fstat",
-    "reason",
+    "reason", "note",
 ]  # fmt: skip
 
 
@@ -52,9 +52,10 @@ def test_api__every_method_returns_one_row_per_locus():
         for f in dataclasses.fields(MRResult):
             arr = getattr(r, f.name)
             assert arr.shape == (bx.shape[0],), (name, f.name)
-            if f.name not in ("n", "reason"):
+            if f.name not in ("n", "reason", "note"):
                 assert arr.dtype == np.float64
         assert set(r.reason) <= set(REASONS) | {""}
+        assert set(r.note) <= set(NOTES) | {""} and not (r.note != "")[r.reason != ""].any()
         # a defined estimate has a number, an undefined one has NaN and a reason
         defined = r.reason == ""
         assert np.all(np.isfinite(r.estimate[defined]) & np.isfinite(r.se[defined])), name

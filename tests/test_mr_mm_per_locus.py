@@ -1,4 +1,4 @@
-"""Per-locus MM steps (iterations, fast-S candidates) and the fused input loops, against direct numpy and scipy."""
+"""Per-locus MM steps (robustbase's refinements, rwls, fast-S candidates) and the fused input loops, against transcriptions in numpy and scipy."""
 
 from __future__ import annotations
 
@@ -8,9 +8,7 @@ from scipy import optimize
 
 from deepmr_dist.mr import _input_loops as input_loops
 from deepmr_dist.mr import _mm_per_locus as per_locus
-from deepmr_dist.mr.robust import BB, C_CHI, C_PSI, EXACT_TOL, MAX_ITER, NEWTON_SWITCH, TOL, TOL_NEWTON
-
-ITERATION = {"switch": NEWTON_SWITCH, "tol": TOL, "tol_newton": TOL_NEWTON, "max_iter": MAX_ITER}
+from deepmr_dist.mr.robust import BB, C_CHI, C_PSI, EXACT_TOL, K_MAX, MAX_IT, REFINE_TOL, REL_TOL
 
 
 def _regression(p: int, m: int = 12, k: int = 60, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -49,8 +47,32 @@ def _least_squares(xy: np.ndarray) -> np.ndarray:
     return np.stack([np.linalg.lstsq(row[:p].T, row[p], rcond=None)[0] for row in xy])
 
 
+def _valid(xy: np.ndarray, n: np.ndarray) -> np.ndarray:
+    return np.arange(xy.shape[2])[None, :] < n[:, None]
+
+
+def _wls(row: np.ndarray, beta: np.ndarray, s: float, c: float) -> np.ndarray:
+    """Weighted least squares with bisquare weights psi(u) / u at (beta, s), by QR (numpy's lstsq)."""
+    p = row.shape[0] - 1
+    u = (row[p] - beta @ row[:p]) / (c * s)
+    sw = np.maximum(1 - u * u, 0.0)  # sqrt of the weights (1 - u^2)^2
+    return np.linalg.lstsq((row[:p] * sw).T, row[p] * sw, rcond=None)[0]
+
+
+def _refine_fast_s(row: np.ndarray, beta: np.ndarray, s: float, target: float):
+    """robustbase's refine_fast_s(conv = TRUE), transcribed: (beta, s, beta before the last step, converged)."""
+    p = row.shape[0] - 1
+    for _ in range(K_MAX):
+        s = s * np.sqrt(_rho((row[p] - beta @ row[:p]) / s, C_CHI).sum() / target)
+        new = _wls(row, beta, s, C_CHI)
+        if np.linalg.norm(beta - new) <= REFINE_TOL * max(REFINE_TOL, np.linalg.norm(beta)):
+            return new, s, beta, True
+        beta = new
+    return new, s, beta, False
+
+
 @pytest.mark.parametrize("p", [1, 2])
-def test_iterate__s_then_m_iterations_solve_their_estimating_equations(p):
+def test_refine_s__follows_robustbase_refine_fast_s(p):
     xy, n = _regression(p)
     m = xy.shape[0]
     target = BB * (n - p)
@@ -58,64 +80,75 @@ def test_iterate__s_then_m_iterations_solve_their_estimating_equations(p):
     s0 = np.array([1.4826 * np.median(np.abs(r[:k])) for r, k in zip(_resid(xy, beta0), n, strict=True)])
     live = np.ones(m, dtype=bool)
     live[3] = False
-    beta_s, s, conv = per_locus.iterate(xy, beta0, s0, live, target, c=C_CHI, m_step=False, start_newton=False, **ITERATION)
+    beta, s, prev, conv = per_locus.refine_s(xy, beta0, s0, live, target, c=C_CHI, tol=REFINE_TOL, max_iter=K_MAX)
     assert conv[live].all() and not conv[3]
-    assert (beta_s[3] == beta0[3]).all() and s[3] == s0[3]
-    rows = np.flatnonzero(live)
-    u = _resid(xy, beta_s)[rows] / s[rows, None]
-    x = xy[rows, :p]
-    score = np.einsum("mk,mak->ma", _psi(u, C_CHI), x)
-    scale = np.einsum("mk,mak->ma", np.abs(u), np.abs(x))
-    assert np.abs(score / scale).max() < 1e-9
-    np.testing.assert_allclose(_rho(u, C_CHI).sum(axis=1), target[rows], rtol=1e-9)
-
-    beta_m, s_m, conv_m = per_locus.iterate(xy, beta_s, s, live, target, c=C_PSI, m_step=True, start_newton=True, **ITERATION)
-    assert conv_m[live].all()
-    np.testing.assert_array_equal(s_m, s)  # the M-step keeps the scale
-    u = _resid(xy, beta_m)[rows] / s[rows, None]
-    score = np.einsum("mk,mak->ma", _psi(u, C_PSI), x)
-    assert np.abs(score / np.einsum("mk,mak->ma", np.abs(u), np.abs(x))).max() < 1e-9
-
-
-def test_iterate__a_row_without_a_finite_step_stops_unconverged_and_leaves_the_others_alone():
-    xy, n = _regression(2, m=5, seed=1)
-    target = BB * (n - 2)
-    beta0, s0 = _least_squares(xy), np.ones(5)
-    args = {"c": C_CHI, "m_step": False, "start_newton": False, **ITERATION}
-    alone = per_locus.iterate(xy, beta0, s0, np.ones(5, dtype=bool), target, **args)
-    xy[2, :2] = 0.0  # no design: the weighted least-squares step is 0 / 0
-    beta, s, conv = per_locus.iterate(xy, beta0, s0, np.ones(5, dtype=bool), target, **args)
-    assert not conv[2] and (beta[2] == beta0[2]).all() and s[2] == s0[2]
-    keep = [0, 1, 3, 4]
-    np.testing.assert_array_equal(beta[keep], alone[0][keep])
-    np.testing.assert_array_equal(conv[keep], alone[2][keep])
-
-
-def _refine(row: np.ndarray, beta: np.ndarray, s: float) -> np.ndarray:
-    """robustbase's refine_fast_s step: least squares with weights psi(u) / u at (beta, s)."""
-    p = row.shape[0] - 1
-    u = (row[p] - beta @ row[:p]) / (C_CHI * s)
-    w = np.maximum(1 - u * u, 0.0) ** 2
-    return np.linalg.solve((row[:p] * w) @ row[:p].T, (row[:p] * w) @ row[p])
+    assert (beta[3] == beta0[3]).all() and s[3] == s0[3]
+    for i in np.flatnonzero(live):
+        want, want_s, want_prev, _ = _refine_fast_s(xy[i][:, : n[i]], beta0[i], s0[i], target[i])
+        np.testing.assert_allclose(beta[i], want, rtol=1e-9)
+        np.testing.assert_allclose(prev[i], want_prev, rtol=1e-9)
+        assert s[i] == pytest.approx(want_s, rel=1e-10)
+        # stopped by robustbase's rule, the S equations hold to about the step size
+        u = _resid(xy[i : i + 1], beta[i : i + 1])[0, : n[i]] / s[i]
+        assert abs(_rho(u, C_CHI).sum() - target[i]) < 1e-4 * target[i]
 
 
 @pytest.mark.parametrize("p", [1, 2])
-def test_offer_candidates__keeps_the_refined_candidate_with_the_smallest_m_scale(p):
+def test_rwls__follows_robustbase_rwls(p):
+    xy, n = _regression(p, seed=7)
+    m = xy.shape[0]
+    beta0 = _least_squares(xy)
+    s = np.array([1.4826 * np.median(np.abs(r[:k])) for r, k in zip(_resid(xy, beta0), n, strict=True)])
+    live = np.ones(m, dtype=bool)
+    beta, conv = per_locus.rwls(xy, beta0, s, live, c=C_PSI, tol=REL_TOL, max_it=MAX_IT)
+    assert conv.all()
+    for i in range(m):
+        row, b, steps = xy[i][:, : n[i]], beta0[i], 0
+        while steps < MAX_IT - 1:  # robustbase: while (!converged && ++iterations < max_it)
+            steps += 1
+            new = _wls(row, b, s[i], C_PSI)
+            done = np.abs(b - new).sum() <= REL_TOL * max(REL_TOL, np.abs(new).sum())
+            b = new
+            if done:
+                break
+        np.testing.assert_allclose(beta[i], b, rtol=1e-9)
+        u = (row[p] - b @ row[:p]) / s[i]
+        score = _psi(u, C_PSI) @ row[:p].T
+        assert np.all(np.abs(score) <= 1e-5 * np.abs(u) @ np.abs(row[:p].T))
+
+
+def test_refine_s__a_row_without_a_finite_step_stops_unconverged_and_leaves_the_others_alone():
+    xy, n = _regression(2, m=5, seed=1)
+    target = BB * (n - 2)
+    beta0, s0 = _least_squares(xy), np.ones(5)
+    args = {"c": C_CHI, "tol": REFINE_TOL, "max_iter": K_MAX}
+    alone = per_locus.refine_s(xy, beta0, s0, np.ones(5, dtype=bool), target, **args)
+    xy[2, :2] = 0.0  # no design: the weighted least-squares step is 0 / 0
+    beta, s, _, conv = per_locus.refine_s(xy, beta0, s0, np.ones(5, dtype=bool), target, **args)
+    assert not conv[2] and (beta[2] == beta0[2]).all() and s[2] == s0[2]
+    keep = [0, 1, 3, 4]
+    np.testing.assert_array_equal(beta[keep], alone[0][keep])
+    np.testing.assert_array_equal(conv[keep], alone[3][keep])
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_offer_candidates__keeps_the_candidate_with_the_smallest_m_scale_after_one_step_from_its_own_mad(p):
     xy, n = _regression(p, m=4, seed=2)
     target = BB * (n - p)
     rng = np.random.default_rng(3)
     cands = [_least_squares(xy)] + [rng.normal(size=(4, p)) for _ in range(5)]
-    first_scale = np.full(4, 2.0)
     best_beta, best_s, exact = np.zeros((4, p)), np.full(4, np.inf), np.zeros(4, dtype=bool)
     rows = np.arange(4)
-    for j, beta in enumerate(cands):
-        s0 = first_scale if j == 0 else best_s.copy()
-        per_locus.offer_candidates(xy, rows, beta, s0, n, target, best_beta, best_s, exact, c=C_CHI, exact_tol=EXACT_TOL)
+    for beta in cands:
+        per_locus.offer_candidates(xy, _valid(xy, n), rows, beta, np.zeros(4, bool), n, target, best_beta, best_s, exact, c=C_CHI, exact_tol=EXACT_TOL)
     for i in range(4):
         row = xy[i][:, : n[i]]
         want_beta, want_s = None, np.inf
-        for j, beta in enumerate(cands):  # sequentially: later steps start from the best scale so far
-            refined = _refine(row, beta[i], first_scale[i] if j == 0 else want_s)
+        for beta in cands:
+            r = row[p] - beta[i] @ row[:p]
+            s = 1.4826 * np.median(np.abs(r))
+            s = s * np.sqrt(_rho(r / s, C_CHI).sum() / target[i])
+            refined = _wls(row, beta[i], s, C_CHI)
             scale = _mscale(row[p] - refined @ row[:p], target[i])
             if scale < want_s:
                 want_beta, want_s = refined, scale
@@ -131,12 +164,14 @@ def test_offer_candidates__an_exact_fit_has_scale_zero_and_is_kept():
     xy[:, 2] = np.where(fitted, np.einsum("mak,a->mk", xy[:, :2], line), xy[:, 2])
     target = BB * (n - 2)
     best_beta, best_s, exact = np.zeros((2, 2)), np.full(2, np.inf), np.zeros(2, dtype=bool)
-    rows = np.arange(2)
+    rows, valid = np.arange(2), _valid(xy, n)
     offer = {"c": C_CHI, "exact_tol": EXACT_TOL}
-    per_locus.offer_candidates(xy, rows, np.tile(line, (2, 1)), np.full(2, np.nan), n, target, best_beta, best_s, exact, **offer)
+    per_locus.offer_candidates(xy, valid, rows, _least_squares(xy), np.zeros(2, bool), n, target, best_beta, best_s, exact, **offer)
+    assert not exact.any() and (best_s > 0).all()
+    per_locus.offer_candidates(xy, valid, rows, np.tile(line, (2, 1)), np.zeros(2, bool), n, target, best_beta, best_s, exact, **offer)
     assert exact.all() and (best_s == 0).all()
     np.testing.assert_allclose(best_beta, np.tile(line, (2, 1)), atol=1e-12)
-    per_locus.offer_candidates(xy, rows, _least_squares(xy), best_s.copy(), n, target, best_beta, best_s, exact, **offer)
+    per_locus.offer_candidates(xy, valid, rows, _least_squares(xy), np.zeros(2, bool), n, target, best_beta, best_s, exact, **offer)
     assert (best_s == 0).all()
     np.testing.assert_allclose(best_beta, np.tile(line, (2, 1)), atol=1e-12)
 
@@ -163,3 +198,11 @@ def test_i2gx_q_and_sum_squared_ratio__match_numpy():
     mean = (w * v).sum(axis=1) / w.sum(axis=1)
     np.testing.assert_allclose(input_loops.i2gx_q(bx, bxse, byse, valid), (w * (v - mean[:, None]) ** 2).sum(axis=1), rtol=1e-12)
     np.testing.assert_allclose(input_loops.sum_squared_ratio(bx, bxse), ((bx / bxse) ** 2).sum(axis=1), rtol=1e-12)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 7, 12, 1000, 1001])
+def test_median_inplace__equals_numpy_on_random_tied_and_sorted_values(m):
+    rng = np.random.default_rng(m)
+    for a in (rng.normal(size=m), rng.integers(0, 3, m).astype(float), np.sort(rng.normal(size=m)), -np.arange(m, dtype=float)):
+        work = np.concatenate([a, [np.inf, -np.inf]])  # entries past m are never read
+        assert per_locus.median_inplace(work, m) == np.median(a)

@@ -1,11 +1,11 @@
-"""Robust (MM, lmrob) kernels: estimating equations, statsmodels RLM, exhaustive S search, vignette."""
+"""Robust (MM, lmrob) kernels: estimating equations, statsmodels RLM, a numpy transcription of robustbase, vignette."""
 
 from __future__ import annotations
 
-import itertools
 import warnings
 
 import numpy as np
+import pytest
 import statsmodels.api as sm
 from scipy import stats
 
@@ -13,6 +13,7 @@ from deepmr_dist.mr import estimate
 from deepmr_dist.mr._data import prepare
 from deepmr_dist.mr.robust import BB, C_CHI, C_PSI, lmrob_mm
 
+import lmrob_reference
 from mr_reference_data import CHD, CHDSE, LDLC, LDLCSE
 
 
@@ -53,7 +54,8 @@ def _dpsi(u, c):
     return np.where(t < 1, (1.0 - t) * (1.0 - 5.0 * t), 0.0)
 
 
-def test_robust__mm_and_s_solve_their_estimating_equations():
+def test_robust__mm_and_s_solve_their_estimating_equations_to_robustbases_tolerance():
+    """lmrob stops its iterations at a relative step of 1e-7, so the equations hold to about that."""
     bx, bxse, by, byse, _ = _simulate(21)
     d, xt, y = _egger_design(bx, bxse, by, byse)
     fit = lmrob_mm(xt, y, d.valid, d.n)
@@ -61,16 +63,15 @@ def test_robust__mm_and_s_solve_their_estimating_equations():
     for i in range(d.n_loci):
         m = d.valid[i]
         x, yi, s = xt[i][:, m].T, y[i][m], fit.scale[i]
-        r = yi - x @ fit.coef[i]
-        g = _psi(r / s, C_PSI) @ x
-        assert np.all(np.abs(g) <= 1e-9 * np.sqrt((x**2).sum(axis=0)))
-        r0 = yi - x @ fit.coef_s[i]
-        assert abs(_rho(r0 / s, C_CHI).sum() / (m.sum() - 2) - BB) < 1e-10
-        g0 = _psi(r0 / s, C_CHI) @ x
-        assert np.all(np.abs(g0) <= 1e-9 * np.sqrt((x**2).sum(axis=0)))
+        u = (yi - x @ fit.coef[i]) / s
+        assert np.all(np.abs(_psi(u, C_PSI) @ x) <= 1e-5 * (np.abs(u) @ np.abs(x)))
+        u0 = (yi - x @ fit.coef_s[i]) / s
+        assert abs(_rho(u0, C_CHI).sum() / (m.sum() - 2) - BB) < 1e-5
+        assert np.all(np.abs(_psi(u0, C_CHI) @ x) <= 1e-5 * (np.abs(u0) @ np.abs(x)))
 
 
 def test_robust__mm_step_matches_statsmodels_rlm_at_fixed_scale():
+    """statsmodels iterates to convergence, robustbase (and so deepmr) stops at a relative step of 1e-7."""
     bx, bxse, by, byse, _ = _simulate(22, n_loci=25)
     d, xt, y = _egger_design(bx, bxse, by, byse)
     fit = lmrob_mm(xt, y, d.valid, d.n)
@@ -83,78 +84,29 @@ def test_robust__mm_step_matches_statsmodels_rlm_at_fixed_scale():
                 start_params=fit.coef_s[i], start_scale=fit.scale[i], update_scale=False,
                 conv="coefs", tol=1e-14, maxiter=2000,
             )  # fmt: skip
-        np.testing.assert_allclose(fit.coef[i], rlm.params, rtol=1e-6, atol=1e-12)
+        np.testing.assert_allclose(fit.coef[i], rlm.params, rtol=1e-5, atol=1e-10)
 
 
-def _refine_s(x, y, beta):
-    """Plain per-locus S-iterations (refine_fast_s to convergence) and the final M-scale."""
-    p = x.shape[1]
-    r = y - x @ beta
-    s = 1.4826 * np.median(np.abs(r))
-    for _ in range(10000):
-        s = s * np.sqrt(_rho(r / s, C_CHI).sum() / (len(y) - p) / BB)
-        t = (r / s / C_CHI) ** 2
-        w = np.where(t < 1, (1 - t) ** 2, 0.0)
-        new = np.linalg.solve((x * w[:, None]).T @ x, (x * w[:, None]).T @ y)
-        done = np.linalg.norm(new - beta) <= 1e-14 * max(1e-14, np.linalg.norm(beta))
-        beta, r = new, y - x @ new
-        if done:
-            break
-    for _ in range(10000):
-        s2 = s * np.sqrt(_rho(r / s, C_CHI).sum() / (len(y) - p) / BB)
-        if abs(s2 - s) < 1e-15 * s:
-            break
-        s = s2
-    return beta, s
-
-
-def test_robust__s_estimate_is_the_best_of_all_refined_elemental_fits():
-    bx, bxse, by, byse, _ = _simulate(23, n_loci=10, max_k=12, min_k=12, outliers=0.3)
-    d, xt, y = _egger_design(bx, bxse, by, byse)
+@pytest.mark.parametrize("p", [1, 2])
+def test_robust__fits_equal_a_numpy_transcription_of_robustbase(p):
+    """Coefficients, S-estimate, scale and .vcov.avar1 against tests/lmrob_reference.py (every subset offered)."""
+    bx, bxse, by, byse, k = _simulate(23 + p, n_loci=16, max_k=20, min_k=3 + p, outliers=0.25)
+    if p == 2:
+        d, xt, y = _egger_design(bx, bxse, by, byse)
+    else:
+        d = prepare(bx, bxse, by, byse)
+        xt, y = (d.valid * d.bx / d.byse)[:, None, :], d.valid * d.by / d.byse
     fit = lmrob_mm(xt, y, d.valid, d.n)
-    for i in range(d.n_loci):
-        x, yi = xt[i].T, y[i]
-        best_beta, best_s = None, np.inf
-        for pair in itertools.combinations(range(len(yi)), 2):
-            sub = list(pair)
-            if abs(np.linalg.det(x[sub])) < 1e-12:
-                continue
-            beta, s = _refine_s(x, yi, np.linalg.solve(x[sub], yi[sub]))
-            if s < best_s:
-                best_beta, best_s = beta, s
-        assert abs(fit.scale[i] - best_s) <= 1e-8 * best_s
-        np.testing.assert_allclose(fit.coef_s[i], best_beta, rtol=1e-6, atol=1e-10)
-
-
-def _avar1(x, r, r0, s):
-    """robustbase .vcov.avar1 written out for one locus."""
-    n = len(r)
-    rs, r0s = r / s, r0 / s
-    w = _dpsi(rs, C_PSI)
-    t0 = np.minimum((r0s / C_CHI) ** 2, 1.0)
-    w0 = 6.0 / C_CHI**2 * r0s * (1.0 - t0) ** 2
-    a_mat = np.linalg.inv(x.T @ (x * w[:, None])) * s
-    a = a_mat @ (x.T @ (w * rs)) / np.mean(w0 * r0s)
-    w = _psi(rs, C_PSI)
-    w0 = _rho(r0s, C_CHI)
-    xww = x.T @ (w * w0)
-    u1 = a_mat @ (x.T @ (x * (w**2)[:, None])) @ (n * a_mat)
-    u2 = np.outer(a, xww @ a_mat)
-    u3 = np.outer(a_mat @ xww, a)
-    u4 = np.mean(w0**2 - BB**2) * np.outer(a, a)
-    return (u1 - u2 - u3 + u4) / n
-
-
-def test_robust__covariance_is_vcov_avar1():
-    bx, bxse, by, byse, _ = _simulate(24, n_loci=20)
-    d, xt, y = _egger_design(bx, bxse, by, byse)
-    fit = lmrob_mm(xt, y, d.valid, d.n)
+    assert not fit.sampled.any()
     for i in range(d.n_loci):
         m = d.valid[i]
-        x, yi = xt[i][:, m].T, y[i][m]
-        cov = _avar1(x, yi - x @ fit.coef[i], yi - x @ fit.coef_s[i], fit.scale[i])
-        if np.all(np.linalg.eigvalsh(cov) >= 0):
-            np.testing.assert_allclose(fit.cov[i], cov, rtol=1e-8)
+        ref = lmrob_reference.lmrob(xt[i][:, m].T, y[i][m])
+        assert fit.converged[i] and ref.converged
+        np.testing.assert_allclose(fit.coef[i], ref.coef, rtol=1e-8, atol=1e-12)
+        np.testing.assert_allclose(fit.coef_s[i], ref.coef_s, rtol=1e-8, atol=1e-12)
+        assert fit.scale[i] == pytest.approx(ref.scale, rel=1e-8)
+        if np.all(np.linalg.eigvalsh(ref.cov) >= 0):  # else posdefified, checked against R in the parity tests
+            np.testing.assert_allclose(fit.cov[i], ref.cov, rtol=1e-7, atol=1e-14)
 
 
 def test_robust_egger__vignette_ldl_chd():
@@ -169,8 +121,9 @@ def test_robust_egger__vignette_ldl_chd():
 def test_robust_egger__q_is_the_weighted_residual_sum_of_squares_of_the_mm_fit():
     bx, bxse, by, byse, k = _simulate(27, n_loci=30, min_k=3)
     r = estimate(bx, bxse, by, byse, methods=("robust_egger",))["robust_egger"]
-    assert (r.reason == "").all()
-    for i in range(bx.shape[0]):
+    # one locus's M-step does not converge within lmrob's max.it = 50 (lmrob warns the same on it)
+    assert set(r.reason) <= {"", "no_convergence"} and (r.reason == "").sum() >= 28
+    for i in np.flatnonzero(r.reason == ""):
         x, y, s = np.abs(bx[i, : k[i]]), np.sign(bx[i, : k[i]]) * by[i, : k[i]], byse[i, : k[i]]
         q = (((y - r.intercept[i] - r.estimate[i] * x) / s) ** 2).sum()
         assert abs(r.q[i] - q) <= 1e-10 * q

@@ -4,7 +4,7 @@ Input (CSV/TSV or Parquet by suffix): one row per instrument with columns
 ``locus, bx, bxse, by, byse``. Output: one row per locus and method with
 columns ``locus, method, n, estimate, se, ci_lower, ci_upper, pvalue,
 intercept, intercept_se, intercept_ci_lower, intercept_ci_upper,
-intercept_pvalue, rse, q, q_pvalue, i2, i2gx, fstat, reason, n_excluded``
+intercept_pvalue, rse, q, q_pvalue, i2, i2gx, fstat, reason, note, n_excluded``
 (``n_excluded``: input rows of the locus dropped as invalid).
 """
 
@@ -24,7 +24,7 @@ __all__ = ["MR_OUTPUT_COLUMNS", "register", "run"]
 MR_OUTPUT_COLUMNS: tuple[str, ...] = (
     "locus", "method", "n", "estimate", "se", "ci_lower", "ci_upper", "pvalue",
     "intercept", "intercept_se", "intercept_ci_lower", "intercept_ci_upper", "intercept_pvalue",
-    "rse", "q", "q_pvalue", "i2", "i2gx", "fstat", "reason", "n_excluded",
+    "rse", "q", "q_pvalue", "i2", "i2gx", "fstat", "reason", "note", "n_excluded",
 )  # fmt: skip
 
 

@@ -16,6 +16,6 @@ Modules: :mod:`.ivw`, :mod:`.egger`, :mod:`.robust` (MM / lmrob), :mod:`.median`
 """
 
 from deepmr_dist.mr.api import BOOTSTRAP_METHODS, METHODS, estimate
-from deepmr_dist.mr.result import REASONS, MRResult
+from deepmr_dist.mr.result import NOTES, REASONS, MRResult
 
-__all__ = ["BOOTSTRAP_METHODS", "METHODS", "REASONS", "MRResult", "estimate"]
+__all__ = ["BOOTSTRAP_METHODS", "METHODS", "NOTES", "REASONS", "MRResult", "estimate"]

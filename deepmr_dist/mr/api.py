@@ -52,11 +52,13 @@ def _merge(data: MRData, parts: list[tuple[np.ndarray, MRResult]]) -> MRResult:
     n_loci = data.n_loci
     values = {name: np.full(n_loci, np.nan) for name in FLOAT_FIELDS}
     reason = np.full(n_loci, "", dtype=object)
+    note = np.full(n_loci, "", dtype=object)
     for rows, res in parts:
         for name in FLOAT_FIELDS:
             values[name][rows] = getattr(res, name)
         reason[rows] = res.reason
-    return MRResult(n=data.n.copy(), reason=reason, **values)
+        note[rows] = res.note
+    return MRResult(n=data.n.copy(), reason=reason, note=note, **values)
 
 
 def egger_paper(data: MRData, *, alpha: float = 0.05, t_dist: bool = False, threads: int = 1) -> MRResult:

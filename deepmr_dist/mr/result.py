@@ -3,7 +3,9 @@
 An :class:`MRResult` holds one numpy array of shape ``(n_loci,)`` per field, so a
 whole batch of loci is one object. Fields a method does not define (an IVW fit
 has no intercept) are NaN; a locus where the estimator itself is undefined has
-NaN numbers and a short code in ``reason`` (see :data:`REASONS`).
+NaN numbers and a short code in ``reason`` (see :data:`REASONS`). A locus whose
+numbers are defined but come with a caveat carries a code in ``note`` (see
+:data:`NOTES`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,14 @@ REASONS: dict[str, str] = {
 }
 """Reason codes for undefined estimates, code -> human explanation."""
 
+NOTES: dict[str, str] = {
+    "sampled_s_start": (
+        "the robust fit's S-start searched a fixed sample of elemental subsets (too many to try them all); "
+        "robustbase::lmrob searches a random sample there, so its answer depends on its seed and may differ"
+    ),
+}
+"""Codes for caveats on defined estimates, code -> human explanation."""
+
 KEEP_ESTIMATE: frozenset[str] = frozenset({"exact_fit"})
 """Reason codes where the point estimate is defined but its standard error is not."""
 
@@ -54,7 +64,7 @@ FLOAT_FIELDS: tuple[str, ...] = (
 )
 """Float fields of :class:`MRResult`, in table order."""
 
-COLUMNS: tuple[str, ...] = ("locus", "method", "n", *FLOAT_FIELDS, "reason")
+COLUMNS: tuple[str, ...] = ("locus", "method", "n", *FLOAT_FIELDS, "reason", "note")
 """Columns of :meth:`MRResult.to_frame`."""
 
 
@@ -84,6 +94,8 @@ class MRResult:
         Mean first-stage F statistic, mean(bx^2 / bxse^2).
     reason : numpy.ndarray of object
         ``""`` where the estimate and its standard error are defined, else a code of :data:`REASONS`.
+    note : numpy.ndarray of object
+        ``""``, or a code of :data:`NOTES` for a caveat on a defined estimate.
     """
 
     n: np.ndarray
@@ -104,6 +116,7 @@ class MRResult:
     i2gx: np.ndarray
     fstat: np.ndarray
     reason: np.ndarray
+    note: np.ndarray
 
     def __len__(self) -> int:
         return int(self.estimate.shape[0])
@@ -135,6 +148,7 @@ class MRResult:
         for name in FLOAT_FIELDS:
             data[name] = getattr(self, name)
         data["reason"] = self.reason
+        data["note"] = self.note
         return pd.DataFrame(data, columns=list(COLUMNS))
 
 
@@ -156,6 +170,7 @@ class ResultBuilder:
         if fstat is not None:
             self.values["fstat"] = np.asarray(fstat, dtype=np.float64).copy()
         self.reason = np.full(n_loci, "", dtype=object)
+        self.note = np.full(n_loci, "", dtype=object)
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.values[name]
@@ -169,6 +184,13 @@ class ResultBuilder:
             raise KeyError(code)
         mask = np.asarray(mask, dtype=bool) & (self.reason == "")
         self.reason[mask] = code
+
+    def annotate(self, mask: np.ndarray, code: str) -> None:
+        """Set ``note`` to ``code`` where ``mask`` holds, no reason is set and no note yet (call after :meth:`flag`)."""
+        if code not in NOTES:  # pragma: no cover - programming error
+            raise KeyError(code)
+        mask = np.asarray(mask, dtype=bool) & (self.reason == "") & (self.note == "")
+        self.note[mask] = code
 
     def build(self, blank_flagged: bool = True) -> MRResult:
         """Freeze into an :class:`MRResult`.
@@ -192,4 +214,4 @@ class ResultBuilder:
                     arr[flagged & ~keep] = np.nan
                 else:
                     arr[flagged] = np.nan
-        return MRResult(n=self.n.copy(), reason=self.reason.copy(), **values)
+        return MRResult(n=self.n.copy(), reason=self.reason.copy(), note=self.note.copy(), **values)

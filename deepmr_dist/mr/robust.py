@@ -15,26 +15,36 @@ Definitions (bisquare, ``t = (u / c)^2``, ``v = max(1 - t, 0)``)::
                  at the minimum of s over beta
     MM-estimate: sum psi_c2(r_i / s) x_i = 0 with s fixed at the S-scale
 
-Differences from robustbase, by design:
+How this follows robustbase 0.95-0 (``src/lmrob.c``, ``R/lmrob.MM.R``):
 
-* Deterministic S-step. robustbase draws 500 random elemental subsamples, refines
-  each by one S-iteration (``k.fast.s = 1``) and fully refines the best two. Here
-  the candidates are: the median ratio (plus the median intercept, and intercept 0,
-  for Egger), least squares, and elemental fits (all of them when
-  ``C(n, p) * n <= 4000``, e.g. every pair up to n = 20 for Egger; otherwise
-  ``500 // n`` pairs from a fixed pseudo-random sequence, none above n = 50).
-  Each candidate gets one S-iteration; a candidate replaces the best one only if
-  its M-scale is smaller (robustbase's ``sum rho(r / s_best) < bb (n - p)`` test);
-  the best is refined to convergence. With one basin of attraction around the bulk
-  of the instruments this is robustbase's S-estimate; with competing clusters the
-  two may settle in different local minima (robustbase then depends on its seed).
-  For small n the exhaustive search returns the global minimum over all refined
-  elemental fits, which robustbase's 500 draws approximate.
-* Convergence. robustbase stops its iterations at a relative change of 1e-7; here
-  iteratively reweighted least squares (IRWLS) is followed by safeguarded Newton
-  steps on the estimating equations, to a relative step of 1e-10 (IRWLS) or 1e-8
-  (Newton, whose error is then of order 1e-16), so results agree with robustbase to
-  its own tolerance (about 1e-7 relative).
+* Iterations and stopping rules are robustbase's own
+  (:mod:`deepmr_dist.mr._mm_per_locus`): every elemental candidate gets one
+  ``refine_fast_s`` step from the MAD of its own residuals (``k.fast.s = 1``);
+  the best one by M-scale is refined with ``refine.tol = 1e-7`` and
+  ``k.max = 500``, the M-step iterates ``rwls`` with ``rel.tol = 1e-7`` and
+  ``max.it = 50``, and ``.vcov.avar1`` uses the S residuals robustbase keeps
+  (those before its last refinement step). A fit therefore lands on the iterate
+  ``lmrob`` returns, not only on the fixed point it approximates; at small n the
+  two differ by up to about 1e-4 relative in the standard error.
+* The S-start: robustbase draws ``nResample = 500`` random elemental subsets
+  and fully refines the best two. Where ``C(n, p) * n <= ELEMENTAL_BUDGET``
+  (every pair up to n = 20 for Egger, every instrument up to n = 63 for IVW)
+  this module offers every elemental subset instead. That is the limit of
+  robustbase's search when its draws cover every subset, as 500 draws do for
+  small n: the best subset is then drawn at least twice, fills both of its
+  "best two" slots, and is the only one refined. There the result does not
+  depend on a seed, and it equals ``lmrob``'s to round-off (checked against the
+  committed R fixtures in ``tests/r/``).
+* Larger loci get a deterministic, not a random, search: the median ratio (plus
+  the median intercept, and intercept 0, for Egger), least squares, and
+  ``ELEMENTAL_RANDOM_BUDGET // n`` elemental subsets from a fixed pseudo-random
+  sequence (none above n = 50). ``lmrob`` itself depends on its seed there (by
+  about 1e-8 to 1e-6 relative when its candidates share one basin, by more when
+  clusters of instruments compete), so no deterministic search can reproduce
+  it; :attr:`MMFit.sampled` marks these loci and the estimators report them
+  with the note ``sampled_s_start``. With every subset offered
+  (``elemental_budget``) the fits equal ``lmrob``'s with enough draws to be
+  seed-independent, which shows that the search is the only difference.
 * Loci are fitted one at a time inside compiled loops (the S- and M-iterations
   and the candidate comparison); the steps that are cheapest as numpy over a
   chunk of loci (medians, least squares, the covariance) stay numpy. There is
@@ -100,15 +110,27 @@ EXACT_TOL = 1e-10
 """robustbase's EPS_SCALE: residuals below it count as exactly fitted."""
 SINGULAR_TOL = 1e-7
 """robustbase's solve.tol, used for rank deficiency of the design."""
+REFINE_TOL = 1e-7
+"""``lmrob.control()$refine.tol``: the S refinement stops at this relative step (Euclidean norm)."""
+REL_TOL = 1e-7
+"""``lmrob.control()$rel.tol``: the M-step stops at this relative step (L1 norm)."""
+SCALE_TOL = 1e-10
+"""``lmrob.control()$scale.tol``: relative tolerance of the M-scale."""
+K_MAX = 500
+"""S refinement steps at most (the package passes ``k.max = 500``)."""
+MAXIT_SCALE = 500
+"""Iterations of the M-scale at most (the package passes ``maxit.scale = 500``)."""
+MAX_IT = 50
+"""``lmrob.control()$max.it``: the M-step takes at most ``MAX_IT - 1`` steps, as robustbase counts."""
 NEWTON_SWITCH = 1e-2
-"""Relative IRWLS step below which Newton steps take over."""
+"""Sampled loci: relative IRWLS step below which Newton steps take over."""
 TOL = 1e-10
-"""Relative IRWLS step size at which a fit counts as converged."""
+"""Sampled loci: relative IRWLS step size at which a fit counts as converged."""
 TOL_NEWTON = 1e-8
-"""Relative Newton step size at which a fit counts as converged (the step just taken
-leaves an error of order its square, far below :data:`TOL`)."""
+"""Sampled loci: relative Newton step size at which a fit counts as converged (the step just
+taken leaves an error of order its square, far below :data:`TOL`)."""
 MAX_ITER = 500
-"""Iteration limit of each stage (the package passes ``k.max = 500``)."""
+"""Sampled loci: iteration limit of each stage."""
 ELEMENTAL_BUDGET = 4000
 """Exhaustive elemental search while (number of subsets) x (instruments) stays below this."""
 ELEMENTAL_RANDOM_BUDGET = 500
@@ -139,6 +161,10 @@ class MMFit:
     converged, exact, singular : numpy.ndarray
         ``(n_loci,)`` bool flags: iterations converged; exact fit (scale 0);
         rank-deficient design (no fit attempted).
+    sampled : numpy.ndarray
+        ``(n_loci,)`` bool: the S-start searched a deterministic sample of
+        candidates, not every elemental subset, so ``lmrob`` (whose random search
+        depends on its seed there) may land elsewhere.
     """
 
     coef: np.ndarray
@@ -149,6 +175,7 @@ class MMFit:
     converged: np.ndarray
     exact: np.ndarray
     singular: np.ndarray
+    sampled: np.ndarray
 
     @classmethod
     def blank(cls, n_loci: int, p: int) -> MMFit:
@@ -157,7 +184,7 @@ class MMFit:
             coef=np.full((n_loci, p), np.nan), coef_s=np.full((n_loci, p), np.nan),
             cov=np.full((n_loci, p, p), np.nan), scale=np.full(n_loci, np.nan), rss=np.full(n_loci, np.nan),
             converged=np.zeros(n_loci, dtype=bool), exact=np.zeros(n_loci, dtype=bool),
-            singular=np.zeros(n_loci, dtype=bool),
+            singular=np.zeros(n_loci, dtype=bool), sampled=np.zeros(n_loci, dtype=bool),
         )  # fmt: skip
 
 
@@ -275,25 +302,10 @@ class _Chunk:
         return _Chunk(xy, self.valid[rows], self.n[rows], self.ws, compact=True)
 
 
-def _iterate(
-    ch: _Chunk, live: np.ndarray, beta: np.ndarray, s: np.ndarray, m_step: bool
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """S-iterations (``m_step`` False) or M-iterations of the ``live`` rows to convergence: beta, s, converged.
+def _elemental_plan(n: np.ndarray, p: int, budget: int) -> tuple[np.ndarray, np.ndarray]:
+    """Elemental subsets per row: ``(count per row, exhaustive per row)``.
 
-    IRWLS, then safeguarded Newton steps, one row at a time
-    (:func:`deepmr_dist.mr._mm_per_locus.iterate`). The M-iterations try Newton
-    from the first step (they start at the S-estimate, close to the M-estimate).
-    """
-    return mm_per_locus.iterate(
-        ch.xy, beta, s, live, ch.target, c=C_PSI if m_step else C_CHI, m_step=m_step, start_newton=m_step,
-        switch=NEWTON_SWITCH, tol=TOL, tol_newton=TOL_NEWTON, max_iter=MAX_ITER,
-    )  # fmt: skip
-
-
-def _elemental_plan(n: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
-    """Elemental subsets per row: ``(count per row, ranks (n_cand, p))``.
-
-    A row with ``C(n, p) <= ELEMENTAL_BUDGET / n`` gets all its elemental subsets
+    A row with ``C(n, p) <= budget / n`` gets all its elemental subsets
     (enumerated in colex order, so the first ``C(n, p)`` entries are exactly the
     subsets of ranks below n); larger rows get ``ELEMENTAL_RANDOM_BUDGET // n``
     subsets from a fixed pseudo-random sequence of rank fractions, or none when
@@ -301,7 +313,7 @@ def _elemental_plan(n: np.ndarray, p: int) -> tuple[np.ndarray, np.ndarray]:
     """
     n = np.asarray(n, dtype=np.int64)
     full = np.array([math.comb(int(k), p) for k in n], dtype=np.int64)
-    exhaustive = full <= ELEMENTAL_BUDGET // np.maximum(n, 1)
+    exhaustive = full <= budget // np.maximum(n, 1)
     budget = ELEMENTAL_RANDOM_BUDGET // np.maximum(n, 1)
     count = np.where(exhaustive, full, np.where(budget >= ELEMENTAL_MIN, budget, 0))
     return count, exhaustive
@@ -353,40 +365,37 @@ def _base_candidates(ch: _Chunk, xx: np.ndarray, xy: np.ndarray) -> list[np.ndar
     return [np.stack([icpt, slope], axis=1), np.stack([np.zeros_like(slope), slope], axis=1), least_squares]
 
 
-def _s_start(ch: _Chunk, ok: np.ndarray, xx: np.ndarray, xy: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Best S candidate per row (smallest M-scale): beta, scale, exact-fit flag.
+def _s_start(
+    ch: _Chunk, ok: np.ndarray, xx: np.ndarray, xy: np.ndarray, budget: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Best S candidate per row (smallest M-scale): beta, scale, exact-fit flag, sampled-search flag.
 
-    Every candidate gets one ``refine_fast_s`` step (robustbase's ``k.fast.s = 1``)
-    and is compared with the best so far
-    (:func:`deepmr_dist.mr._mm_per_locus.offer_candidates`). The first candidate's
-    step starts from ``mad(r, center = 0)`` as robustbase; later ones from the best
-    scale so far.
+    Rows whose elemental subsets fit the ``budget`` are offered every subset,
+    nothing else (robustbase's search in the limit of many draws); the others
+    are offered the median and least-squares starts and a fixed sample of
+    subsets. A candidate gets one ``refine_fast_s`` step from the MAD of its
+    own residuals (sampled rows, once they have a best candidate: from the best
+    scale so far) and is compared with the best so far
+    (:func:`deepmr_dist.mr._mm_per_locus.offer_candidates`).
     """
     m, p = ch.m, ch.p
     best_beta = np.zeros((m, p))
     best_s = np.full(m, np.inf)
     exact = np.zeros(m, dtype=bool)
-    fit_rows = np.flatnonzero(ok)
+    count, exhaustive = _elemental_plan(ch.n, p, budget)
+    sampled = ok & ~exhaustive
 
-    def offer(rows: np.ndarray, beta: np.ndarray, s0: np.ndarray) -> None:
-        """Offer candidates ``beta`` (refinement scales ``s0``) of chunk ``rows``."""
+    def offer(rows: np.ndarray, beta: np.ndarray) -> None:
+        """Offer candidates ``beta`` of chunk ``rows``."""
         mm_per_locus.offer_candidates(
-            ch.xy, rows, beta, s0, ch.n, ch.target, best_beta, best_s, exact, c=C_CHI, exact_tol=EXACT_TOL
-        )
+            ch.xy, ch.valid, rows, beta, sampled, ch.n, ch.target, best_beta, best_s, exact,
+            c=C_CHI, exact_tol=EXACT_TOL, tol=SCALE_TOL, max_iter=MAXIT_SCALE,
+        )  # fmt: skip
 
-    def best_scale(rows: np.ndarray) -> np.ndarray:
-        """The best scale so far of chunk ``rows``, NaN where there is none (or an exact fit)."""
-        return np.where(np.isfinite(best_s[rows]) & (best_s[rows] > 0), best_s[rows], np.nan)
-
-    for j, beta in enumerate(_base_candidates(ch, xx, xy)):
-        if j == 0:
-            abs_resid(ch.xy, ch.valid, np.where(np.isfinite(beta), beta, 0.0), ch.a)
-            mad = 1.4826 * median_inplace(ch.a, ch.n)
-            offer(fit_rows, beta[fit_rows], mad[fit_rows])
-        else:
-            offer(fit_rows, beta[fit_rows], best_scale(fit_rows))
-
-    count, exhaustive = _elemental_plan(ch.n, p)
+    if sampled.any():
+        rows = np.flatnonzero(sampled)
+        for beta in _base_candidates(ch, xx, xy):
+            offer(rows, beta[rows])
     if count.max(initial=0) > 0:
         order = np.argsort(ch.invalid, axis=1, kind="stable")  # used entries first, in order
         cols = np.arange(p)[None, :, None]
@@ -404,12 +413,15 @@ def _s_start(ch: _Chunk, ok: np.ndarray, xx: np.ndarray, xy: np.ndarray) -> tupl
                 det = xs[:, 0, 0] * xs[:, 1, 1] - xs[:, 0, 1] * xs[:, 1, 0]
                 usable &= np.abs(det) > SINGULAR_TOL * np.abs(xs).max(axis=(1, 2)) ** 2
             if usable.any():
-                offer(sel[usable], beta[usable], best_scale(sel[usable]))
-    return best_beta, best_s, exact
+                offer(sel[usable], beta[usable])
+    return best_beta, best_s, exact, sampled
 
 
 def _vcov_avar1(ch: _Chunk, beta: np.ndarray, beta_s: np.ndarray, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """robustbase's ``.vcov.avar1`` per row (negative eigenvalues posdefified) and the RSS at ``beta``."""
+    """robustbase's ``.vcov.avar1`` per row (negative eigenvalues posdefified) and the RSS at ``beta``.
+
+    ``beta_s`` gives the S residuals ``r0`` (robustbase's ``init.S$residuals``).
+    """
     p, n, sym, q, nz = ch.p, ch.nf, ch.sym, ch.q, ch.nz
     sums = avar1_sums(ch.xy, beta, beta_s, s, C_PSI, C_CHI)
     sums_d = sums[:, :nz]  # weights psi'(r / s)
@@ -434,18 +446,44 @@ def _vcov_avar1(ch: _Chunk, beta: np.ndarray, beta_s: np.ndarray, s: np.ndarray)
     return _posdefify(cov), rss
 
 
-def _s_estimate(ch: _Chunk, ok: np.ndarray, xx: np.ndarray, xy: np.ndarray) -> tuple[np.ndarray, ...]:
-    """S-estimate per row: start beta, beta, scale, exact-fit flag, converged flag."""
-    beta0, s0, exact = _s_start(ch, ok, xx, xy)
+def _fixed_point(
+    ch: _Chunk, live: np.ndarray, beta: np.ndarray, s: np.ndarray, m_step: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """S- (``m_step`` False) or M-iterations of the ``live`` rows to their fixed point: beta, s, converged.
+
+    For rows with a sampled S-start (:func:`deepmr_dist.mr._mm_per_locus.iterate`);
+    the M-iterations try Newton from the first step (they start at the S-estimate,
+    close to the M-estimate).
+    """
+    return mm_per_locus.iterate(
+        ch.xy, beta, s, live, ch.target, c=C_PSI if m_step else C_CHI, m_step=m_step, start_newton=m_step,
+        switch=NEWTON_SWITCH, tol=TOL, tol_newton=TOL_NEWTON, max_iter=MAX_ITER,
+    )  # fmt: skip
+
+
+def _s_estimate(ch: _Chunk, ok: np.ndarray, xx: np.ndarray, xy: np.ndarray, budget: int) -> tuple[np.ndarray, ...]:
+    """S-estimate per row: beta, the beta of its residuals, scale, exact, converged and sampled flags.
+
+    Rows offered every elemental subset are refined as robustbase does (its S
+    residuals are those before its last step); sampled rows go to the fixed point.
+    """
+    beta0, s0, exact, sampled = _s_start(ch, ok, xx, xy, budget)
     go = ok & ~exact & np.isfinite(s0) & (s0 > 0)
-    beta, scale, conv = _iterate(ch, go, beta0, np.where(go, s0, 1.0), m_step=False)
+    start = np.where(go, s0, 1.0)
+    beta, scale, beta_resid, conv = mm_per_locus.refine_s(
+        ch.xy, beta0, start, go & ~sampled, ch.target, c=C_CHI, tol=REFINE_TOL, max_iter=K_MAX
+    )
+    if (go & sampled).any():
+        fp_beta, fp_scale, fp_conv = _fixed_point(ch, go & sampled, beta0, start, m_step=False)
+        beta, beta_resid = np.where(sampled[:, None], fp_beta, beta), np.where(sampled[:, None], fp_beta, beta_resid)
+        scale, conv = np.where(sampled, fp_scale, scale), np.where(sampled, fp_conv, conv)
     beta = np.where(exact[:, None], beta0, beta)
     scale = np.where(exact, 0.0, np.where(ok, scale, np.nan))
-    return beta0, beta, scale, exact, conv | exact
+    return beta, beta_resid, scale, exact, conv | exact, sampled
 
 
-def _fit_chunk(ch: _Chunk) -> MMFit:
-    """MM fit of one chunk."""
+def _fit_chunk(ch: _Chunk, budget: int) -> MMFit:
+    """MM fit of one chunk (elemental search ``budget`` as :func:`lmrob_mm`)."""
     m, p = ch.m, ch.p
     out = MMFit.blank(m, p)
 
@@ -460,30 +498,40 @@ def _fit_chunk(ch: _Chunk) -> MMFit:
         singular = ~(xx[:, 0, 0] > 0) | ~(resid > SINGULAR_TOL**2 * xx[:, 1, 1])
     ok = ~singular & (ch.n > p)
 
-    beta0, beta_s, s, exact, s_conv = _s_estimate(ch, ok, xx, xy)
+    beta_s, beta_r0, s, exact, s_conv, sampled = _s_estimate(ch, ok, xx, xy, budget)
     live = ok & ~exact
     s_ok = live & s_conv & np.isfinite(s) & (s > 0)
-    beta, _, m_conv = _iterate(ch, s_ok, beta_s, np.where(s_ok, s, 1.0), m_step=True)
+    s_fixed = np.where(s_ok, s, 1.0)
+    beta, m_conv = mm_per_locus.rwls(ch.xy, beta_s, s_fixed, s_ok & ~sampled, c=C_PSI, tol=REL_TOL, max_it=MAX_IT)
+    if (s_ok & sampled).any():
+        fp_beta, _, fp_conv = _fixed_point(ch, s_ok & sampled, beta_s, s_fixed, m_step=True)
+        beta, m_conv = np.where(sampled[:, None], fp_beta, beta), np.where(sampled, fp_conv, m_conv)
     fitted = s_ok & m_conv
     if fitted.any():
         rows = np.flatnonzero(fitted)
         sub = ch if rows.size == m else ch.subset(rows)
-        out.cov[rows], out.rss[rows] = _vcov_avar1(sub, beta[rows], beta_s[rows], s[rows])
+        out.cov[rows], out.rss[rows] = _vcov_avar1(sub, beta[rows], beta_r0[rows], s[rows])
     out.coef[fitted] = beta[fitted]
     out.coef_s[fitted] = beta_s[fitted]
     out.scale[fitted] = s[fitted]
-    out.coef[exact] = beta0[exact]
-    out.coef_s[exact] = beta0[exact]
+    out.coef[exact] = beta_s[exact]
+    out.coef_s[exact] = beta_s[exact]
     out.scale[exact] = 0.0
     out.cov[exact] = 0.0
     out.converged[:] = (fitted | exact) & ok
     out.exact[:] = exact & ok
     out.singular[:] = singular
+    out.sampled[:] = sampled & ok
     return out
 
 
 def _fit(
-    fill: Callable[[int, int, np.ndarray], None], valid: np.ndarray, n: np.ndarray, p: int, threads: int
+    fill: Callable[[int, int, np.ndarray], None],
+    valid: np.ndarray,
+    n: np.ndarray,
+    p: int,
+    threads: int,
+    budget: int = ELEMENTAL_BUDGET,
 ) -> MMFit:
     """MM fits of all loci, chunk by chunk; ``fill(lo, hi, xy)`` writes the design of loci ``lo:hi``.
 
@@ -506,7 +554,7 @@ def _fit(
         with np.errstate(all="ignore"):
             xy = ws.xy[: hi - lo]
             fill(lo, hi, xy)
-            part = _fit_chunk(_Chunk(xy, valid[lo:hi], n[lo:hi], ws))
+            part = _fit_chunk(_Chunk(xy, valid[lo:hi], n[lo:hi], ws), budget)
         for field in dataclasses.fields(MMFit):
             getattr(fit, field.name)[lo:hi] = getattr(part, field.name)
 
@@ -515,7 +563,13 @@ def _fit(
 
 
 def lmrob_mm(
-    xt: np.ndarray, y: np.ndarray, valid: np.ndarray, n: np.ndarray, *, threads: int = 1
+    xt: np.ndarray,
+    y: np.ndarray,
+    valid: np.ndarray,
+    n: np.ndarray,
+    *,
+    threads: int = 1,
+    elemental_budget: int = ELEMENTAL_BUDGET,
 ) -> MMFit:
     """MM regression of ``y`` on ``x`` per locus, as ``lmrob(y ~ x - 1)`` with default control.
 
@@ -532,6 +586,9 @@ def lmrob_mm(
         ``(n_loci,)`` used instruments per locus.
     threads : int
         Worker threads over chunks of loci (numpy releases the GIL).
+    elemental_budget : int
+        Loci with ``C(n, p) * n`` at most this are offered every elemental subset
+        in the S-start (see the module docstring); larger loci a fixed sample.
 
     Returns
     -------
@@ -560,7 +617,7 @@ def lmrob_mm(
         np.copyto(xy[:, :p], xt[lo:hi], where=valid[lo:hi, None, :])
         np.copyto(xy[:, p], y[lo:hi], where=valid[lo:hi])
 
-    return _fit(fill, valid, n, p, threads)
+    return _fit(fill, valid, n, p, threads, elemental_budget)
 
 
 # ----------------------------------------------------------------------------- package-level estimators
@@ -625,6 +682,7 @@ def robust_ivw(
     out.flag(multi & fit.singular, "singular_fit")
     out.flag(multi & fit.exact, "exact_fit")
     out.flag(multi & ~fit.converged, "no_convergence")
+    out.annotate(multi & fit.sampled, "sampled_s_start")
     return out.build()
 
 
@@ -669,4 +727,5 @@ def robust_egger(data: MRData, *, alpha: float = 0.05, t_dist: bool = False, thr
     out.flag(fit.singular, "singular_fit")
     out.flag(fit.exact, "exact_fit")
     out.flag(~fit.converged, "no_convergence")
+    out.annotate(fit.sampled, "sampled_s_start")
     return out.build()
