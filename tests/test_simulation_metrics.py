@@ -11,6 +11,7 @@ import pytest
 from deepmr_dist.errors import InputError
 from deepmr_dist.simulation.figures import (
     POINTS_GID,
+    bias_figure,
     global_ce_figure,
     local_coverage_figure,
     save_figures,
@@ -19,6 +20,8 @@ from deepmr_dist.simulation.metrics import (
     PAPER_TABLE1,
     local_coverage,
     local_coverage_counts,
+    method_table,
+    method_table_markdown,
     table1,
     table1_markdown,
 )
@@ -179,7 +182,7 @@ def test_figures__panels_hold_one_point_per_round():
 
 def test_figures__save_writes_non_empty_pngs(tmp_path):
     paths = save_figures(_rounds(), tmp_path / "figures")
-    assert [p.name for p in paths] == ["fig2a_global_ce.png", "fig2b_local_coverage.png"]
+    assert [p.name for p in paths] == ["fig2a_global_ce.png", "fig2b_local_coverage.png", "fig2c_bias.png"]
     for path in paths:
         data = path.read_bytes()
         assert len(data) > 5000 and data[:8] == b"\x89PNG\r\n\x1a\n"
@@ -188,3 +191,32 @@ def test_figures__save_writes_non_empty_pngs(tmp_path):
 def test_figures__unknown_method_is_refused():
     with pytest.raises(InputError, match="no row of method 'mode'"):
         global_ce_figure(_rounds(), baseline="mode")
+
+
+def test_method_table__hand_computed_bias_and_coverage_of_every_method():
+    table = method_table(_rounds())
+    assert list(table.index) == [(1, "egger_paper"), (1, "ivw"), (1, "wald_mean"), (3, "egger_paper"), (3, "wald_mean")]
+    egger = table.loc[(1, "egger_paper")]
+    # bias: mean of (1.1 - 1, 2.3 - 2, 3.5 - 4, 7.4 - 7) = 0.3 / 4; relative to the mean truth 3.5
+    assert egger["bias"] == pytest.approx(0.075, rel=1e-12)
+    assert egger["relative_bias"] == pytest.approx(0.075 / 3.5, rel=1e-12)
+    # CIs +- 0.2: 1 in [0.9, 1.3], 2 not in [2.1, 2.5], 4 not in [3.3, 3.7], 7 not in [7.2, 7.6]
+    assert egger["ci_coverage"] == 0.25
+    assert egger["local_coverage"] == pytest.approx(0.8, rel=1e-12)
+    ivw = table.loc[(1, "ivw")]
+    assert ivw["bias"] == pytest.approx(-3.5) and ivw["relative_bias"] == pytest.approx(-1.0) and ivw["ci_coverage"] == 0.0
+    baseline = table.loc[(3, "wald_mean")]
+    assert (baseline["n_rounds"], baseline["n_defined"]) == (3, 2)
+    assert baseline["bias"] == pytest.approx(((0.1 - 0.0) + (2.0 - 3.0)) / 2, rel=1e-12)
+    assert baseline["relative_bias"] == pytest.approx(-0.45 / 1.5, rel=1e-12)
+    text = method_table_markdown(table)
+    assert "| 1 unconfounded | egger_paper | 4 | +0.075 | +2.1 % | 0.25 | 0.80 |" in text
+    assert "| 3 sequence | wald_mean | 2 of 3 |" in text
+
+
+def test_bias_figure__one_point_per_defined_round_and_method():
+    fig = bias_figure(_rounds())
+    counts = [[len(c.lines[0].get_xdata()) for c in ax.containers] for ax in fig.axes]
+    # scenario 1: egger_paper, ivw, wald_mean 4 rounds each; scenario 3: truth 0 in round 10 is left out
+    # (no relative bias), and wald_mean is undefined in round 11
+    assert counts == [[4, 4, 4], [2, 1]]

@@ -100,7 +100,15 @@ def test_run_round__separates_a_large_effect_round_from_a_small_one(tmp_path, cl
     assert groups["truth"]["true_ce"].sizes["locus"] == 40
     np.testing.assert_array_equal(groups["truth"]["locus"].values, groups["ism"]["locus"].values)
     summary = pd.read_csv(tmp_path / "large" / "summary.csv")
-    assert len(summary) == 2 and (summary["train_s"] > 0).all()
+    assert summary["method"].tolist() == ["egger_paper", "egger_paper:plain_mean", "wald_mean"]
+    assert (summary["train_s"] > 0).all()
+    # the plain mean of a method's local estimates is the baseline's summary applied to that method
+    methods = list(groups["mr"]["method"].values)
+    local = groups["mr"]["local_ce"].isel(pair=0, method=methods.index("egger_paper")).values
+    plain = summary.set_index("method").loc["egger_paper:plain_mean"]
+    local = local[np.isfinite(local)]
+    assert plain["estimate"] == pytest.approx(local.mean(), rel=1e-12) and plain["k"] == local.size
+    assert plain["ci_upper"] - plain["ci_lower"] == pytest.approx(2 * 1.96 * local.std(ddof=1) / np.sqrt(local.size))
 
 
 # ----------------------------------------------------------------------------- study: resume, refuse, CLI
@@ -111,14 +119,16 @@ def test_run_study__resumes_round_by_round_and_refuses_other_round_settings(tmp_
     rounds = run_study(config, tmp_path, client=client, progress=False)
     first = round_directory(tmp_path, 1, 0) / "summary.csv"
     stamp = first.stat().st_mtime_ns
-    assert len(rounds) == 2
+    assert len(rounds) == 3  # egger_paper, its plain mean, wald_mean
 
     more = run_study(_config(training={"epochs": 3}, rounds=2), tmp_path, client=client, progress=False)
     assert first.stat().st_mtime_ns == stamp  # round 0 read back, not recomputed
     assert sorted(more["round"].unique()) == [0, 1]
     pd.testing.assert_frame_equal(more[more["round"] == 0].reset_index(drop=True), rounds)
-    for name in ("rounds.csv", "table1.csv", "table1.md", "config.yaml"):
+    for name in ("rounds.csv", "table1.csv", "bias_coverage.csv", "table1.md", "config.yaml"):
         assert (tmp_path / name).stat().st_size > 0
+    assert "relative bias" in (tmp_path / "table1.md").read_text()
+    assert list(pd.read_csv(tmp_path / "table1.csv").columns[:2]) == ["scenario", "scenario_name"]
     assert list((tmp_path / "figures").glob("*.png"))
 
     with pytest.raises(StoreError, match="other settings"):
@@ -132,7 +142,9 @@ def test_run_study__resumes_round_by_round_and_refuses_other_round_settings(tmp_
     rescored = run_study(_config(training={"epochs": 3}, rounds=2, analysis=analysis), tmp_path, client=client,
                          progress=False, rescore=True)
     assert (members.stat().st_mtime_ns, ism_chunk.stat().st_mtime_ns) == stamps
-    assert sorted(rescored["method"].unique()) == ["egger_paper", "ivw", "wald_mean"]
+    assert sorted(rescored["method"].unique()) == [
+        "egger_paper", "egger_paper:plain_mean", "ivw", "ivw:plain_mean", "wald_mean"
+    ]
     same = rescored[rescored["method"] == "wald_mean"].reset_index(drop=True)  # not meta-analysed: unchanged
     np.testing.assert_allclose(same["estimate"], more[more["method"] == "wald_mean"]["estimate"].to_numpy())
     np.testing.assert_array_equal(rescored[rescored["method"] == "egger_paper"]["train_s"].to_numpy(),

@@ -6,6 +6,9 @@
   line; the MR method and the baseline side by side.
 - :func:`local_coverage_figure` (Fig 2b): per scenario, each round's local CI
   coverage with the nominal level and the mean over rounds.
+- :func:`bias_figure` (Fig 2c, not in the paper): per scenario, each round's
+  global estimate minus the true global CE, relative to the truth, with its
+  95 % CI, for every method in the table; a CI that misses 0 misses the truth.
 
 Figures are built on matplotlib's Agg canvas without pyplot (no global state,
 no display needed) and returned for the caller to save or show;
@@ -32,7 +35,11 @@ Z_95 = 1.959963984540054
 POINTS_GID = "rounds"
 """``gid`` of the line holding one marker per round in every panel (for tests and post-processing)."""
 
-FILENAMES = {"global_ce": "fig2a_global_ce.png", "local_coverage": "fig2b_local_coverage.png"}
+FILENAMES = {
+    "global_ce": "fig2a_global_ce.png",
+    "local_coverage": "fig2b_local_coverage.png",
+    "bias": "fig2c_bias.png",
+}
 
 
 def global_ce_figure(rounds: pd.DataFrame, *, method: str = MR_METHOD, baseline: str = BASELINE_METHOD) -> Figure:
@@ -100,6 +107,39 @@ def local_coverage_figure(rounds: pd.DataFrame, *, method: str = MR_METHOD, leve
     return fig
 
 
+def bias_figure(rounds: pd.DataFrame) -> Figure:
+    """Fig 2c: relative bias ``(estimate - true) / true`` per round with its CI, every method, one panel per scenario.
+
+    Methods are offset side by side within each round; rounds without a finite
+    estimate or truth are left out.
+    """
+    table = check_rounds(rounds)
+    scenarios = sorted(table["scenario"].unique())
+    methods = sorted(table["method"].unique())
+    fig = Figure(figsize=(3.6 * len(scenarios), 3.4), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(scenarios), squeeze=False, sharey=True)[0]
+    offsets = np.linspace(-0.3, 0.3, len(methods)) if len(methods) > 1 else np.zeros(1)
+    for ax, scenario in zip(axes, scenarios):
+        for offset, name in zip(offsets, methods):
+            part = table[(table["scenario"] == scenario) & (table["method"] == name)].sort_values("round")
+            part = part[np.isfinite(part["estimate"]) & np.isfinite(part["true_ce"]) & (part["true_ce"] != 0)]
+            if part.empty:
+                continue
+            true = part["true_ce"].to_numpy()
+            rel = (part["estimate"].to_numpy() - true) / true
+            lower = (part["ci_lower"].to_numpy() - true) / true
+            upper = (part["ci_upper"].to_numpy() - true) / true
+            ax.errorbar(part["round"] + offset, rel, yerr=[_bar(rel - lower), _bar(upper - rel)], fmt="o",
+                        markersize=3, elinewidth=0.8, label=name, gid=POINTS_GID)  # fmt: skip
+        ax.axhline(0.0, color="0.3", linewidth=1)
+        ax.set_title(SCENARIOS[scenario], fontsize=9)
+        ax.set_xlabel("round")
+    axes[0].set_ylabel("(global estimate - truth) / truth")
+    axes[0].legend(fontsize=6, loc="best")
+    return fig
+
+
 def save_figures(
     rounds: pd.DataFrame,
     out_dir: str | Path,
@@ -108,18 +148,19 @@ def save_figures(
     baseline: str = BASELINE_METHOD,
     dpi: int = 150,
 ) -> list[Path]:
-    """Write Fig 2a and 2b as PNG files in ``out_dir`` (created if missing).
+    """Write Fig 2a, 2b and 2c as PNG files in ``out_dir`` (created if missing).
 
     Returns
     -------
     list of pathlib.Path
-        ``out_dir / "fig2a_global_ce.png"`` and ``out_dir / "fig2b_local_coverage.png"``.
+        ``out_dir`` / each name of :data:`FILENAMES`.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = {
         "global_ce": global_ce_figure(rounds, method=method, baseline=baseline),
         "local_coverage": local_coverage_figure(rounds, method=method),
+        "bias": bias_figure(rounds),
     }
     paths = []
     for key, fig in figures.items():

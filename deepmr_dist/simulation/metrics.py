@@ -10,6 +10,10 @@ Inputs are plain pandas tables, so the metrics know nothing about stores or clus
   accuracy, global coverage within +- 2 tau, local CI coverage) plus the
   random-effects CI coverage, with the paper's values beside ours;
   :func:`table1_markdown` renders it.
+- :func:`method_table`: per scenario and method, what the paper's metrics
+  cannot see: the bias of the global estimate against the true global CE,
+  its relative bias, the fraction of rounds whose global CI holds the truth,
+  and the mean local CI coverage; :func:`method_table_markdown` renders it.
 
 The ``rounds`` table has one row per (scenario, round, method); see
 :data:`ROUND_COLUMNS`.
@@ -265,6 +269,73 @@ def table1(rounds: pd.DataFrame, *, method: str = MR_METHOD, baseline: str = BAS
     out = pd.DataFrame(rows).set_index("scenario")
     out.attrs.update({"mr_method": method, "baseline_method": baseline})
     return out
+
+
+METHOD_TABLE_COLUMNS: dict[str, str] = {
+    "n_rounds": "rounds of the scenario",
+    "n_defined": "rounds with a finite global estimate",
+    "bias": "mean over rounds of (estimate - true global CE)",
+    "relative_bias": "mean bias / mean true global CE",
+    "ci_coverage": "fraction of rounds whose global CI [ci_lower, ci_upper] holds the true global CE",
+    "local_coverage": "mean over rounds of the fraction of loci whose CI holds their own true CE",
+    "accuracy": "R^2 of estimate vs true CE over rounds (the paper's accuracy)",
+}
+"""Columns of :func:`method_table` and their meaning."""
+
+
+def method_table(rounds: pd.DataFrame) -> pd.DataFrame:
+    """Bias and coverage of every method's global estimate, per scenario.
+
+    Each metric uses the rounds where its inputs are finite.
+
+    Parameters
+    ----------
+    rounds
+        One row per (scenario, round, method), columns :data:`ROUND_COLUMNS`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        Indexed by ``(scenario, method)``; columns ``scenario_name`` and
+        :data:`METHOD_TABLE_COLUMNS`.
+    """
+    table = check_rounds(rounds)
+    rows = []
+    for (scenario, method), part in table.groupby(["scenario", "method"], sort=True):
+        est, true = part["estimate"].to_numpy(), part["true_ce"].to_numpy()
+        keep = np.isfinite(est) & np.isfinite(true)
+        bias = float(np.mean(est[keep] - true[keep])) if keep.any() else math.nan
+        mean_true = float(np.mean(true[keep])) if keep.any() else math.nan
+        local = part["local_coverage"].to_numpy()
+        rows.append({
+            "scenario": scenario, "method": method, "scenario_name": SCENARIOS[scenario],
+            "n_rounds": part["round"].nunique(), "n_defined": int(keep.sum()), "bias": bias,
+            "relative_bias": bias / mean_true if mean_true else math.nan,
+            "ci_coverage": _fraction(part["true_ce"], part["ci_lower"], part["ci_upper"]),
+            "local_coverage": float(np.mean(local[np.isfinite(local)])) if np.isfinite(local).any() else math.nan,
+            "accuracy": _r_squared(est, true),
+        })  # fmt: skip
+    return pd.DataFrame(rows).set_index(["scenario", "method"])
+
+
+def method_table_markdown(table: pd.DataFrame) -> str:
+    """Render :func:`method_table` output as Markdown: bias (absolute, relative) and CI coverage per method."""
+    missing = [c for c in ("scenario_name", *METHOD_TABLE_COLUMNS) if c not in table.columns]
+    if missing:
+        raise InputError(f"table lacks column(s) {missing}; pass the output of method_table()")
+    lines = [
+        "| scenario | method | rounds | bias | relative bias | global CI covers truth | local CI coverage | R² |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (scenario, method), row in table.iterrows():
+        rel = "n/a" if not np.isfinite(row["relative_bias"]) else f"{100 * row['relative_bias']:+.1f} %"
+        bias = "n/a" if not np.isfinite(row["bias"]) else f"{row['bias']:+.3f}"
+        rounds = f"{row['n_defined']}" + ("" if row["n_defined"] == row["n_rounds"] else f" of {row['n_rounds']}")
+        lines.append(
+            f"| {scenario} {row['scenario_name']} | {method} | {rounds} | {bias} | {rel} | "
+            f"{_number(row['ci_coverage'])} | {_number(row['local_coverage'])} | {_number(row['accuracy'])} |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def table1_markdown(table: pd.DataFrame) -> str:

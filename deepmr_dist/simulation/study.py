@@ -22,7 +22,7 @@ Output layout under the study directory::
     <scenario>/round-<r>/members/     member-<i>.pt state dicts + .json histories
     <scenario>/round-<r>/run.zarr     groups ism, effects, mr, meta, truth (+ calibration)
     <scenario>/round-<r>/summary.csv  one row per MR method; written last
-    rounds.csv, table1.csv, table1.md, figures/*.png
+    rounds.csv, table1.csv, bias_coverage.csv, table1.md, figures/*.png
 """
 
 from __future__ import annotations
@@ -73,6 +73,8 @@ PAIR = ("exposure", "outcome")
 TRUTH_GROUP = "truth"
 CALIBRATION_GROUP = "calibration"
 BASELINE = "wald_mean"
+PLAIN_MEAN_SUFFIX = ":plain_mean"
+"""Method-name suffix of a method's global CE taken as the plain mean of its local estimates."""
 PAPER_RULE = "egger_paper"
 RESCORABLE = {"ddof", "calibration", "instrument_rule", "instrument_threshold", "methods", "meta_method"}
 """Analysis settings a rescore may change: everything downstream of the stored ISM predictions."""
@@ -305,7 +307,11 @@ def summarize_round(local: xr.Dataset, global_: xr.Dataset, truth: xr.Dataset, *
         The method treated as the paper's baseline: its global estimate is the
         plain mean of the per-locus estimates, its spread (``tau``) their SD,
         and its CI the mean +- 1.96 SD / sqrt(k); every other method takes the
-        meta-analysis (estimate, sqrt(tau2), random-effects CI).
+        meta-analysis (estimate, sqrt(tau2), random-effects CI), and a second
+        row ``METHOD`` + :data:`PLAIN_MEAN_SUFFIX` summarised as the baseline is:
+        the true global CE is the plain mean of the local true CEs, which the
+        random-effects mean (weights ``1 / (se^2 + tau^2)``) estimates only when
+        the local SEs do not depend on the local effects.
 
     Returns
     -------
@@ -330,17 +336,12 @@ def summarize_round(local: xr.Dataset, global_: xr.Dataset, truth: xr.Dataset, *
             }
         )
         coverage = local_coverage_counts(frame, true_local)
+        plain = _plain_mean(per_locus["local_ce"].values)
         if method == baseline:
-            estimates = per_locus["local_ce"].values
-            estimates = estimates[np.isfinite(estimates)]
-            k = estimates.size
-            mean = float(estimates.mean()) if k else np.nan
-            sd = float(estimates.std(ddof=1)) if k > 1 else np.nan
-            se = sd / np.sqrt(k) if k > 1 else np.nan
-            row = {"estimate": mean, "se": se, "tau": sd, "ci_lower": mean - 1.96 * se, "ci_upper": mean + 1.96 * se, "k": k}
+            summaries = {str(method): plain}
         else:
             g = global_.isel(pair=0).sel({"method": method})
-            row = {
+            meta = {
                 "estimate": float(g["global_ce"]),
                 "se": float(g["global_se"]),
                 "tau": float(np.sqrt(g["tau2"])),
@@ -348,17 +349,29 @@ def summarize_round(local: xr.Dataset, global_: xr.Dataset, truth: xr.Dataset, *
                 "ci_upper": float(g["ci_upper"]),
                 "k": int(g["k"]),
             }
-        rows.append(
-            {
-                "method": str(method),
-                **row,
-                "true_ce": float(truth["global_true_ce"]),
-                "local_coverage": coverage.coverage,
-                "n_true_loci": int(np.isfinite(true_local.to_numpy()).sum()),
-                "n_evaluated_loci": coverage.n_evaluated,
-            }
-        )
+            summaries = {str(method): meta, f"{method}{PLAIN_MEAN_SUFFIX}": plain}
+        for name, row in summaries.items():
+            rows.append(
+                {
+                    "method": name,
+                    **row,
+                    "true_ce": float(truth["global_true_ce"]),
+                    "local_coverage": coverage.coverage,
+                    "n_true_loci": int(np.isfinite(true_local.to_numpy()).sum()),
+                    "n_evaluated_loci": coverage.n_evaluated,
+                }
+            )
     return pd.DataFrame(rows)
+
+
+def _plain_mean(estimates: np.ndarray) -> dict[str, float | int]:
+    """The unweighted mean of the finite local estimates, its SD (``tau``) and the CI mean +- 1.96 SD / sqrt(k)."""
+    estimates = estimates[np.isfinite(estimates)]
+    k = estimates.size
+    mean = float(estimates.mean()) if k else np.nan
+    sd = float(estimates.std(ddof=1)) if k > 1 else np.nan
+    se = sd / np.sqrt(k) if k > 1 else np.nan
+    return {"estimate": mean, "se": se, "tau": sd, "ci_lower": mean - 1.96 * se, "ci_upper": mean + 1.96 * se, "k": k}
 
 
 # --------------------------------------------------------------------------- the study
@@ -399,7 +412,7 @@ def run_study(
     from tqdm.auto import tqdm
 
     from deepmr_dist.simulation.figures import save_figures
-    from deepmr_dist.simulation.metrics import table1, table1_markdown
+    from deepmr_dist.simulation.metrics import method_table, method_table_markdown, table1, table1_markdown
 
     study_dir = Path(config.output if study_dir is None else study_dir)
     _claim_directory(study_dir, config, rescore=rescore)
@@ -431,8 +444,10 @@ def run_study(
     rounds = pd.concat([done[job] for job in jobs], ignore_index=True)
     _write_atomically(rounds, study_dir / "rounds.csv")
     table = table1(rounds)
-    _write_atomically(table, study_dir / "table1.csv")
-    (study_dir / "table1.md").write_text(table1_markdown(table) + "\n")
+    _write_atomically(table.reset_index(), study_dir / "table1.csv")
+    by_method = method_table(rounds)
+    _write_atomically(by_method.reset_index(), study_dir / "bias_coverage.csv")
+    (study_dir / "table1.md").write_text(table1_markdown(table) + "\n" + method_table_markdown(by_method))
     save_figures(rounds, study_dir / "figures")
     return rounds
 
