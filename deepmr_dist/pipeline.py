@@ -40,7 +40,7 @@ from deepmr_dist.config import dump_config
 from deepmr_dist.effects import write_effects
 from deepmr_dist.errors import InputError
 from deepmr_dist.models.architectures import head_for_tasks
-from deepmr_dist.models.ensemble import ModelSpec, load_members
+from deepmr_dist.models.ensemble import ModelSpec, is_entry_point, load_members, resolve_entry_point
 from deepmr_dist.models.heads import OutputHead, parse_tasks
 from deepmr_dist.pipeline_config import PipelineConfig
 from deepmr_dist.predict import ISMSettings, validate_model, predict
@@ -50,7 +50,7 @@ from deepmr_dist.simulation.study import TRUTH_GROUP, fit_round_calibration, mot
 from deepmr_dist.simulation.training import TrainedMember, train_ensemble
 from deepmr_dist.simulation.truth import true_causal_effects
 
-__all__ = ["Plan", "PipelineResult", "output_directory", "plan", "run_pipeline"]
+__all__ = ["Plan", "PipelineResult", "entry_points", "output_directory", "plan", "run_pipeline"]
 
 STAGE_ATTR = "deepmr_stage_fingerprint"
 SIMULATION_TASKS = ("exposure", "outcome")
@@ -58,8 +58,14 @@ SIMULATION_TASKS = ("exposure", "outcome")
 
 @dataclass(frozen=True)
 class Plan:
-    """What a pipeline will compute (``--dry-run``)."""
+    """What a pipeline will compute (``--dry-run``).
 
+    ``entry_points`` holds ``(entry point, YAML field)`` of the Python code the
+    pipeline calls to build its model (already called once by :func:`plan` to
+    learn the model's tasks).
+    """
+
+    entry_points: list[tuple[str, str]]
     n_loci: int
     length: int
     n_members: int
@@ -73,7 +79,9 @@ class Plan:
     def describe(self) -> str:
         """The plan as the lines ``--dry-run`` prints."""
         n_chunks = -(-self.n_loci // self.chunk_loci)
+        calls = ", ".join(f"{source} ({field})" for source, field in self.entry_points) or "none"
         lines = [
+            f"will call entry point(s): {calls}",
             f"loci: {self.n_loci} x {self.length} bp; ensemble: {self.n_members} members"
             + (f" (trained first: {self.train_members} members)" if self.train_members else ""),
             f"tasks: {', '.join(self.tasks)}; pairs: {len(self.pairs)} ({', '.join(f'{e}->{o}' for e, o in self.pairs)})",
@@ -170,8 +178,33 @@ def train_members(config: PipelineConfig, round_ds: xr.Dataset, out_dir: Path, c
     return ModelSpec(tuple(str(m.path) for m in members))
 
 
+def entry_points(config: PipelineConfig) -> list[tuple[str, str]]:
+    """``(entry point, YAML field)`` of every ``package.module:factory`` in ``model.sources``, resolved but not called.
+
+    Raises
+    ------
+    InputError
+        Naming the field of an entry point that cannot be imported or that
+        :func:`deepmr_dist.models.ensemble.resolve_entry_point` refuses (the standard library).
+    """
+    found = []
+    for index, source in enumerate(config.model.sources):
+        if is_entry_point(source):
+            field = f"model.sources[{index}]"
+            try:
+                resolve_entry_point(source)
+            except InputError as exc:
+                raise InputError(f"{field}: {exc}") from None
+            found.append((source, field))
+    return found
+
+
 def plan(config: PipelineConfig) -> Plan:
-    """Loci, members, tasks, pairs, forward passes and store size, without running anything heavy."""
+    """Loci, members, tasks, pairs, forward passes and store size, without running anything heavy.
+
+    The model is built (its entry points called, see :func:`entry_points`) to learn its tasks.
+    """
+    calls = entry_points(config)
     loci, _ = load_sequences(config)
     head = output_head(config)
     if config.model.train_simulation:
@@ -184,7 +217,7 @@ def plan(config: PipelineConfig) -> Plan:
     pairs = resolve_pairs(config, tasks)
     n_loci, length = loci.sizes["locus"], loci.sizes["position"]
     return Plan(
-        n_loci=n_loci, length=length, n_members=n_members, tasks=tasks, pairs=pairs,
+        entry_points=calls, n_loci=n_loci, length=length, n_members=n_members, tasks=tasks, pairs=pairs,
         chunk_loci=config.ism.chunk_loci,
         forward_passes=n_loci * n_members * (3 * length + 1),
         mut_pred_bytes=n_loci * n_members * length * 4 * len(tasks) * 4,
@@ -203,8 +236,13 @@ def _frozen(value: Any) -> Any:
     return tuple(_frozen(v) for v in value) if isinstance(value, list) else value
 
 
-def run_pipeline(config: PipelineConfig, *, client, progress: bool = True) -> PipelineResult:
+def run_pipeline(config: PipelineConfig, *, client, progress: bool = True, overwrite: bool = False) -> PipelineResult:
     """Run every stage of ``config`` on the cluster of ``client``, skipping finished ones.
+
+    The store and the entry points are checked before anything runs: a store
+    path that :func:`deepmr_dist.predict.predict` would refuse for anything but
+    its fingerprint is refused before training. ``overwrite`` is predict's: it
+    replaces a deepmr store of another run, or one whose ``ism`` group is damaged.
 
     Returns
     -------
@@ -212,6 +250,8 @@ def run_pipeline(config: PipelineConfig, *, client, progress: bool = True) -> Pi
         The store, the output directory, the global CE table and, for a
         simulation, the true global CE.
     """
+    store.check_overwritable(store.inspect_target(config.store), overwrite=overwrite)
+    entry_points(config)  # refuses a bad entry point by its YAML field before anything runs
     seconds: dict[str, float] = {}
     tick = time.perf_counter()
     outputs = output_directory(config)
@@ -229,7 +269,7 @@ def run_pipeline(config: PipelineConfig, *, client, progress: bool = True) -> Pi
         mutant_batch=config.ism.mutant_batch, incremental=config.ism.incremental,
     )
     path = config.store
-    predict(loci, spec, path, client=client, settings=settings, progress=progress)
+    predict(loci, spec, path, client=client, settings=settings, overwrite=overwrite, progress=progress)
     tasks = [str(t) for t in store.open_run(path)[schema.ISM]["task"].values]
     pairs = resolve_pairs(config, tasks)
     seconds["ism"] = time.perf_counter() - tick

@@ -222,52 +222,46 @@ def predict(
     settings
         Head, chunking and batching.
     overwrite
-        Replace a store made by another model, other inputs or other settings (otherwise refused).
+        Replace a deepmr store made by another model, other inputs or other
+        settings, or one whose ``ism`` group is damaged (otherwise refused).
+        Anything at ``path`` that is not a deepmr store is refused even with it;
+        an empty directory is used as it is.
     progress
         Show a progress bar on stderr.
 
     Raises
     ------
     StoreError
-        If ``path`` holds a store of a different run and ``overwrite`` is False, or if
-        chunks are still incomplete when every task has returned (e.g. another process
-        removed or replaced the store meanwhile).
+        If ``path`` holds something :func:`deepmr_dist.store.prepare_new_store`
+        refuses to replace (checked before the model is loaded, except for a store
+        of a different run), or if chunks are still incomplete when every task has
+        returned (e.g. another process removed or replaced the store meanwhile).
     ModelOutputError
         If the model's output does not fit the head or is not finite (a store created by this call is removed).
     """
     t0 = time.perf_counter()
+    target = store.inspect_target(path, storage_options)
+    store.check_overwritable(target, overwrite=overwrite)
     members = load_members(spec, worker_device())
     tasks = validate_model(members, spec, settings.head, loci)
     model_fp = fingerprint(members, spec)
     run_fp = run_fingerprint(model_fp, loci, settings)
-    exists = store.store_exists(path, storage_options)
-    same_run = exists and store.read_fingerprint(path, storage_options) == run_fp
-    if exists and not same_run and not overwrite:
-        raise StoreError(
-            f"{path} was made by a different model, inputs or settings; "
-            "use another store or pass --overwrite to replace it"
-        )
-    created = not same_run
-    if created:
-        attrs = {
-            "deepmr_version": __version__,
-            "torch_version": torch.__version__,
-            "model_sources": list(spec.sources),
-            "mc_dropout": spec.mc_dropout,
-            "model_fingerprint": model_fp,
-            "settings": asdict(settings),
-        }
-        template = store.ism_template(loci, member_names(spec, len(members)), tasks, settings.chunk_loci)
-        store.create_store(
-            path, template, fingerprint=run_fp, attrs=attrs, chunk_loci=settings.chunk_loci, storage_options=storage_options
-        )
-    todo = store.incomplete_chunks(path, storage_options)
-    n_loci, chunk = store.ism_chunking(path, storage_options)
+    created = target.fingerprint != run_fp
+    # refusals come before the try: what they refuse to touch is never cleaned up
+    keep_root = store.prepare_new_store(target, overwrite=overwrite, storage_options=storage_options) if created else False
     try:
+        if created:
+            template = store.ism_template(loci, member_names(spec, len(members)), tasks, settings.chunk_loci)
+            store.create_store(
+                path, template, fingerprint=run_fp, attrs=_provenance(spec, model_fp, settings),
+                chunk_loci=settings.chunk_loci, storage_options=storage_options,
+            )
+        todo = store.incomplete_chunks(path, storage_options)
+        n_loci, chunk = store.ism_chunking(path, storage_options)
         _run_chunks(client, todo, path, spec, run_fp, model_fp, settings, storage_options, progress)
     except DeepMRError:
         if created:
-            store.remove_store(path, storage_options)
+            store.remove_store(path, storage_options, keep_root=keep_root)
         raise
     missing = store.incomplete_chunks(path, storage_options)
     if missing:
@@ -285,6 +279,18 @@ def predict(
         mutant_predictions=n_todo_loci * len(members) * 3 * length,
         seconds=time.perf_counter() - t0,
     )
+
+
+def _provenance(spec: ModelSpec, model_fp: str, settings: ISMSettings) -> dict[str, Any]:
+    """Attributes of a new store's ``ism`` group: versions, model and settings."""
+    return {
+        "deepmr_version": __version__,
+        "torch_version": torch.__version__,
+        "model_sources": list(spec.sources),
+        "mc_dropout": spec.mc_dropout,
+        "model_fingerprint": model_fp,
+        "settings": asdict(settings),
+    }
 
 
 def _run_chunks(

@@ -7,13 +7,20 @@ along ``locus`` only. The ``ism`` group is created as a template first
 (metadata, coordinates and sequences), then filled by one chunk-aligned
 region write per locus chunk, ``complete`` written last, so a crashed write
 is recomputed on resume.
+
+A store's root group carries the :data:`STORE_ATTR` marker. Nothing is ever
+removed or overwritten that a call did not create, unless the call was asked
+to overwrite and the target is recognisably a deepmr store; a group of a store
+is replaced only by the stage that writes it. :func:`inspect_target` says what
+lies at a path and :func:`check_overwritable` applies that rule.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import dask.array as da
 import fsspec
@@ -26,6 +33,9 @@ from deepmr_dist import schema
 from deepmr_dist.errors import StoreError
 
 FINGERPRINT_ATTR = "deepmr_fingerprint"
+STORE_ATTR = "deepmr_store"
+"""Attribute of a store's root group that marks it as a deepmr run store; its value is the layout version."""
+STORE_LAYOUT = 1
 
 
 def compressors() -> list[BloscCodec]:
@@ -82,19 +92,144 @@ def ism_template(loci: xr.Dataset, members: list[str], tasks: list[str], chunk_l
     return schema.validate(ds, schema.ISM)
 
 
-def store_exists(path: str, storage_options: Mapping[str, Any] | None = None) -> bool:
-    """Whether ``path`` holds a run store with an ``ism`` group."""
+@dataclass(frozen=True)
+class Target:
+    """What lies at a store path before a call writes there (see :func:`inspect_target`).
+
+    Attributes
+    ----------
+    path : str
+        The path or fsspec URL, as given.
+    kind : {"absent", "empty", "store", "other"}
+        Nothing; an empty directory; a recognisable deepmr store (a root group
+        with the :data:`STORE_ATTR` marker, or an ``ism`` group with a run
+        fingerprint); anything else.
+    problem : str or None
+        Why a ``"store"`` is not usable as it is, or why an ``"other"`` is not a store: one line naming the path.
+    fingerprint : str or None
+        The run fingerprint of a usable store.
+    """
+
+    path: str
+    kind: Literal["absent", "empty", "store", "other"]
+    problem: str | None = None
+    fingerprint: str | None = None
+
+
+def _group_attributes(fs: fsspec.AbstractFileSystem, key: str) -> dict[str, Any]:
+    """The attributes of the Zarr v3 group whose metadata document is ``key``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If there is no document at ``key``.
+    ValueError
+        If the document is not a readable Zarr v3 group; the message says why.
+    """
     try:
-        zarr.open_group(path, path=schema.ISM, mode="r", storage_options=storage_options)
-    except (FileNotFoundError, zarr.errors.GroupNotFoundError, KeyError):
-        return False
-    return True
+        node = json.loads(fs.cat_file(key))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{type(exc).__name__}: {exc}") from None
+    if not isinstance(node, dict) or node.get("zarr_format") != 3 or node.get("node_type") != "group":
+        raise ValueError("not the metadata of a Zarr v3 group")
+    attributes = node.get("attributes", {})
+    if not isinstance(attributes, dict):
+        raise ValueError("its attributes are not a JSON object")
+    return attributes
+
+
+def _ism_state(fs: fsspec.AbstractFileSystem, root: str, path: str) -> tuple[str | None, str | None]:
+    """(run fingerprint, problem) of the ``ism`` group of the store at ``root``; exactly one is None."""
+    try:
+        fingerprint = _group_attributes(fs, f"{root}/{schema.ISM}/zarr.json").get(FINGERPRINT_ATTR)
+    except FileNotFoundError:
+        return None, f"{path}/{schema.ISM}/zarr.json is missing"
+    except ValueError as exc:
+        return None, f"{path}/{schema.ISM}/zarr.json is damaged ({exc})"
+    if not isinstance(fingerprint, str):
+        return None, f"{path}/{schema.ISM}/zarr.json carries no run fingerprint ({FINGERPRINT_ATTR!r})"
+    return fingerprint, None
+
+
+def inspect_target(path: str, storage_options: Mapping[str, Any] | None = None) -> Target:
+    """What lies at ``path`` (a directory or an fsspec URL): nothing, an empty directory, a deepmr store, or other.
+
+    Only metadata documents are read; nothing is written.
+    """
+    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    root = root.rstrip("/")
+    if not fs.exists(root):
+        return Target(path, "absent")
+    if not fs.isdir(root):
+        return Target(path, "other", f"{path} exists and is not a deepmr store (it is a file)")
+    if not fs.ls(root, detail=False):
+        return Target(path, "empty")
+    try:
+        marked = STORE_ATTR in _group_attributes(fs, f"{root}/zarr.json")
+    except FileNotFoundError:
+        return Target(path, "other", f"{path} exists and is not a deepmr store")
+    except ValueError as exc:
+        return Target(path, "other", f"{path}/zarr.json is damaged ({exc}), so {path} is not recognisably a deepmr store")
+    fingerprint, problem = _ism_state(fs, root, path)
+    if marked or fingerprint is not None:  # stores written before the marker existed carry a fingerprint only
+        return Target(path, "store", problem, fingerprint)
+    return Target(
+        path, "other", f"{path} exists and is not a deepmr store (a Zarr group without the {STORE_ATTR!r} marker)"
+    )
+
+
+def check_overwritable(target: Target, *, overwrite: bool, stage_group: str | None = None) -> None:
+    """Raise unless a call may write at ``target``: the one rule of every writer of a store.
+
+    Nothing, an empty directory and a deepmr store may be written to; anything
+    that is not recognisably a deepmr store is refused even with ``overwrite``.
+    A run (``stage_group`` None) resumes a usable store or replaces it, only
+    with ``overwrite`` (see :func:`prepare_new_store`), and continues a store
+    whose ``ism`` group is damaged or missing only by replacing it, with
+    ``overwrite``. A stage writing its group ``stage_group`` replaces that group alone.
+
+    Raises
+    ------
+    StoreError
+        One line naming the path and what is wrong.
+    """
+    if target.kind == "other":
+        even = " even with --overwrite" if overwrite else ""
+        raise StoreError(f"{target.problem}; refusing to overwrite it{even}: use another store, or move it away yourself")
+    if stage_group is None and target.kind == "store" and target.problem and not overwrite:
+        raise StoreError(
+            f"{target.problem}; refusing to continue: repair it, or pass --overwrite to replace the whole store"
+        )
+
+
+def prepare_new_store(target: Target, *, overwrite: bool, storage_options: Mapping[str, Any] | None = None) -> bool:
+    """Make room for a new store at ``target.path``; the deepmr store there is removed only with ``overwrite``.
+
+    Returns
+    -------
+    bool
+        Whether ``target.path`` is an existing empty directory, which the new
+        store goes into and a cleanup must keep (see :func:`remove_store`).
+
+    Raises
+    ------
+    StoreError
+        From :func:`check_overwritable`, or if a usable store is there and ``overwrite`` is False.
+    """
+    check_overwritable(target, overwrite=overwrite)
+    if target.kind == "store":
+        if not overwrite:
+            raise StoreError(
+                f"{target.path} was made by a different model, inputs or settings; "
+                "use another store or pass --overwrite to replace it"
+            )
+        remove_store(target.path, storage_options)
+    return target.kind == "empty"
 
 
 def read_fingerprint(path: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
-    """The fingerprint a store was created with (``None`` if it has none)."""
-    group = zarr.open_group(path, path=schema.ISM, mode="r", storage_options=storage_options)
-    return group.attrs.get(FINGERPRINT_ATTR)
+    """The fingerprint a store was created with (``None`` if ``path`` holds no usable store)."""
+    return inspect_target(path, storage_options).fingerprint
 
 
 def create_store(
@@ -106,19 +241,33 @@ def create_store(
     chunk_loci: int,
     storage_options: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write an empty run store: any existing store at ``path`` is replaced whole."""
-    zarr.open_group(path, mode="w", storage_options=storage_options)
+    """Write an empty run store where nothing is (see :func:`prepare_new_store`); nothing is ever replaced.
+
+    Raises
+    ------
+    StoreError
+        If the store cannot be written there (e.g. a missing parent folder).
+    """
     ds = template.copy()
     ds.attrs = {**json.loads(json.dumps(dict(attrs), default=str)), FINGERPRINT_ATTR: fingerprint}
-    ds.to_zarr(
-        path,
-        group=schema.ISM,
-        mode="w",
-        compute=False,
-        consolidated=False,
-        encoding=encoding_for(ds, chunk_loci),
-        storage_options=storage_options,
-    )
+    try:
+        _create_root(path, storage_options)
+        ds.to_zarr(
+            path,
+            group=schema.ISM,
+            mode="w-",
+            compute=False,
+            consolidated=False,
+            encoding=encoding_for(ds, chunk_loci),
+            storage_options=storage_options,
+        )
+    except OSError as exc:
+        raise StoreError(f"cannot write a run store at {path}: {exc}") from None
+
+
+def _create_root(path: str, storage_options: Mapping[str, Any] | None) -> None:
+    """Write the marked root group of a new store where there is none (a missing or empty directory)."""
+    zarr.open_group(path, mode="w-", attributes={STORE_ATTR: STORE_LAYOUT}, storage_options=storage_options)
 
 
 def chunk_bounds(n_loci: int, chunk_loci: int) -> list[tuple[int, int]]:
@@ -151,10 +300,20 @@ def read_locus_ids(path: str, start: int, stop: int, storage_options: Mapping[st
     return np.asarray(arr[start:stop], dtype=object)
 
 
-def remove_store(path: str, storage_options: Mapping[str, Any] | None = None) -> None:
-    """Delete the store at ``path`` (a directory or an fsspec URL) if it exists."""
+def remove_store(path: str, storage_options: Mapping[str, Any] | None = None, *, keep_root: bool = False) -> None:
+    """Delete the store at ``path`` (a directory or an fsspec URL) if it exists.
+
+    Only for a store the caller created or may replace (see
+    :func:`prepare_new_store`); with ``keep_root`` the directory itself stays,
+    emptied (it existed before the store was written into it).
+    """
     fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
-    if fs.exists(root):
+    if not fs.exists(root):
+        return
+    if keep_root:
+        for child in fs.ls(root, detail=False):
+            fs.rm(child, recursive=True)
+    else:
         fs.rm(root, recursive=True)
 
 
@@ -168,7 +327,19 @@ def write_group(
     specification yet), through NumPy's ``StringDType``: unlike ``object`` it
     needs no pass over lazy data to infer the type. Dask-backed variables are
     written block by block.
+
+    Where ``path`` holds nothing (or is an empty directory), a new store is
+    created with it.
+
+    Raises
+    ------
+    StoreError
+        If ``path`` holds something other than a deepmr store (see :func:`check_overwritable`).
     """
+    target = inspect_target(path, storage_options)
+    check_overwritable(target, overwrite=False, stage_group=group)
+    if target.kind != "store":
+        _create_root(path, storage_options)
     ds = ds.copy()
     for name, var in ds.variables.items():
         if var.dtype.kind == "U":
@@ -212,10 +383,11 @@ def open_run(path: str, *, storage_options: Mapping[str, Any] | None = None) -> 
     Raises
     ------
     StoreError
-        If ``path`` holds no run store.
+        If ``path`` holds no run store, or its ``ism`` group is damaged.
     """
-    if not store_exists(path, storage_options):
-        raise StoreError(f"{path} is not a deepmr run store (no {schema.ISM!r} group)")
+    target = inspect_target(path, storage_options)
+    if target.kind != "store" or target.problem:
+        raise StoreError(target.problem or f"{path} is not a deepmr run store (no {schema.ISM!r} group)")
     root = zarr.open_group(path, mode="r", storage_options=storage_options)
     present = set(root.group_keys())
     return {

@@ -44,7 +44,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--chunk-loci", type=int, default=16, help="loci per store chunk and per task (default 16)")
     run.add_argument("--mutant-batch", type=int, default=2048, help="mutants per forward pass (default 2048)")
     run.add_argument("--full-recompute", action="store_true", help="disable incremental recomputation")
-    run.add_argument("--overwrite", action="store_true", help="replace a store made by another run")
+    run.add_argument(
+        "--overwrite", action="store_true",
+        help="replace a deepmr store made by another run, or one whose ism group is damaged (never anything else)",
+    )
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_predict)
 

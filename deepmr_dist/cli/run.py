@@ -22,7 +22,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--store", help="run store (overrides the pipeline's store)")
     p.add_argument("--cluster", help="'local' or a scheduler address (overrides the pipeline)")
     p.add_argument("--n-workers", type=int, help="workers of the local cluster (overrides the pipeline)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan (loci, forward passes, store size, chunking) and stop")
+    p.add_argument(
+        "--dry-run", action="store_true",
+        help="print the plan (entry points called, loci, forward passes, store size, chunking) and stop; "
+        "the model is built to learn its tasks",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace a deepmr store made by another run, or one whose ism group is damaged"
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_run)
 
@@ -46,7 +53,7 @@ def run_run(args: argparse.Namespace) -> int:
         return 0
     started = time.perf_counter()
     with connect(config.cluster.address, n_workers=config.cluster.n_workers, verbose=not args.quiet) as client:
-        result = run_pipeline(config, client=client, progress=not args.quiet)
+        result = run_pipeline(config, client=client, progress=not args.quiet, overwrite=args.overwrite)
     for row in result.global_table.itertuples():
         print(f"{row.pair}\t{row.method}\tglobal CE {row.estimate:.4f} [{row.ci_lower:.4f}, {row.ci_upper:.4f}]\tk {row.k}")
     if result.true_global_ce is not None:

@@ -9,6 +9,11 @@ A model spec is what a user passes as ``--model`` (repeatable):
 * an entry point ``package.module:factory``; ``factory()`` returns one
   ``torch.nn.Module`` or a list of them (one per member).
 
+An entry point is code the user chose and is run as such. As a guard against
+accidents (not a sandbox), :func:`resolve_entry_point` refuses, before calling
+anything, a callable that belongs to the Python standard library (``os:system``,
+``subprocess:run``, ``builtins:exec``, or such a function re-exported by another module).
+
 With ``mc_dropout=N`` the spec must name exactly one Python model; its members
 are N copies whose ``nn.Dropout`` layers are replaced by :class:`FrozenDropout`
 masks, each mask fixed for the reference and every one of its mutants (so the
@@ -18,11 +23,14 @@ covariance between mutant and reference predictions keeps its meaning).
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import importlib
 import inspect
+import sys
+import sysconfig
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +123,67 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("/constants.pkl") for name in archive.namelist())
 
 
+_STDLIB_DIRECTORIES = tuple({Path(sysconfig.get_paths()[key]).resolve() for key in ("stdlib", "platstdlib")})
+_SITE_DIRECTORIES = tuple({Path(sysconfig.get_paths()[key]).resolve() for key in ("purelib", "platlib")})
+
+
+def _in_stdlib_directory(file: str) -> bool:
+    """Whether ``file`` lies in the standard library's directory, outside site-packages (which may lie inside it)."""
+    path = Path(file).resolve()
+    if {"site-packages", "dist-packages"} & set(path.parts) or any(path.is_relative_to(d) for d in _SITE_DIRECTORIES):
+        return False
+    return any(path.is_relative_to(d) for d in _STDLIB_DIRECTORIES)
+
+
+def is_stdlib_module(name: str) -> bool:
+    """Whether module ``name`` belongs to the Python standard library: by name, as a builtin, or by its file."""
+    top = name.partition(".")[0]
+    if top in sys.stdlib_module_names or top in sys.builtin_module_names:
+        return True
+    file = getattr(sys.modules.get(name), "__file__", None)
+    return file is not None and _in_stdlib_directory(file)
+
+
+def is_entry_point(source: str) -> bool:
+    """Whether a model source names Python code (``package.module:factory``) rather than a file."""
+    return ":" in source and not Path(source).is_file()
+
+
+def _defining_module(obj: Any) -> str:
+    """The module that defines ``obj`` (a module: itself), looking through :class:`functools.partial` to what it wraps."""
+    while isinstance(obj, functools.partial):
+        obj = obj.func
+    if inspect.ismodule(obj):
+        return obj.__name__
+    return getattr(obj, "__module__", None) or type(obj).__module__
+
+
+def resolve_entry_point(source: str) -> Callable[..., Any]:
+    """Import ``package.module:factory`` and return the factory, without calling it.
+
+    Raises
+    ------
+    InputError
+        If it cannot be imported or is not callable, or if the module it names
+        or the module that defines it belongs to the Python standard library
+        (see :func:`is_stdlib_module`): such a callable is not a model factory.
+    """
+    module_name, _, factory_name = source.partition(":")
+    refusal = f"entry point {source!r} is not a model factory: {{}} part of the Python standard library; refusing to call it"
+    if is_stdlib_module(module_name):
+        raise InputError(refusal.format(f"module {module_name!r} is"))
+    try:
+        factory = getattr(importlib.import_module(module_name), factory_name)
+    except (ImportError, AttributeError) as exc:
+        raise InputError(f"cannot load model entry point {source!r}: {exc}") from None
+    owner = _defining_module(factory)
+    if is_stdlib_module(owner):
+        raise InputError(refusal.format(f"{factory_name!r} comes from module {owner!r},"))
+    if not callable(factory):
+        raise InputError(f"entry point {source!r} is not callable")
+    return factory
+
+
 def _load_source(source: str, options: dict[str, Any]) -> list[nn.Module]:
     path = Path(source)
     if path.is_file():
@@ -129,12 +198,8 @@ def _load_source(source: str, options: dict[str, Any]) -> list[nn.Module]:
                 f"model file {source} is neither a TorchScript archive nor a simulation CNN state dict (save "
                 f"members with torch.jit.save, or give an entry point package.module:factory): {exc}"
             ) from None
-    if ":" in source:
-        module_name, _, factory_name = source.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), factory_name)
-        except (ImportError, AttributeError) as exc:
-            raise InputError(f"cannot load model entry point {source!r}: {exc}") from None
+    if is_entry_point(source):
+        factory = resolve_entry_point(source)
         try:
             inspect.signature(factory).bind(**options)
         except TypeError as exc:
