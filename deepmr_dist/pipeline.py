@@ -339,7 +339,7 @@ def spacing_table(config: PipelineConfig, local: xr.Dataset) -> pd.DataFrame:
 LOCAL_COLUMNS = {
     "local_ce": "estimate", "local_se": "se", "ci_lower": "ci_lower", "ci_upper": "ci_upper", "pvalue": "pvalue",
     "intercept": "intercept", "intercept_se": "intercept_se", "intercept_pvalue": "intercept_pvalue",
-    "q": "q", "i2gx": "i2gx", "n_instruments": "n", "reason": "reason",
+    "q": "q", "i2gx": "i2gx", "n_instruments": "n", "reason": "reason", "note": "note",
 }
 GLOBAL_COLUMNS = {
     "k": "k", "global_ce": "estimate", "global_se": "se", "ci_lower": "ci_lower", "ci_upper": "ci_upper",

@@ -57,7 +57,7 @@ EGGER_GID = "egger_line"
 IVW_GID = "ivw_line"
 """``gid`` of the MR scatter's IVW line through the origin."""
 
-EGGER_METHODS: tuple[str, ...] = ("egger", "robust_egger", "egger_paper")
+EGGER_METHODS: tuple[str, ...] = ("egger", "robust_egger", "egger_paper", "egger_simex")
 """MR methods with an intercept, whose fit :func:`mr_scatter` can draw as a line."""
 
 IVW_METHODS: tuple[str, ...] = ("ivw", "ivw_random", "ivw_fixed")

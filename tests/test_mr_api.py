@@ -12,7 +12,8 @@ from deepmr_dist.mr import METHODS, NOTES, REASONS, MRResult, estimate
 
 EXPECTED_METHODS = (
     "ivw", "ivw_fixed", "ivw_random", "penalized_ivw", "egger", "robust_ivw", "robust_egger", "egger_paper",
-    "weighted_median", "simple_median", "penalized_weighted_median", "mbe", "wald_mean",
+    "weighted_median", "simple_median", "penalized_weighted_median", "mbe", "wald_mean", "ivw_delta", "egger_simex",
+    "mr_raps",
 )  # fmt: skip
 COLUMNS = [
     "locus", "method", "n", "estimate", "se", "ci_lower", "ci_upper", "pvalue", "intercept", "intercept_se",

@@ -11,10 +11,13 @@ from deepmr_dist.mr._data import MRData, prepare
 from deepmr_dist.mr.baseline import wald_mean
 from deepmr_dist.mr.egger import egger
 from deepmr_dist.mr.ivw import PENALIZED_IVW_FACTOR, ivw, penalized_ivw
+from deepmr_dist.mr.ivw_delta import ivw_delta
 from deepmr_dist.mr.median import PENALIZED_MEDIAN_FACTOR, median_estimator
 from deepmr_dist.mr.mode import mbe
+from deepmr_dist.mr.raps import mr_raps
 from deepmr_dist.mr.result import FLOAT_FIELDS, MRResult
 from deepmr_dist.mr.robust import robust_egger, robust_ivw
+from deepmr_dist.mr.simex import egger_simex
 
 METHODS: tuple[str, ...] = (
     "ivw",
@@ -30,11 +33,19 @@ METHODS: tuple[str, ...] = (
     "penalized_weighted_median",
     "mbe",
     "wald_mean",
+    "ivw_delta",
+    "egger_simex",
+    "mr_raps",
 )
-"""Names accepted by :func:`estimate`."""
+"""Names accepted by :func:`estimate`. The last three model the error in bx (no NOME assumption):
+``ivw_delta`` (IVW with second-order weights), ``egger_simex`` (MR-Egger with SIMEX correction,
+Bowden et al. 2016), ``mr_raps`` (robust adjusted profile score, Zhao et al. 2020)."""
 
 BOOTSTRAP_METHODS = frozenset({"weighted_median", "simple_median", "penalized_weighted_median", "mbe"})
 """Methods whose standard error comes from a parametric bootstrap (``n_boot`` draws)."""
+
+SIMEX_REPLICATES = 1000
+"""``egger_simex``'s replicates per lambda by default (``B`` in Bowden et al. 2016's code)."""
 
 EGGER_PAPER_ROBUST_ABOVE = 10
 """egger_paper: robust MR-Egger with more than this many instruments, MR-Egger from 3 up to it."""
@@ -93,6 +104,7 @@ def estimate(
     t_dist: bool = False,
     mbe_phi: float = 1.0,
     wald_ci_multiplier: float | None = None,
+    n_simex: int = SIMEX_REPLICATES,
     threads: int = 1,
 ) -> dict[str, MRResult]:
     """Run MR estimators on a batch of loci.
@@ -112,8 +124,8 @@ def estimate(
     n_boot : int
         Bootstrap replicates for the median methods and mbe (the package uses 10000).
     seed : int
-        Bootstrap seed; draws are per instrument column (a locus alone gives the
-        same numbers as inside a batch).
+        Bootstrap and SIMEX seed; draws are per instrument column (a locus alone
+        gives the same numbers as inside a batch).
     penalization : float, optional
         Multiplier of the heterogeneity p-values in the penalized weights. Default:
         the package's values, 100 for ``penalized_ivw`` (first-order weights) and
@@ -125,6 +137,8 @@ def estimate(
     wald_ci_multiplier : float, optional
         ``wald_mean`` interval half-width in SDs (2 reproduces the paper); default
         the normal quantile.
+    n_simex : int
+        ``egger_simex``: simulated data sets per lambda.
     threads : int
         Worker threads over chunks of loci for the robust (MM) fits and the
         bootstraps; results do not depend on it.
@@ -169,5 +183,8 @@ def estimate(
         ),
         "mbe": lambda: mbe(data, alpha=alpha, t_dist=t_dist, phi=mbe_phi, **boot),
         "wald_mean": lambda: wald_mean(data, alpha=alpha, ci_multiplier=wald_ci_multiplier),
+        "ivw_delta": lambda: ivw_delta(data, model="default", alpha=alpha, t_dist=t_dist),
+        "egger_simex": lambda: egger_simex(data, n_simex=n_simex, seed=seed, alpha=alpha, t_dist=egger_t_dist),
+        "mr_raps": lambda: mr_raps(data, alpha=alpha),
     }
     return {m: runners[m]() for m in dict.fromkeys(methods)}

@@ -30,6 +30,7 @@ REASONS: dict[str, str] = {
     "no_convergence": "the iterative robust fit did not converge within its iteration limit",
     "zero_bandwidth": "the ratio estimates are too concentrated for a kernel bandwidth (sd or mad is 0)",
     "degenerate_weights": "the median weights put all mass on one ratio estimate",
+    "negative_variance": "the extrapolated (SIMEX jackknife) variance is negative, so the standard error is undefined",
 }
 """Reason codes for undefined estimates, code -> human explanation."""
 
@@ -41,7 +42,7 @@ NOTES: dict[str, str] = {
 }
 """Codes for caveats on defined estimates, code -> human explanation."""
 
-KEEP_ESTIMATE: frozenset[str] = frozenset({"exact_fit"})
+KEEP_ESTIMATE: frozenset[str] = frozenset({"exact_fit", "negative_variance"})
 """Reason codes where the point estimate is defined but its standard error is not."""
 
 FLOAT_FIELDS: tuple[str, ...] = (
