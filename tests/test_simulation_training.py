@@ -184,6 +184,8 @@ def test_training__dask_cluster_gives_the_same_weights_as_in_process(data, tmp_p
             Client(cluster) as client:
         remote = train_ensemble(*data, n_members=2, seeds=[1, 2], client=client, out_dir=tmp_path / "dask",
                                 settings=TINY)
+    # Exact: train_member pins torch to `threads` (1) in this process and on the workers alike, and the
+    # batches come from the seed, so both run the same float32 operations on the same shapes.
     for a, b in zip(local, remote, strict=True):
         assert _same_weights(torch.load(a.path, weights_only=True), torch.load(b.path, weights_only=True))
         assert a.history.val_loss == b.history.val_loss
