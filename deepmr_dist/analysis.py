@@ -300,6 +300,20 @@ def local_ce(
 
 # --------------------------------------------------------------------------- global CE
 
+I2GX_DILUTION = 0.9
+"""I^2_GX below which Bowden et al. (2016) expect MR-Egger's regression dilution to matter (and recommend SIMEX)."""
+
+
+def _dilution_summary(i2gx: np.ndarray, dims: tuple[str, ...]) -> dict[str, tuple]:
+    """Mean local I^2_GX and the share of loci below :data:`I2GX_DILUTION`, per (pair, method); NaN without any."""
+    finite = np.isfinite(i2gx)
+    count = finite.sum(axis=-1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(finite, i2gx, 0.0).sum(axis=-1) / count
+        below = (finite & (i2gx < I2GX_DILUTION)).sum(axis=-1) / count
+    return {"mean_i2gx": (dims, mean), "share_i2gx_below_0_9": (dims, below)}
+
+
 
 def global_ce(
     local: xr.Dataset,
@@ -330,12 +344,15 @@ def global_ce(
     xr.Dataset
         Dims ``(pair, method)``: float ``global_ce, global_se, ci_lower,
         ci_upper, pvalue, tau2, i2, h2, q, q_pvalue, pi_lower, pi_upper``, int
-        ``k, n_loci_undefined``, str ``reason``; attrs ``meta_method``,
+        ``k, n_loci_undefined``, str ``reason``, and the dilution summary
+        ``mean_i2gx`` and ``share_i2gx_below_0_9`` (NaN for methods without
+        I^2_GX); attrs ``meta_method``,
         ``hksj``, ``hksj_adhoc``, ``alpha``.
     """
     if meta_method not in META_METHODS:
         raise ValueError(f"unknown meta-analysis method {meta_method!r}; valid: {', '.join(META_METHODS)}")
-    pair_method = local[["local_ce", "local_se"]].transpose("pair", "method", "locus").compute()
+    names = ["local_ce", "local_se", *(["i2gx"] if "i2gx" in local else [])]
+    pair_method = local[names].transpose("pair", "method", "locus").compute()
     n_pairs, n_methods, n_loci = pair_method["local_ce"].shape
     est = pair_method["local_ce"].values.reshape(n_pairs * n_methods, n_loci)
     se = pair_method["local_se"].values.reshape(n_pairs * n_methods, n_loci)
@@ -345,6 +362,8 @@ def global_ce(
     data_vars = {name: (dims, getattr(res, field).reshape(shape)) for name, field in GLOBAL_VARIABLES.items()}
     data_vars["k"] = (dims, res.k.reshape(shape))
     data_vars["n_loci_undefined"] = (dims, (n_loci - res.k).reshape(shape))
+    i2gx = pair_method["i2gx"].values if "i2gx" in pair_method else np.full((n_pairs, n_methods, n_loci), np.nan)
+    data_vars.update(_dilution_summary(i2gx, dims))
     width = max(len(code) for code in META_REASONS)
     data_vars["reason"] = (dims, res.reason.astype(f"<U{width}").reshape(shape))
     coords = {name: local[name] for name in ("pair", "method", "exposure", "outcome") if name in local.coords}

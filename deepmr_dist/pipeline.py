@@ -344,7 +344,8 @@ LOCAL_COLUMNS = {
 GLOBAL_COLUMNS = {
     "k": "k", "global_ce": "estimate", "global_se": "se", "ci_lower": "ci_lower", "ci_upper": "ci_upper",
     "pvalue": "pvalue", "tau2": "tau2", "i2": "i2", "h2": "h2", "q": "q", "q_pvalue": "q_pvalue",
-    "pi_lower": "pi_lower", "pi_upper": "pi_upper", "reason": "reason",
+    "pi_lower": "pi_lower", "pi_upper": "pi_upper", "reason": "reason", "mean_i2gx": "mean_i2gx",
+    "share_i2gx_below_0_9": "share_i2gx_below_0_9",
 }
 
 

@@ -236,6 +236,20 @@ REGISTRY: tuple[Variable, ...] = (
         "float64",
         "Upper limit of the prediction interval for a new locus's causal effect (NaN for fe).",
     ),
+    Variable(
+        "mean_i2gx",
+        META,
+        _GLOBAL,
+        "float64",
+        "Mean over loci of the local I^2_GX (MR-Egger family; NaN for other methods): the regression-dilution summary.",
+    ),
+    Variable(
+        "share_i2gx_below_0_9",
+        META,
+        _GLOBAL,
+        "float64",
+        "Share of loci with I^2_GX below 0.9, where Bowden et al. (2016) recommend a SIMEX correction of MR-Egger.",
+    ),
     Variable("k", META, _GLOBAL, "int64", "Loci meta-analysed: finite local_ce and a positive finite local_se."),
     Variable(
         "n_loci_undefined",

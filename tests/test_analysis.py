@@ -195,6 +195,20 @@ def test_global_ce__equals_meta_analysis_of_collected_local_estimates(meta_metho
     np.testing.assert_allclose(glob["global_ce"].sel({"pair": "x->y", "method": "ivw"}), 2.0, atol=0.1)
 
 
+def test_global_ce__dilution_summary_is_the_mean_and_share_below_0_9_of_the_local_i2gx():
+    ds = make_effects()
+    local = local_ce(ds, PAIRS, ["egger", "ivw"], rule="mutation_z", threshold=2.0).compute()
+    glob = global_ce(local)
+    for p in range(len(PAIRS)):
+        i2 = local["i2gx"].values[p, :, 0]  # egger
+        i2 = i2[np.isfinite(i2)]
+        assert i2.size >= 3
+        cell = glob.isel(pair=p, method=0)
+        assert float(cell["mean_i2gx"]) == pytest.approx(i2.mean(), rel=1e-12)
+        assert float(cell["share_i2gx_below_0_9"]) == pytest.approx(np.mean(i2 < 0.9), rel=1e-12)
+    assert np.isnan(glob["mean_i2gx"].isel(method=1)).all()  # ivw reports no I^2_GX
+
+
 @pytest.mark.filterwarnings("ignore:The data type .* does not have a Zarr V3 specification")
 def test_local_ce__zarr_write_stays_lazy(tmp_path):
     import warnings

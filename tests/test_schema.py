@@ -19,7 +19,7 @@ def _names(group: str) -> set[str]:
 
 def test_schema__mr_and_meta_groups_register_what_analysis_writes():
     assert _names(schema.MR) == {*LOCAL_VARIABLES, "n_instruments", "reason", "note"}
-    assert _names(schema.META) == {*GLOBAL_VARIABLES, "k", "n_loci_undefined", "reason"}
+    assert _names(schema.META) == {*GLOBAL_VARIABLES, "k", "n_loci_undefined", "reason", "mean_i2gx", "share_i2gx_below_0_9"}
     assert {v.dims for v in schema.variables_of(schema.MR)} == {("pair", "locus", "method")}
     assert {v.dims for v in schema.variables_of(schema.META)} == {("pair", "method")}
     for var in schema.REGISTRY:
