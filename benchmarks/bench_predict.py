@@ -80,7 +80,7 @@ def _bare_engine(loci, spec, settings, threads: int) -> tuple[float, float, np.n
 
     from deepmr_dist.ism.engine import make_runner, saturation_mutagenesis
     from deepmr_dist.models.ensemble import load_members
-    from deepmr_dist.sequence import codes_to_onehot
+    from deepmr_dist.io.sequence import codes_to_onehot
 
     torch.set_num_threads(threads)
     members = load_members(spec, "cpu")
@@ -128,9 +128,9 @@ def _deepmr_predict(loci, spec, settings, workers: int, path: str) -> tuple[floa
     """(wall s of the predict call, CPU s of client + workers, cluster start s, torch threads per worker, tasks)."""
     import torch
 
-    from deepmr_dist import store
+    from deepmr_dist.io import store
     from deepmr_dist.cluster import connect
-    from deepmr_dist.predict import predict
+    from deepmr_dist.stages.predict import predict
 
     store.remove_store(path)  # a fresh store every round (an existing one would be resumed, not recomputed)
     t_start = time.perf_counter()
@@ -152,8 +152,8 @@ def main() -> int:
     import zarr
 
     from deepmr_dist.models.ensemble import ModelSpec
-    from deepmr_dist.predict import ISMSettings
-    from deepmr_dist.sequence import sequences_dataset
+    from deepmr_dist.stages.predict import ISMSettings
+    from deepmr_dist.io.sequence import sequences_dataset
 
     if args.engine == "auto":
         try:

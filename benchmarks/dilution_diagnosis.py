@@ -30,7 +30,7 @@ import pandas as pd
 import xarray as xr
 from scipy import stats
 
-from deepmr_dist.instruments import instrument_mask
+from deepmr_dist.stages.instruments import instrument_mask
 from deepmr_dist.meta import meta_analysis
 from deepmr_dist.mr import estimate
 from deepmr_dist.mr.egger import i2_gx
@@ -38,7 +38,7 @@ from deepmr_dist.mr._data import prepare
 from deepmr_dist.simulation.binding import binding_probability
 from deepmr_dist.simulation.counts import CountParameters, anscombe, expected_counts
 from deepmr_dist.simulation.generator import dataset_motif_models, select_split, simulate_round
-from deepmr_dist.simulation.study import StudyConfig, motif_set, round_directory
+from deepmr_dist.pipeline.study import StudyConfig, motif_set, round_directory
 from deepmr_dist.simulation.truth import true_causal_effects
 
 DEFAULT_METHODS = ("egger", "egger_paper", "ivw", "ivw_delta", "egger_simex", "mr_raps")
@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", default=",".join(DEFAULT_METHODS))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    from deepmr_dist.config import load_config
+    from deepmr_dist.pipeline.config_types import load_config
 
     config = load_config(args.study_dir / "config.yaml", StudyConfig)
     methods = tuple(m for m in args.methods.split(",") if m)

@@ -57,6 +57,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import optimize, stats
 
+from deepmr_dist.errors import InputError
+
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
 
@@ -164,7 +166,7 @@ class MetaResult:
             groups = list(range(n))
         groups = list(groups)
         if len(groups) != n:
-            raise ValueError(f"to_frame: got {len(groups)} group labels for {n} groups")
+            raise InputError(f"to_frame: got {len(groups)} group labels for {n} groups")
         data: dict[str, object] = {"group": groups, "method": [method] * n}
         for name in META_COLUMNS:
             data[name] = getattr(self, name)
@@ -194,11 +196,11 @@ def _prepare(estimate: np.ndarray, se: np.ndarray) -> tuple[np.ndarray, np.ndarr
     y = np.asarray(estimate, dtype=np.float64)
     s = np.asarray(se, dtype=np.float64)
     if y.shape != s.shape:
-        raise ValueError(f"estimate and se must have the same shape, got {y.shape} and {s.shape}")
+        raise InputError(f"estimate and se must have the same shape, got {y.shape} and {s.shape}")
     if y.ndim == 1:
         y, s = y[None, :], s[None, :]
     if y.ndim != 2:
-        raise ValueError(f"estimate must be 1-D or 2-D (n_groups, max_k), got {y.ndim}-D")
+        raise InputError(f"estimate must be 1-D or 2-D (n_groups, max_k), got {y.ndim}-D")
     with np.errstate(invalid="ignore"):
         valid = np.isfinite(y) & np.isfinite(s) & (s > 0)
     y = np.where(valid, y, 0.0)
@@ -485,9 +487,9 @@ def _hksj_factor(rss: np.ndarray, k: np.ndarray, adhoc: bool) -> np.ndarray:
 
 def _validate_options(method: str, alpha: float) -> None:
     if method not in META_METHODS:
-        raise ValueError(f"unknown meta-analysis method {method!r}; valid: {', '.join(META_METHODS)}")
+        raise InputError(f"unknown meta-analysis method {method!r}; valid: {', '.join(META_METHODS)}")
     if not (0.0 < float(alpha) < 1.0):
-        raise ValueError(f"alpha must lie strictly between 0 and 1, got {alpha!r}")
+        raise InputError(f"alpha must lie strictly between 0 and 1, got {alpha!r}")
 
 
 def meta_analysis(
@@ -507,7 +509,7 @@ def meta_analysis(
         Study estimates and standard errors, one group per row, padded with
         NaN. A study counts only when its estimate is finite and its standard
         error finite and positive; other cells are ignored (use
-        :mod:`deepmr_dist.tables` to validate and count bad input rows).
+        :mod:`deepmr_dist.io.tables` to validate and count bad input rows).
     method : {"fe", "dl", "reml", "pm"}
         Estimator of the between-study variance (see module docstring).
     hksj : bool

@@ -15,10 +15,13 @@ import xarray as xr
 from deepmr_dist.errors import StoreError
 
 ISM = "ism"
+CALIBRATION = "calibration"
 EFFECTS = "effects"
 MR = "mr"
 META = "meta"
-GROUPS = (ISM, EFFECTS, MR, META)
+TRUTH = "truth"
+GROUPS = (ISM, CALIBRATION, EFFECTS, MR, META, TRUTH)
+"""Every group a run store can hold, in the order stages write them (calibration and truth are optional)."""
 
 
 @dataclass(frozen=True)
@@ -265,6 +268,12 @@ REGISTRY: tuple[Variable, ...] = (
         TEXT,
         "'' where global_ce is defined, else a code of deepmr_dist.meta.META_REASONS.",
     ),
+    # truth: simulation only, the true causal effects of the round (deepmr_dist.simulation.truth)
+    Variable("true_ce", TRUTH, ("locus",), "float64", "True local causal effect; NaN without an exposure instance."),
+    Variable("n_mutations", TRUTH, ("locus",), "int64", "Substitutions inside the exposure instance behind true_ce."),
+    Variable("exposure_ss", TRUTH, ("locus",), "float64", "sum(dx^2) of those substitutions' noise-free exposure changes."),
+    Variable("functional", TRUTH, ("locus",), "bool", "Whether the exposure instance is functional (counts in the global truth)."),
+    Variable("global_true_ce", TRUTH, (), "float64", "The round's true global CE: the mean of true_ce over functional loci."),
 )
 """Every variable of the run store, by group."""
 

@@ -137,6 +137,6 @@ def assert_close_ism(actual: xr.Dataset, expected: xr.Dataset, *, accumulation: 
 @pytest.fixture(scope="session")
 def example_loci() -> xr.Dataset:
     """The 48 example loci as a sequences Dataset."""
-    from deepmr_dist.sequence import read_fasta
+    from deepmr_dist.io.sequence import read_fasta
 
     return read_fasta(EXAMPLE_FASTA)

@@ -11,14 +11,14 @@ import pytest
 import xarray as xr
 from scipy import stats
 
-from deepmr_dist.calibration import (
+from deepmr_dist.stages.calibration import (
     Calibration,
     fit_calibration,
     poisson_anscombe_variance,
     read_calibration,
     write_calibration,
 )
-from deepmr_dist.effects import compute_effects
+from deepmr_dist.stages.effects import compute_effects
 from deepmr_dist.errors import InputError
 
 TASKS = ["exposure", "outcome"]
@@ -244,9 +244,9 @@ def test_compute_effects__calibration_that_does_not_apply_is_refused(under_dispe
 
 
 def test_write_effects__stores_calibrated_se_and_the_calibration_summary(under_dispersed, tmp_path):
-    from deepmr_dist import store
-    from deepmr_dist.effects import write_effects
-    from deepmr_dist.sequence import sequences_dataset
+    from deepmr_dist.io import store
+    from deepmr_dist.stages.effects import write_effects
+    from deepmr_dist.io.sequence import sequences_dataset
 
     calibration = fit_calibration(*under_dispersed, source="round 0, calibration split")
     ism = _ism(9).compute()

@@ -9,7 +9,7 @@ import pytest
 import xarray as xr
 
 import deepmr_dist.mr as mr
-from deepmr_dist.analysis import LOCAL_VARIABLES, compact_instruments, global_ce, local_ce
+from deepmr_dist.stages.causal_effects import LOCAL_VARIABLES, compact_instruments, global_ce, local_ce
 from deepmr_dist.errors import InputError
 from deepmr_dist.meta import meta_analysis
 
@@ -124,7 +124,7 @@ def test_local_ce__locus_without_instruments_is_nan_with_reason():
 
 
 def test_local_ce__pooled_z_uses_global_stats_like_select():
-    from deepmr_dist.instruments import count_instruments
+    from deepmr_dist.stages.instruments import count_instruments
 
     ds = make_effects()
     local = local_ce(ds, [("x", "y")], ["ivw"], rule="pooled_z", threshold=1.0).compute()

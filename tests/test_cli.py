@@ -40,8 +40,8 @@ def test_cli__predict_effects_inspect_on_the_bundled_example(tmp_path, capsys):
 
 
 def test_cli__effects_on_incomplete_store_is_refused(tmp_path, capsys):
-    from deepmr_dist import store
-    from deepmr_dist.sequence import read_fasta
+    from deepmr_dist.io import store
+    from deepmr_dist.io.sequence import read_fasta
 
     path = str(tmp_path / "partial.zarr")
     template = store.ism_template(read_fasta(EXAMPLE), ["m0"], ["t0"], 16)

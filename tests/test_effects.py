@@ -10,10 +10,10 @@ import pytest
 import xarray as xr
 from distributed import Client, LocalCluster
 
-from deepmr_dist import store
-from deepmr_dist.effects import compute_effects, write_effects
+from deepmr_dist.io import store
+from deepmr_dist.stages.effects import compute_effects, write_effects
 from deepmr_dist.errors import DeepMRError, StoreError
-from deepmr_dist.sequence import N_CODE, sequences_dataset
+from deepmr_dist.io.sequence import N_CODE, sequences_dataset
 
 
 def _identity(codes: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ import pytest
 import xarray as xr
 
 from deepmr_dist.errors import InputError
-from deepmr_dist.instruments import RULES, count_instruments, instrument_mask, pooled_stats, select
+from deepmr_dist.stages.instruments import RULES, count_instruments, instrument_mask, pooled_stats, select
 
 ALLELES = ["A", "C", "G", "T"]
 

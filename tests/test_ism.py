@@ -9,7 +9,8 @@ from torch import nn
 
 from conftest import assert_close_fp32, reference_one_hot
 from deepmr_dist.errors import InputError
-from deepmr_dist.ism.engine import FullRecompute, apply_mutations, mutation_list, saturation_mutagenesis
+from deepmr_dist.ism.engine import FullRecompute, saturation_mutagenesis
+from deepmr_dist.ism.mutants import apply_mutations, mutation_list
 from deepmr_dist.models.architectures import SimulationCNN
 from deepmr_dist.models.ensemble import ModelSpec, freeze_dropout, load_members
 from deepmr_dist.models.heads import OutputHead

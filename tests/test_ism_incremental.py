@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from deepmr_dist.ism.engine import FullRecompute, make_runner, mutation_list, saturation_mutagenesis
+from deepmr_dist.ism.engine import FullRecompute, make_runner, saturation_mutagenesis
+from deepmr_dist.ism.mutants import mutation_list
 from deepmr_dist.ism.incremental import IncrementalRunner, build_incremental_runner
 from deepmr_dist.models.architectures import SimulationCNN
 from deepmr_dist.models.ensemble import freeze_dropout

@@ -13,12 +13,12 @@ import pytest
 import xarray as xr
 
 from conftest import EXAMPLE_ENSEMBLE, EXAMPLE_FASTA
-from deepmr_dist import store
+from deepmr_dist.io import store
 from deepmr_dist.cli import main
-from deepmr_dist.effects import write_effects
+from deepmr_dist.stages.effects import write_effects
 from deepmr_dist.errors import StoreError
 from deepmr_dist.models.ensemble import ModelSpec
-from deepmr_dist.predict import ISMSettings, predict
+from deepmr_dist.stages.predict import ISMSettings, predict
 
 ENSEMBLE = ModelSpec((EXAMPLE_ENSEMBLE,))
 SETTINGS = ISMSettings(chunk_loci=4, incremental=False)

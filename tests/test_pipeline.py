@@ -12,10 +12,10 @@ import yaml
 
 from conftest import EXAMPLE_ENSEMBLE, EXAMPLE_FASTA
 from deepmr_dist.cli import main
-from deepmr_dist.config import load_config, parse_config
+from deepmr_dist.pipeline.config_types import load_config, parse_config
 from deepmr_dist.errors import InputError
-from deepmr_dist.pipeline import output_directory, plan, run_pipeline
-from deepmr_dist.pipeline_config import PipelineConfig
+from deepmr_dist.pipeline.runner import output_directory, plan, run_pipeline
+from deepmr_dist.pipeline.config import PipelineConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,9 +9,9 @@ import pytest
 import xarray as xr
 from matplotlib.image import AxesImage
 
-from deepmr_dist.analysis import local_ce
+from deepmr_dist.stages.causal_effects import local_ce
 from deepmr_dist.errors import InputError
-from deepmr_dist.plots import (
+from deepmr_dist.pipeline.plots import (
     EGGER_GID,
     ESTIMATE_GID,
     INSTRUMENTS_GID,
@@ -22,7 +22,7 @@ from deepmr_dist.plots import (
     save_figure,
     spacing_heatmap,
 )
-from deepmr_dist.spacing import stratified_global_ce
+from deepmr_dist.stages.spacing import stratified_global_ce
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -29,13 +29,13 @@ import zarr
 from distributed import Client
 
 from conftest import EXAMPLE_ENSEMBLE, EXAMPLE_FASTA, assert_close_ism, assert_same_ism, embedded_client
-from deepmr_dist import store
+from deepmr_dist.io import store
 from deepmr_dist.cli import main
 from deepmr_dist.cluster import task_resources
 from deepmr_dist.errors import ModelOutputError, StoreError
 from deepmr_dist.models.ensemble import ModelSpec
-from deepmr_dist.predict import ISMSettings, predict, predict_in_memory
-from deepmr_dist.sequence import encode, sequences_dataset
+from deepmr_dist.stages.predict import ISMSettings, predict, predict_in_memory
+from deepmr_dist.io.sequence import encode, sequences_dataset
 
 ENSEMBLE = ModelSpec((EXAMPLE_ENSEMBLE,))
 DROPOUT_CNN = "deepmr_dist.models.examples:simulation_cnn_with_dropout"

@@ -9,14 +9,14 @@ import pytest
 
 from conftest import EXAMPLE_ENSEMBLE, EXAMPLE_FASTA
 from deepmr_dist.cli import main
-from deepmr_dist.config import parse_config
+from deepmr_dist.pipeline.config_types import parse_config
 from deepmr_dist.errors import StoreError
-from deepmr_dist.pipeline import run_pipeline
-from deepmr_dist.pipeline_config import PipelineConfig
-from deepmr_dist.predict import ISMSettings, predict
+from deepmr_dist.pipeline.runner import run_pipeline
+from deepmr_dist.pipeline.config import PipelineConfig
+from deepmr_dist.stages.predict import ISMSettings, predict
 from deepmr_dist.models.ensemble import ModelSpec
-from deepmr_dist.report import write_report
-from deepmr_dist.sequence import read_fasta
+from deepmr_dist.pipeline.report import write_report
+from deepmr_dist.io.sequence import read_fasta
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

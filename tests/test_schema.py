@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from deepmr_dist import schema, store
-from deepmr_dist.analysis import GLOBAL_VARIABLES, LOCAL_VARIABLES, global_ce, local_ce
+from deepmr_dist import schema
+from deepmr_dist.io import store
+from deepmr_dist.stages.causal_effects import GLOBAL_VARIABLES, LOCAL_VARIABLES, global_ce, local_ce
 from deepmr_dist.errors import StoreError
 
-from test_analysis import make_effects
+from test_causal_effects import make_effects
 
 
 def _names(group: str) -> set[str]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from deepmr_dist.errors import InputError
-from deepmr_dist.sequence import (
+from deepmr_dist.io.sequence import (
     codes_to_onehot,
     decode,
     encode,

@@ -9,13 +9,12 @@ import pytest
 import torch
 
 from deepmr_dist.errors import InputError
-from deepmr_dist.models.architectures import SimulationCNN
+from deepmr_dist.models.architectures import SimulationCNN, load_simulation_cnns
 from deepmr_dist.simulation.generator import SimulationConfig, one_hot, select_split, simulate_round
 from deepmr_dist.simulation.training import (
     TrainingSettings,
     _cluster_has_gpus,
     fold_target_scaling,
-    load_ensemble,
     train_ensemble,
     train_member,
     validation_split,
@@ -144,7 +143,7 @@ def test_training__ensemble_weights_load_with_weights_only(data, tmp_path):
     state = torch.load(members[0].path, weights_only=True)
     expected, _ = train_member(*data, seed=7, settings=TINY, threads=1)
     assert _same_weights(state, expected)
-    models = load_ensemble([m.path for m in members])
+    models = load_simulation_cnns([m.path for m in members])
     assert all(isinstance(model, SimulationCNN) and not model.training for model in models)
     reference = SimulationCNN()
     reference.load_state_dict(state)
@@ -157,7 +156,7 @@ def test_training__load_rejects_a_file_that_is_not_a_state_dict(tmp_path):
     path = tmp_path / "junk.pt"
     path.write_bytes(b"not a torch file")
     with pytest.raises(InputError, match="junk.pt"):
-        load_ensemble([path])
+        load_simulation_cnns([path])
 
 
 def test_training__bad_arguments_raise(data, tmp_path):

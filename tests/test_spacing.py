@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from deepmr_dist.analysis import global_ce
+from deepmr_dist.stages.causal_effects import global_ce
 from deepmr_dist.errors import InputError
 from deepmr_dist.meta import meta_analysis
-from deepmr_dist.spacing import (
+from deepmr_dist.stages.spacing import (
     STRATIFIED_COLUMNS,
     locus_spacing,
     motif_instances,

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from deepmr_dist import open_run, schema, store
+from deepmr_dist import open_run, schema
+from deepmr_dist.io import store
 from deepmr_dist.errors import StoreError
-from deepmr_dist.sequence import sequences_dataset
+from deepmr_dist.io.sequence import sequences_dataset
 
 
 def _loci(n=10, length=6):

@@ -8,9 +8,9 @@ import pytest
 import xarray as xr
 
 from deepmr_dist.cli import main
-from deepmr_dist.config import load_config, parse_config
+from deepmr_dist.pipeline.config_types import load_config, parse_config
 from deepmr_dist.errors import InputError, StoreError
-from deepmr_dist.simulation.study import StudyConfig, member_seeds, round_directory, run_round, run_study
+from deepmr_dist.pipeline.study import StudyConfig, member_seeds, round_directory, run_round, run_study
 
 # Small enough for CI, large enough that the ensemble learns the motifs (unconfounded scenario).
 TINY = {

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from deepmr_dist.errors import InputError
-from deepmr_dist.tables import (
+from deepmr_dist.io.tables import (
     MAX_ISSUES,
     exclusion_message,
     pad_long_table,

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 
 from deepmr_dist.cluster import connect
-from deepmr_dist.effects import write_effects
+from deepmr_dist.stages.effects import write_effects
+from deepmr_dist.cli import help_of
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "effects",
-        help="compute effect and effect_se (covariance-aware) into the store's 'effects' group",
+        help=help_of("effects"),
     )
     p.add_argument("--store", required=True, help="run store written by `deepmr predict`")
     p.add_argument("--ddof", type=int, choices=(0, 1), default=0, help="0 as the paper (default) or 1")

@@ -6,11 +6,12 @@ import argparse
 import json
 
 from deepmr_dist import schema
-from deepmr_dist.store import FINGERPRINT_ATTR, open_run
+from deepmr_dist.io.store import FINGERPRINT_ATTR, open_run
+from deepmr_dist.cli import help_of
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("inspect", help="summarise a run store: groups, sizes, completion, provenance")
+    p = subparsers.add_parser("inspect", help=help_of("inspect"))
     p.add_argument("store", help="run store")
     p.set_defaults(func=run_inspect)
 

@@ -16,7 +16,8 @@ import pandas as pd
 
 from deepmr_dist.errors import InputError
 from deepmr_dist.meta import META_METHODS, meta_analysis
-from deepmr_dist.tables import exclusion_message, read_meta_table, write_table
+from deepmr_dist.io.tables import exclusion_message, read_meta_table, write_table
+from deepmr_dist.cli import help_of
 
 __all__ = ["register", "run", "parse_methods"]
 
@@ -48,7 +49,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``meta`` subcommand."""
     parser = subparsers.add_parser(
         "meta",
-        help="meta-analyse a table of estimates (fixed effect, DL, REML, PM; optional HKSJ)",
+        help=help_of("meta"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

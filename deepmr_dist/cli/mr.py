@@ -17,7 +17,8 @@ import pandas as pd
 
 from deepmr_dist.cli.meta import check_alpha, parse_methods
 from deepmr_dist.errors import InputError
-from deepmr_dist.tables import exclusion_message, read_mr_table, write_table
+from deepmr_dist.io.tables import exclusion_message, read_mr_table, write_table
+from deepmr_dist.cli import help_of
 
 __all__ = ["MR_OUTPUT_COLUMNS", "register", "run"]
 
@@ -32,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``mr`` subcommand."""
     parser = subparsers.add_parser(
         "mr",
-        help="Mendelian randomization per locus from a table of instrument effects",
+        help=help_of("mr"),
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -11,14 +11,15 @@ from deepmr_dist.cluster import connect
 from deepmr_dist.errors import InputError
 from deepmr_dist.models.ensemble import ModelSpec
 from deepmr_dist.models.heads import TRANSFORMS, OutputHead, parse_tasks
-from deepmr_dist.predict import ISMSettings, predict
-from deepmr_dist.sequence import read_bed_regions, read_fasta, read_onehot
+from deepmr_dist.stages.predict import ISMSettings, predict
+from deepmr_dist.io.sequence import read_bed_regions, read_fasta, read_onehot
+from deepmr_dist.cli import help_of
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "predict",
-        help="in-silico mutagenesis of every locus with every ensemble member into a Zarr run store",
+        help=help_of("predict"),
         description="Predict references and all single-base mutants with each ensemble member; "
         "resumable (rerun to finish an interrupted run).",
     )

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
-from deepmr_dist.cluster import connect
-from deepmr_dist.config import load_config
-from deepmr_dist.pipeline import output_directory, plan, run_pipeline
-from deepmr_dist.pipeline_config import PipelineConfig
+from deepmr_dist.cli import help_of
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "run",
-        help="run a pipeline YAML: sequences, model, ISM, effects, MR of every pair, meta-analysis, tables",
+        help=help_of("run"),
         description="Run every stage of a pipeline; rerunning skips finished stages and ISM chunks.",
     )
     p.add_argument("pipeline", help="pipeline YAML, e.g. pipelines/quickstart.yaml")
@@ -34,19 +30,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run_run)
 
 
-def load_pipeline(args: argparse.Namespace) -> PipelineConfig:
-    """The validated pipeline with the command line's overrides applied."""
-    path = Path(args.pipeline)
-    config = load_config(path, PipelineConfig).resolve_paths(path.parent)
-    cluster = {k: v for k, v in (("address", args.cluster), ("n_workers", args.n_workers)) if v is not None}
-    update = {"cluster": config.cluster.model_copy(update=cluster)}
-    if args.store:
-        update["store"] = args.store
-    return config.model_copy(update=update)
-
-
 def run_run(args: argparse.Namespace) -> int:
-    config = load_pipeline(args)
+    from deepmr_dist.cluster import connect
+    from deepmr_dist.pipeline.api import load_pipeline
+    from deepmr_dist.pipeline.runner import output_directory, plan, run_pipeline
+
+    config = load_pipeline(args.pipeline, store=args.store, cluster=args.cluster, n_workers=args.n_workers)
     if args.dry_run:
         print(plan(config).describe())
         print(f"store: {config.store}; outputs: {output_directory(config)}")

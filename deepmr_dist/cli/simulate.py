@@ -6,14 +6,15 @@ import argparse
 from pathlib import Path
 
 from deepmr_dist.cluster import connect
-from deepmr_dist.config import load_config
-from deepmr_dist.simulation.study import StudyConfig, run_study
+from deepmr_dist.pipeline.config_types import load_config
+from deepmr_dist.pipeline.study import StudyConfig, run_study
+from deepmr_dist.cli import help_of
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "simulate",
-        help="run (or resume) a simulation study: train, mutate, analyse and score every round; write Table 1",
+        help=help_of("simulate"),
     )
     p.add_argument("config", help="study YAML, e.g. pipelines/paper_simulation.yaml")
     p.add_argument("--out", help="study directory (default: the config's output)")

@@ -58,7 +58,7 @@ def ism_template(loci: xr.Dataset, members: list[str], tasks: list[str], chunk_l
     Parameters
     ----------
     loci
-        Dataset with ``sequence`` (locus, position) and locus coordinates (see :mod:`deepmr_dist.sequence`).
+        Dataset with ``sequence`` (locus, position) and locus coordinates (see :mod:`deepmr_dist.io.sequence`).
     members, tasks
         Names of the ``member`` and ``task`` coordinates.
     chunk_loci

@@ -15,10 +15,9 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from deepmr_dist.ism.incremental import build_incremental_runner
+from deepmr_dist.ism.mutants import N_BASES, apply_mutations, mutation_list
 from deepmr_dist.models.heads import OutputHead
-
-N_BASES = 4
-
 
 class MemberRunner(Protocol):
     """Runs one ensemble member on references and on their single-base mutants."""
@@ -57,33 +56,6 @@ class FullRecompute:
         return self.module(apply_mutations(x, locus, position, base))
 
 
-def apply_mutations(x: torch.Tensor, locus: torch.Tensor, position: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
-    """Build mutant one-hot sequences on ``x``'s device.
-
-    Parameters
-    ----------
-    x
-        References, (batch, 4, L).
-    locus, position, base
-        1-D integer tensors of equal length: mutant ``k`` is ``x[locus[k]]``
-        with the one-hot column at ``position[k]`` set to ``base[k]``.
-    """
-    mutants = x.index_select(0, locus).clone()
-    rows = torch.arange(locus.shape[0], device=x.device)
-    mutants[rows, :, position] = 0
-    mutants[rows, base, position] = 1
-    return mutants
-
-
-def mutation_list(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """All non-identity single-base edits of a batch, ordered by (locus, position, base).
-
-    A position whose one-hot column is all zero (``N``) gets all four bases.
-    """
-    locus, position, base = torch.nonzero(x.permute(0, 2, 1) == 0, as_tuple=True)
-    return locus, position, base
-
-
 def make_runner(
     member: nn.Module, length: int, *, incremental: bool = True, head: OutputHead | None = None
 ) -> MemberRunner:
@@ -93,8 +65,6 @@ def make_runner(
     the incremental runner skips the layers only the other elements need.
     """
     if incremental:
-        from deepmr_dist.ism.incremental import build_incremental_runner
-
         outputs = None if head is None or head.output_index is None else (head.output_index,)
         runner = build_incremental_runner(member, length, outputs=outputs)
         if runner is not None:

@@ -56,7 +56,7 @@ from torch.fx.node import map_arg
 
 from deepmr_dist.ism import incremental_rules as R
 from deepmr_dist.ism import window as W
-from deepmr_dist.ism.engine import N_BASES, apply_mutations, mutation_list
+from deepmr_dist.ism.mutants import N_BASES, apply_mutations, mutation_list
 from deepmr_dist.ism.incremental_graph import Kind, Plan, Step, analyse, trace
 
 logger = logging.getLogger(__name__)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -311,3 +312,50 @@ def _suggestion(name: str, names: Sequence[str]) -> str:
         return ""
     listed = matches[0] if len(matches) == 1 else f"{', '.join(matches[:-1])} or {matches[-1]}"
     return f" (did you mean {listed}?)"
+
+
+def simulation_cnn_weight_keys(state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """Weight keys of the convolutions and of the head's linear layers, in layer order."""
+    convs = sorted((k for k in state if k.startswith("features.") and k.endswith(".weight") and state[k].ndim == 3),
+                   key=lambda k: int(k.split(".")[1]))
+    linears = sorted((k for k in state if k.startswith("head.") and k.endswith(".weight")),
+                     key=lambda k: int(k.split(".")[1]))
+    return convs, linears
+
+
+def simulation_cnn_architecture(state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """The :class:`SimulationCNN` keyword arguments that produce ``state``'s tensor shapes."""
+    convs, linears = simulation_cnn_weight_keys(state)
+    n_filters, _, width = state[convs[0]].shape
+    hidden, flat = state[linears[0]].shape
+    n_blocks = len(convs)
+    return {
+        "length": flat // n_filters + n_blocks * (width - 1),
+        "n_tasks": int(state[linears[-1]].shape[0]),
+        "n_filters": int(n_filters),
+        "width": int(width),
+        "n_blocks": n_blocks,
+        "hidden": int(hidden),
+    }
+
+
+def load_simulation_cnns(paths: Sequence[str | Path], device: str = "cpu") -> list[SimulationCNN]:
+    """Load state dicts written by :func:`deepmr_dist.simulation.training.train_ensemble` into models in eval mode.
+
+    The architecture (length, filters, width, blocks, hidden size, tasks) is
+    read off each state dict's tensor shapes; files are opened with
+    ``weights_only=True``.
+    """
+    models = []
+    for path in paths:
+        try:
+            state = torch.load(path, map_location=device, weights_only=True)
+        except Exception as err:  # torch.load raises many types (IndexError, UnpicklingError, ...) on a bad file
+            raise InputError(f"cannot load weights file {path}: {err}") from err
+        try:
+            model = SimulationCNN(**simulation_cnn_architecture(state))
+            model.load_state_dict(state)
+        except (KeyError, IndexError, ValueError, RuntimeError) as err:
+            raise InputError(f"weights file {path} is not a SimulationCNN state dict: {err}") from err
+        models.append(model.to(device).eval())
+    return models

@@ -189,10 +189,10 @@ def _load_source(source: str, options: dict[str, Any]) -> list[nn.Module]:
     if path.is_file():
         if _is_torchscript(path):
             return [torch.jit.load(str(path), map_location="cpu")]
-        from deepmr_dist.simulation.training import load_ensemble
+        from deepmr_dist.models.architectures import load_simulation_cnns
 
         try:
-            return load_ensemble([path])
+            return load_simulation_cnns([path])
         except InputError as exc:
             raise InputError(
                 f"model file {source} is neither a TorchScript archive nor a simulation CNN state dict (save "

@@ -32,14 +32,22 @@ PENALIZED_IVW_FACTOR = 100.0
 """Package multiplier of the penalization p-values for IVW with first-order weights."""
 
 
-def _random_mask(model: str, n: np.ndarray) -> np.ndarray:
+def random_effects_mask(model: str, n: np.ndarray) -> np.ndarray:
+    """True where ``model`` calls for the multiplicative random-effects standard error.
+
+    ``"default"`` is MendelianRandomization's rule: fixed effect below four
+    instruments, random effects from four up (``n`` counts every instrument).
+
+    Raises
+    ------
+    InputError
+        If ``model`` is not one of :data:`MODELS`.
+    """
     if model not in MODELS:
         raise InputError(f"IVW model must be one of {MODELS}, got {model!r}")
-    if model == "fixed":
-        return np.zeros(n.shape, dtype=bool)
-    if model == "random":
-        return np.ones(n.shape, dtype=bool)
-    return n >= 4
+    if model == "default":
+        return n >= 4
+    return np.full(n.shape, model == "random")
 
 
 def _weighted_fit(data: MRData, w: np.ndarray) -> dict[str, np.ndarray]:
@@ -61,7 +69,7 @@ def _store_fit(
     """Write the estimate of a :func:`_weighted_fit` with its ``model``'s standard error, inference and rse."""
     with np.errstate(invalid="ignore", divide="ignore"):
         se_fixed = 1.0 / np.sqrt(fit["sxx"])
-    scale = np.where(_random_mask(model, data.n) & (data.n >= 2), np.maximum(1.0, fit["rse"]), 1.0)
+    scale = np.where(random_effects_mask(model, data.n) & (data.n >= 2), np.maximum(1.0, fit["rse"]), 1.0)
     store_wald(out, fit["estimate"], se_fixed * scale, alpha, t_dist, data.n - 1)
     out["rse"] = fit["rse"]
 

@@ -41,10 +41,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from deepmr_dist.errors import InputError
 from deepmr_dist.mr._data import MRData, chi2_sf
 from deepmr_dist.mr.inference import store_wald
-from deepmr_dist.mr.ivw import MODELS
+from deepmr_dist.mr.ivw import random_effects_mask
 from deepmr_dist.mr.result import MRResult, ResultBuilder
 
 
@@ -54,23 +53,6 @@ def delta_weights(data: MRData) -> np.ndarray:
     bx = np.where(informative, data.bx, 1.0)
     w = 1.0 / (data.byse * data.byse + (data.by * data.bxse / bx) ** 2)
     return np.where(informative, w, 0.0)
-
-
-def random_effects_mask(model: str, n: np.ndarray) -> np.ndarray:
-    """True where ``model`` calls for the multiplicative random-effects standard error.
-
-    ``"default"`` is random from four instruments up (``n`` counts every instrument).
-
-    Raises
-    ------
-    InputError
-        If ``model`` is not one of :data:`deepmr_dist.mr.ivw.MODELS`.
-    """
-    if model not in MODELS:
-        raise InputError(f"IVW model must be one of {MODELS}, got {model!r}")
-    if model == "default":
-        return n >= 4
-    return np.full(n.shape, model == "random")
 
 
 def ivw_delta(data: MRData, *, model: str = "default", alpha: float = 0.05, t_dist: bool = False) -> MRResult:

@@ -80,7 +80,6 @@ import numpy as np
 from deepmr_dist.errors import InputError
 from deepmr_dist.mr import _mm_per_locus as mm_per_locus
 from deepmr_dist.mr._bisquare import (
-    abs_resid,
     avar1_sums,
     design_sums,
     egger_design,
@@ -97,7 +96,7 @@ from deepmr_dist.mr._data import (
 )
 from deepmr_dist.mr.egger import i2_gx
 from deepmr_dist.mr.inference import store_egger, store_wald
-from deepmr_dist.mr.ivw import _random_mask
+from deepmr_dist.mr.ivw import random_effects_mask
 from deepmr_dist.mr.result import MRResult, ResultBuilder
 
 C_CHI = 1.54764
@@ -659,7 +658,7 @@ def robust_ivw(
     est = fit.coef[:, 0]
     coef_se = np.sqrt(fit.cov[:, 0, 0])
     sigma = fit.scale
-    random = _random_mask(model, data.n)
+    random = random_effects_mask(model, data.n)
     with np.errstate(invalid="ignore", divide="ignore"):
         se = np.where(random, coef_se / np.minimum(sigma, 1.0), coef_se / sigma)
     single = data.n == 1

@@ -1,7 +1,7 @@
 """The declarative pipeline of ``deepmr run PIPELINE.yaml``: every section, validated.
 
 A pipeline names the sequences, the model, the tasks and pairs, and the
-settings of every stage. Unknown keys are errors; :func:`deepmr_dist.config.load_config`
+settings of every stage. Unknown keys are errors; :func:`deepmr_dist.pipeline.config_types.load_config`
 reports each bad field by its YAML path. Relative input paths (sequences,
 model files) are taken from the directory of the YAML file; the store is
 relative to the working directory, like every output.
@@ -16,13 +16,13 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from deepmr_dist.config import ClusterSettings, InstrumentRule, MetaMethod, MRMethods, Section, Transform
+from deepmr_dist.pipeline.config_types import ClusterSettings, InstrumentRule, MetaMethod, MRMethods, Section, Transform
 from deepmr_dist.errors import InputError
-from deepmr_dist.instruments import RULES
+from deepmr_dist.stages.instruments import RULES
 from deepmr_dist.meta import META_METHODS
 from deepmr_dist.models.heads import TRANSFORMS
 from deepmr_dist.simulation.generator import SimulationConfig, parse_scenario
-from deepmr_dist.simulation.study import MotifChoice
+from deepmr_dist.pipeline.study import MotifChoice
 from deepmr_dist.simulation.training import TrainingSettings
 
 __all__ = ["PipelineConfig", "SimulatedSequences"]

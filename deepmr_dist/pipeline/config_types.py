@@ -19,7 +19,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from deepmr_dist.errors import InputError
-from deepmr_dist.instruments import RULES
+from deepmr_dist.stages.instruments import RULES
 from deepmr_dist.meta import META_METHODS
 from deepmr_dist.models.heads import TRANSFORMS
 from deepmr_dist.mr import METHODS
@@ -50,7 +50,7 @@ def _mr_methods(methods: list[str]) -> list[str]:
 
 
 InstrumentRule = Annotated[str, AfterValidator(_one_of(RULES, "instrument rule"))]
-"""A rule of :mod:`deepmr_dist.instruments`."""
+"""A rule of :mod:`deepmr_dist.stages.instruments`."""
 MetaMethod = Annotated[str, AfterValidator(_one_of(META_METHODS, "meta-analysis method"))]
 """A method of :func:`deepmr_dist.meta.meta_analysis`."""
 Transform = Annotated[str, AfterValidator(_one_of(TRANSFORMS, "transform"))]

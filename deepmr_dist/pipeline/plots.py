@@ -8,7 +8,7 @@
   (``bx > 0``), with the fitted MR-Egger line and the IVW line through the
   origin.
 - :func:`spacing_heatmap` (the paper's S1 Fig): global CE per (pair, motif
-  spacing bin) from :func:`deepmr_dist.spacing.stratified_global_ce`.
+  spacing bin) from :func:`deepmr_dist.stages.spacing.stratified_global_ce`.
 
 Figures are built on matplotlib's Agg canvas without pyplot (no global state,
 no display needed) and returned; :func:`save_figure` writes one to a file and
@@ -28,7 +28,7 @@ import xarray as xr
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from deepmr_dist import instruments
+from deepmr_dist.stages import instruments
 from deepmr_dist.errors import InputError
 
 __all__ = [
@@ -103,7 +103,7 @@ def forest_plot(global_: xr.Dataset, method: str) -> Figure:
     Parameters
     ----------
     global_ : xr.Dataset
-        Output of :func:`deepmr_dist.analysis.global_ce` (dims ``(pair, method)``
+        Output of :func:`deepmr_dist.stages.causal_effects.global_ce` (dims ``(pair, method)``
         with ``global_ce``, ``global_se``, ``tau2`` and ``k``).
     method : str
         The MR method to draw.
@@ -179,8 +179,8 @@ def mr_scatter(
 ) -> Figure:
     """MR scatter of one locus and pair: instrument effects on the outcome vs on the exposure.
 
-    The instruments are selected with :func:`deepmr_dist.instruments.select`
-    exactly as :func:`deepmr_dist.analysis.local_ce` did (for ``pooled_z``
+    The instruments are selected with :func:`deepmr_dist.stages.instruments.select`
+    exactly as :func:`deepmr_dist.stages.causal_effects.local_ce` did (for ``pooled_z``
     with the pooled statistics recorded in ``local.attrs``, else recomputed
     over all of ``effects``). Each instrument is oriented as MR-Egger does:
     ``(|bx|, sign(bx) by)``; its bars are +- 1 SE (``bxse``, ``byse``).
@@ -190,7 +190,7 @@ def mr_scatter(
     effects : xr.Dataset
         ``effect`` and ``effect_se`` with dims ``(locus, position, allele, task)``.
     local : xr.Dataset
-        Output of :func:`deepmr_dist.analysis.local_ce` on ``effects``.
+        Output of :func:`deepmr_dist.stages.causal_effects.local_ce` on ``effects``.
     locus : str
         Locus name.
     pair : str
@@ -269,7 +269,7 @@ def spacing_heatmap(table: pd.DataFrame, *, method: str | None = None) -> Figure
     Parameters
     ----------
     table : pandas.DataFrame
-        Output of :func:`deepmr_dist.spacing.stratified_global_ce` (columns
+        Output of :func:`deepmr_dist.stages.spacing.stratified_global_ce` (columns
         pair, bin, k, estimate; and method).
     method : str, optional
         The MR method to draw; required when ``table`` holds several.

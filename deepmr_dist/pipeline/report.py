@@ -24,14 +24,13 @@ import zarr
 
 from deepmr_dist import schema
 from deepmr_dist.errors import StoreError
-from deepmr_dist.pipeline import global_table_from
-from deepmr_dist.plots import EGGER_METHODS, figure_to_base64_png, forest_plot, mr_scatter, spacing_heatmap
-from deepmr_dist.store import FINGERPRINT_ATTR, open_run
+from deepmr_dist.pipeline.outputs import global_table_from
+from deepmr_dist.pipeline.plots import EGGER_METHODS, figure_to_base64_png, forest_plot, mr_scatter, spacing_heatmap
+from deepmr_dist.io.store import FINGERPRINT_ATTR, open_run
 
 __all__ = ["PACKAGES", "write_report"]
 
 PACKAGES = ("deepmr-dist", "torch", "dask", "distributed", "xarray", "zarr", "numpy", "scipy", "pandas")
-TRUTH_GROUP = "truth"
 
 
 def write_report(store_path: str, out: str | Path | None = None, *, outputs: str | Path | None = None) -> Path:
@@ -163,7 +162,7 @@ def _versions(ism: xr.Dataset) -> str:
 
 def _true_global_ce(store_path: str) -> float | None:
     try:
-        group = zarr.open_group(store_path, path=TRUTH_GROUP, mode="r")
+        group = zarr.open_group(store_path, path=schema.TRUTH, mode="r")
     except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
         return None
     return float(group["global_true_ce"][()])

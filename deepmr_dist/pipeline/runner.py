@@ -5,14 +5,14 @@ settings (a fingerprint of the config sections it depends on):
 
 1. ``sequences``: FASTA, BED + genome, one-hot, or one simulated round;
 2. ``train`` (simulation only): the paper's CNN, one member per Dask task;
-3. ``ism``: :func:`deepmr_dist.predict.predict` (resumes chunk by chunk);
+3. ``ism``: :func:`deepmr_dist.stages.predict.predict` (resumes chunk by chunk);
 4. ``effects``: effects and SEs, optionally calibrated on held-out loci;
 5. ``mr``: instruments and per-locus MR of every pair, all pairs from one pass over the effects;
 6. ``meta``: the meta-analysis of every (pair, method) across loci;
 7. ``truth`` (simulation only): the true causal effects;
 8. outputs: local and global CE tables (CSV and Parquet), the global CE per
    motif-spacing bin when ``spacing`` is configured, the resolved config,
-   stage timings and the HTML report (:mod:`deepmr_dist.report`).
+   stage timings and the HTML report (:mod:`deepmr_dist.pipeline.report`).
 
 Outputs beside the store ``runs/name.zarr`` go to ``runs/name/``: ``members/``
 (trained simulation members), ``local_ce.{csv,parquet}``,
@@ -34,19 +34,22 @@ import pandas as pd
 import xarray as xr
 import zarr
 
-from deepmr_dist import schema, store
-from deepmr_dist.analysis import global_ce, local_ce
-from deepmr_dist.config import dump_config
-from deepmr_dist.effects import write_effects
+from deepmr_dist import schema
+from deepmr_dist.io import store
+from deepmr_dist.stages.causal_effects import global_ce, local_ce
+from deepmr_dist.pipeline.config_types import dump_config
+from deepmr_dist.stages.effects import write_effects
 from deepmr_dist.errors import InputError
 from deepmr_dist.models.architectures import head_for_tasks
 from deepmr_dist.models.ensemble import ModelSpec, is_entry_point, load_members, resolve_entry_point
 from deepmr_dist.models.heads import OutputHead, parse_tasks
-from deepmr_dist.pipeline_config import PipelineConfig
-from deepmr_dist.predict import ISMSettings, validate_model, predict
-from deepmr_dist.sequence import read_bed_regions, read_fasta, read_onehot, sequences_dataset
+from deepmr_dist.pipeline.config import PipelineConfig
+from deepmr_dist.pipeline.outputs import global_table_from, local_table_from
+from deepmr_dist.pipeline.report import write_report
+from deepmr_dist.stages.predict import ISMSettings, validate_model, predict
+from deepmr_dist.io.sequence import read_bed_regions, read_fasta, read_onehot, sequences_dataset
 from deepmr_dist.simulation.generator import one_hot, select_split, simulate_round
-from deepmr_dist.simulation.study import TRUTH_GROUP, fit_round_calibration, motif_set
+from deepmr_dist.pipeline.study import fit_round_calibration, motif_set
 from deepmr_dist.simulation.training import TrainedMember, train_ensemble
 from deepmr_dist.simulation.truth import true_causal_effects
 
@@ -240,7 +243,7 @@ def run_pipeline(config: PipelineConfig, *, client, progress: bool = True, overw
     """Run every stage of ``config`` on the cluster of ``client``, skipping finished ones.
 
     The store and the entry points are checked before anything runs: a store
-    path that :func:`deepmr_dist.predict.predict` would refuse for anything but
+    path that :func:`deepmr_dist.stages.predict.predict` would refuse for anything but
     its fingerprint is refused before training. ``overwrite`` is predict's: it
     replaces a deepmr store of another run, or one whose ``ism`` group is damaged.
 
@@ -302,7 +305,7 @@ def run_pipeline(config: PipelineConfig, *, client, progress: bool = True, overw
     true_global = None
     if round_ds is not None:
         truth = true_causal_effects(round_ds)
-        store.write_group(path, truth.reindex(locus=loci["locus"].values), TRUTH_GROUP)
+        store.write_group(path, truth.reindex(locus=loci["locus"].values), schema.TRUTH)
         true_global = float(truth["global_true_ce"])
     local_table, global_table = local_table_from(local), global_table_from(global_)
     for name, table in (("local_ce", local_table), ("global_ce", global_table)):
@@ -315,7 +318,6 @@ def run_pipeline(config: PipelineConfig, *, client, progress: bool = True, overw
     seconds["meta_and_tables"] = time.perf_counter() - tick
     (outputs / "pipeline.yaml").write_text(dump_config(config))
     (outputs / "timings.json").write_text(json.dumps(seconds, indent=1))
-    from deepmr_dist.report import write_report  # the report reads this module's tables
 
     write_report(path, outputs=outputs)
     if progress:
@@ -325,42 +327,12 @@ def run_pipeline(config: PipelineConfig, *, client, progress: bool = True, overw
 
 def spacing_table(config: PipelineConfig, local: xr.Dataset) -> pd.DataFrame:
     """Global CE per (pair, method, motif-spacing bin) from the loci's motif instances."""
-    from deepmr_dist.spacing import locus_spacing, motif_instances, spacing_bins, stratified_global_ce
+    from deepmr_dist.stages.spacing import locus_spacing, motif_instances, spacing_bins, stratified_global_ce
 
     pairs = [(str(e), str(o)) for e, o in zip(local["exposure"].values, local["outcome"].values)]
     distance = locus_spacing(motif_instances(config.spacing.motifs_bed), local, pairs, motif_names=config.spacing.motif_names)
     bins = spacing_bins(distance, config.spacing.edges)
     return stratified_global_ce(local, bins, config.meta.method, hksj=config.meta.hksj)
-
-
-# --------------------------------------------------------------------------- tables
-
-
-LOCAL_COLUMNS = {
-    "local_ce": "estimate", "local_se": "se", "ci_lower": "ci_lower", "ci_upper": "ci_upper", "pvalue": "pvalue",
-    "intercept": "intercept", "intercept_se": "intercept_se", "intercept_pvalue": "intercept_pvalue",
-    "q": "q", "i2gx": "i2gx", "n_instruments": "n", "reason": "reason", "note": "note",
-}
-GLOBAL_COLUMNS = {
-    "k": "k", "global_ce": "estimate", "global_se": "se", "ci_lower": "ci_lower", "ci_upper": "ci_upper",
-    "pvalue": "pvalue", "tau2": "tau2", "i2": "i2", "h2": "h2", "q": "q", "q_pvalue": "q_pvalue",
-    "pi_lower": "pi_lower", "pi_upper": "pi_upper", "reason": "reason", "mean_i2gx": "mean_i2gx",
-    "share_i2gx_below_0_9": "share_i2gx_below_0_9",
-}
-
-
-def local_table_from(local: xr.Dataset) -> pd.DataFrame:
-    """One row per (pair, locus, method), columns named as ``deepmr mr`` writes them."""
-    frame = local[list(LOCAL_COLUMNS)].reset_coords(["exposure", "outcome"]).to_dataframe().reset_index()
-    frame = frame.rename(columns=LOCAL_COLUMNS)
-    return frame[["pair", "exposure", "outcome", "locus", "method", "n", *[c for c in LOCAL_COLUMNS.values() if c != "n"]]]
-
-
-def global_table_from(global_: xr.Dataset) -> pd.DataFrame:
-    """One row per (pair, method), columns named as ``deepmr meta`` writes them."""
-    frame = global_[list(GLOBAL_COLUMNS)].reset_coords(["exposure", "outcome"]).to_dataframe().reset_index()
-    frame = frame.rename(columns=GLOBAL_COLUMNS)
-    return frame[["pair", "exposure", "outcome", "method", *GLOBAL_COLUMNS.values()]]
 
 
 def _summary(table: pd.DataFrame, true_global: float | None) -> str:

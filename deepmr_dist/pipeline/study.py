@@ -4,9 +4,9 @@ A round (one scenario, one round index) is:
 
 1. simulate training, calibration and test sequences (:func:`simulate_round`);
 2. train the ensemble, one member per Dask task (:func:`train_ensemble`);
-3. ISM of the test loci into the round's run store (:func:`deepmr_dist.predict.predict`);
+3. ISM of the test loci into the round's run store (:func:`deepmr_dist.stages.predict.predict`);
 4. effects, optionally with the isotonic SE calibration fitted on the
-   round's held-out calibration sequences (:mod:`deepmr_dist.calibration`);
+   round's held-out calibration sequences (:mod:`deepmr_dist.stages.calibration`);
 5. instruments, per-locus MR (``mr`` group) and the meta-analysis (``meta`` group);
 6. the true causal effects (``truth`` group) and one summary row per method.
 
@@ -41,15 +41,16 @@ import pandas as pd
 import xarray as xr
 from pydantic import Field, field_validator
 
-from deepmr_dist import schema, store
-from deepmr_dist.analysis import global_ce, local_ce
-from deepmr_dist.config import ClusterSettings, InstrumentRule, MetaMethod, MRMethods, Section, dump_config, load_config
-from deepmr_dist.effects import write_effects
+from deepmr_dist import schema
+from deepmr_dist.io import store
+from deepmr_dist.stages.causal_effects import global_ce, local_ce
+from deepmr_dist.pipeline.config_types import ClusterSettings, InstrumentRule, MetaMethod, MRMethods, Section, dump_config, load_config
+from deepmr_dist.stages.effects import write_effects
 from deepmr_dist.errors import InputError, StoreError
 from deepmr_dist.models.ensemble import ModelSpec
 from deepmr_dist.models.heads import OutputHead
-from deepmr_dist.predict import ISMSettings, predict
-from deepmr_dist.sequence import sequences_dataset
+from deepmr_dist.stages.predict import ISMSettings, predict
+from deepmr_dist.io.sequence import sequences_dataset
 from deepmr_dist.simulation.generator import SCENARIOS, SimulationConfig, one_hot, parse_scenario, select_split, simulate_round
 from deepmr_dist.simulation.motifs import DEFAULT_MOTIFS, MotifSet, resolve_motif
 from deepmr_dist.simulation.training import TrainingSettings, train_ensemble
@@ -70,8 +71,6 @@ __all__ = [
 
 TASKS = ("exposure", "outcome")
 PAIR = ("exposure", "outcome")
-TRUTH_GROUP = "truth"
-CALIBRATION_GROUP = "calibration"
 BASELINE = "wald_mean"
 PLAIN_MEAN_SUFFIX = ":plain_mean"
 """Method-name suffix of a method's global CE taken as the plain mean of its local estimates."""
@@ -244,9 +243,9 @@ def analyse_round(config: StudyConfig, ds: xr.Dataset, truth: xr.Dataset, spec: 
     tick = time.perf_counter()
     calibration = fit_round_calibration(ds, spec, ddof=config.analysis.ddof) if config.analysis.calibration else None
     if calibration is not None:
-        from deepmr_dist.calibration import write_calibration
+        from deepmr_dist.stages.calibration import write_calibration
 
-        write_calibration(path, calibration, group=CALIBRATION_GROUP)
+        write_calibration(path, calibration, group=schema.CALIBRATION)
     effects = write_effects(path, ddof=config.analysis.ddof, calibration=calibration)
     local = local_ce(
         effects,
@@ -259,7 +258,7 @@ def analyse_round(config: StudyConfig, ds: xr.Dataset, truth: xr.Dataset, spec: 
     )
     local = store.write_group(path, local, schema.MR)
     global_ = store.write_group(path, global_ce(local, meta_method=config.analysis.meta_method), schema.META)
-    store.write_group(path, truth.reindex(locus=effects["locus"].values), TRUTH_GROUP)  # NaN: no exposure instance
+    store.write_group(path, truth.reindex(locus=effects["locus"].values), schema.TRUTH)  # NaN: no exposure instance
     rows = summarize_round(local.load(), global_, truth, baseline=BASELINE)
     rows.insert(0, "round", int(ds.attrs["round"]))
     rows.insert(0, "scenario", int(ds.attrs["scenario"]))
@@ -299,8 +298,8 @@ def summarize_round(local: xr.Dataset, global_: xr.Dataset, truth: xr.Dataset, *
     Parameters
     ----------
     local, global_
-        Outputs of :func:`~deepmr_dist.analysis.local_ce` and
-        :func:`~deepmr_dist.analysis.global_ce` for one pair.
+        Outputs of :func:`~deepmr_dist.stages.causal_effects.local_ce` and
+        :func:`~deepmr_dist.stages.causal_effects.global_ce` for one pair.
     truth
         :func:`~deepmr_dist.simulation.truth.true_causal_effects` of the round.
     baseline
@@ -494,11 +493,11 @@ def fit_round_calibration(ds: xr.Dataset, spec: ModelSpec, *, ddof: int = 0):
 
     The label noise is the exact variance of the Anscombe transform of a
     Poisson count at each locus's expected count (see
-    :func:`deepmr_dist.calibration.poisson_anscombe_variance`).
+    :func:`deepmr_dist.stages.calibration.poisson_anscombe_variance`).
     """
     import torch
 
-    from deepmr_dist.calibration import fit_calibration, poisson_anscombe_variance
+    from deepmr_dist.stages.calibration import fit_calibration, poisson_anscombe_variance
     from deepmr_dist.models.ensemble import load_members
 
     held_out = select_split(ds, "calibration")

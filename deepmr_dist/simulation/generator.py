@@ -2,7 +2,7 @@
 
 One call to :func:`simulate_round` makes one round: its parameters (alpha,
 gamma), the training sequences (optionally with variant copies), held-out
-calibration sequences (labelled, for :mod:`deepmr_dist.calibration`; never
+calibration sequences (labelled, for :mod:`deepmr_dist.stages.calibration`; never
 used for training or ISM) and the test sequences, each with noise-free
 expected counts, Poisson counts and Anscombe labels, and the record of which
 motif was embedded where (needed for the true causal effect,

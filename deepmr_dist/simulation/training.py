@@ -74,7 +74,7 @@ import numpy as np
 import torch
 
 from deepmr_dist.errors import InputError
-from deepmr_dist.models.architectures import SimulationCNN
+from deepmr_dist.models.architectures import SimulationCNN, simulation_cnn_weight_keys
 
 _CYCLE_RISE = 0.3  # share of a one-cycle's steps spent rising to the peak (torch's OneCycleLR pct_start)
 _CYCLE_START_DIVISOR = 25.0  # a cycle starts at peak / 25 (OneCycleLR div_factor) ...
@@ -338,28 +338,6 @@ def train_ensemble(
     return members
 
 
-def load_ensemble(paths: Sequence[str | Path], device: str = "cpu") -> list[SimulationCNN]:
-    """Load state dicts written by :func:`train_ensemble` into models in eval mode.
-
-    The architecture (length, filters, width, blocks, hidden size, tasks) is
-    read off each state dict's tensor shapes; files are opened with
-    ``weights_only=True``.
-    """
-    models = []
-    for path in paths:
-        try:
-            state = torch.load(path, map_location=device, weights_only=True)
-        except Exception as err:  # torch.load raises many types (IndexError, UnpicklingError, ...) on a bad file
-            raise InputError(f"cannot load weights file {path}: {err}") from err
-        try:
-            model = SimulationCNN(**_architecture(state))
-            model.load_state_dict(state)
-        except (KeyError, IndexError, ValueError, RuntimeError) as err:
-            raise InputError(f"weights file {path} is not a SimulationCNN state dict: {err}") from err
-        models.append(model.to(device).eval())
-    return models
-
-
 def _check_data(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x = np.ascontiguousarray(x, dtype=np.float32)
     y = np.ascontiguousarray(y, dtype=np.float32)
@@ -441,7 +419,7 @@ def fold_target_scaling(state: dict[str, torch.Tensor], mean: torch.Tensor,
     dict
         A new state dict; only the last ``head`` linear layer differs.
     """
-    last = _architecture_keys(state)[1][-1].removesuffix(".weight")
+    last = simulation_cnn_weight_keys(state)[1][-1].removesuffix(".weight")
     weight, bias = state[f"{last}.weight"], state[f"{last}.bias"]
     mean64, scale64 = mean.to(torch.float64), scale.to(torch.float64)
     folded = dict(state)
@@ -473,27 +451,3 @@ def _cluster_has_gpus(client) -> bool:
         info = client.scheduler_info()
     workers = info["workers"].values()
     return any(worker.get("resources", {}).get("GPU", 0) > 0 for worker in workers)
-
-
-def _architecture_keys(state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
-    """Weight keys of the convolutions and of the head's linear layers, in layer order."""
-    convs = sorted((k for k in state if k.startswith("features.") and k.endswith(".weight") and state[k].ndim == 3),
-                   key=lambda k: int(k.split(".")[1]))
-    linears = sorted((k for k in state if k.startswith("head.") and k.endswith(".weight")),
-                     key=lambda k: int(k.split(".")[1]))
-    return convs, linears
-
-
-def _architecture(state: dict[str, torch.Tensor]) -> dict[str, int]:
-    convs, linears = _architecture_keys(state)
-    n_filters, _, width = state[convs[0]].shape
-    hidden, flat = state[linears[0]].shape
-    n_blocks = len(convs)
-    return {
-        "length": flat // n_filters + n_blocks * (width - 1),
-        "n_tasks": int(state[linears[-1]].shape[0]),
-        "n_filters": int(n_filters),
-        "width": int(width),
-        "n_blocks": n_blocks,
-        "hidden": int(hidden),
-    }

@@ -17,7 +17,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from deepmr_dist import instruments, schema
+from deepmr_dist import schema
+from deepmr_dist.stages import instruments
 from deepmr_dist.errors import InputError
 from deepmr_dist.meta import META_METHODS, META_REASONS, meta_analysis
 
@@ -111,11 +112,11 @@ def _described(ds: xr.Dataset, group: str) -> xr.Dataset:
 def _check_pairs(effects: xr.Dataset, pairs: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
     pairs = [(str(e), str(o)) for e, o in pairs]
     if not pairs:
-        raise ValueError("local_ce: no (exposure, outcome) pairs given")
+        raise InputError("local_ce: no (exposure, outcome) pairs given")
     labels = [pair_label(e, o) for e, o in pairs]
     dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
     if dupes:
-        raise ValueError(f"local_ce: duplicate pair(s) {', '.join(dupes)}")
+        raise InputError(f"local_ce: duplicate pair(s) {', '.join(dupes)}")
     instruments.check_tasks(effects, sorted({t for pair in pairs for t in pair}))
     return pairs
 
@@ -126,12 +127,12 @@ def _check_methods(methods: Sequence[str]) -> list[str]:
     methods = list(methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise ValueError(
+        raise InputError(
             f"unknown MR method(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
             f"valid: {', '.join(METHODS)}"
         )
     if len(set(methods)) != len(methods):
-        raise ValueError(f"duplicate MR methods in {methods}")
+        raise InputError(f"duplicate MR methods in {methods}")
     return methods
 
 
@@ -246,7 +247,7 @@ def local_ce(
     methods : sequence of str
         MR estimators (:data:`deepmr_dist.mr.METHODS`).
     rule, threshold, ddof
-        Instrument selection, see :mod:`deepmr_dist.instruments`; with
+        Instrument selection, see :mod:`deepmr_dist.stages.instruments`; with
         ``pooled_z`` the pooled mean/SD of every exposure are computed here in
         one global reduction before the lazy graph is built.
     **mr_options
@@ -350,7 +351,7 @@ def global_ce(
         ``hksj``, ``hksj_adhoc``, ``alpha``.
     """
     if meta_method not in META_METHODS:
-        raise ValueError(f"unknown meta-analysis method {meta_method!r}; valid: {', '.join(META_METHODS)}")
+        raise InputError(f"unknown meta-analysis method {meta_method!r}; valid: {', '.join(META_METHODS)}")
     names = ["local_ce", "local_se", *(["i2gx"] if "i2gx" in local else [])]
     pair_method = local[names].transpose("pair", "method", "locus").compute()
     n_pairs, n_methods, n_loci = pair_method["local_ce"].shape

@@ -8,10 +8,10 @@ cancellation of the three-term form; round-off below zero is clamped to 0.
 Everything is elementwise within a locus chunk, so the dask graph is
 blockwise along ``locus`` and memory stays proportional to one chunk.
 
-With a :class:`~deepmr_dist.calibration.Calibration` (fitted on held-out
+With a :class:`~deepmr_dist.stages.calibration.Calibration` (fitted on held-out
 labelled loci), ``effect_se`` of each task is multiplied by its factor, an
 elementwise product inside the same blockwise graph (no extra pass over the
-data); ``effect`` is unchanged. See :mod:`deepmr_dist.calibration` for what
+data); ``effect`` is unchanged. See :mod:`deepmr_dist.stages.calibration` for what
 exactly is calibrated.
 """
 
@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
-from deepmr_dist import schema, store
-from deepmr_dist.calibration import Calibration
+from deepmr_dist import schema
+from deepmr_dist.io import store
+from deepmr_dist.stages.calibration import Calibration
 from deepmr_dist.errors import DeepMRError, StoreError
 
 
@@ -90,7 +91,7 @@ def write_effects(
 
     ``ddof`` and ``calibration`` are those of :func:`compute_effects`; the
     calibration's summary lands in the group's attrs (store the full record
-    with :func:`deepmr_dist.calibration.write_calibration`).
+    with :func:`deepmr_dist.stages.calibration.write_calibration`).
 
     The computation runs on the active Dask scheduler (a distributed client if
     one is set), one locus chunk at a time per task.

@@ -44,9 +44,9 @@ _CANDIDATE_DIMS = ("position", "allele")
 def check_rule(rule: str, threshold: float) -> None:
     """Raise ``ValueError`` for an unknown rule or a threshold that is negative or not finite."""
     if rule not in RULES:
-        raise ValueError(f"unknown instrument rule {rule!r}; valid: {', '.join(RULES)}")
+        raise InputError(f"unknown instrument rule {rule!r}; valid: {', '.join(RULES)}")
     if not np.isfinite(threshold) or threshold < 0:
-        raise ValueError(f"instrument threshold must be finite and >= 0, got {threshold!r}")
+        raise InputError(f"instrument threshold must be finite and >= 0, got {threshold!r}")
 
 
 def check_tasks(effects: xr.Dataset, tasks: Sequence[str]) -> None:
@@ -94,7 +94,7 @@ def instrument_mask(
             se = np.asarray(effect_se, dtype=np.float64)
             z = np.abs(effect) / se
             return np.isfinite(se) & (se > 0) & np.isfinite(z) & (z >= threshold)
-    raise ValueError(f"unknown instrument rule {rule!r}; valid: {', '.join(RULES)}")
+    raise InputError(f"unknown instrument rule {rule!r}; valid: {', '.join(RULES)}")
 
 
 def pooled_stats(effects: xr.Dataset, exposures: Sequence[str], *, ddof: int = 0) -> dict[str, tuple[float, float]]:

@@ -24,13 +24,14 @@ import torch
 import xarray as xr
 from distributed import Client, as_completed
 
-from deepmr_dist import __version__, store
+from deepmr_dist import __version__
+from deepmr_dist.io import store
 from deepmr_dist.cluster import MODEL_CACHE, task_resources, worker_device
 from deepmr_dist.errors import DeepMRError, ModelOutputError, StoreError
 from deepmr_dist.ism.engine import make_runner, saturation_mutagenesis
 from deepmr_dist.models.ensemble import ModelSpec, fingerprint, load_members, member_names
 from deepmr_dist.models.heads import OutputHead
-from deepmr_dist.sequence import N_CODE, codes_to_onehot
+from deepmr_dist.io.sequence import N_CODE, codes_to_onehot
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,7 @@ def predict(
     Parameters
     ----------
     loci
-        Sequences (see :mod:`deepmr_dist.sequence`).
+        Sequences (see :mod:`deepmr_dist.io.sequence`).
     spec
         The ensemble.
     path
@@ -232,7 +233,7 @@ def predict(
     Raises
     ------
     StoreError
-        If ``path`` holds something :func:`deepmr_dist.store.prepare_new_store`
+        If ``path`` holds something :func:`deepmr_dist.io.store.prepare_new_store`
         refuses to replace (checked before the model is loaded, except for a store
         of a different run), or if chunks are still incomplete when every task has
         returned (e.g. another process removed or replaced the store meanwhile).

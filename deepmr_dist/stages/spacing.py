@@ -31,7 +31,7 @@ Functions
 ``(pair, locus)`` distances; :func:`spacing_bins` labels them;
 :func:`stratified_global_ce` runs :func:`deepmr_dist.meta.meta_analysis` on
 each (pair, method, bin)'s loci, with the same exclusion of undefined local
-estimates as :func:`deepmr_dist.analysis.global_ce`.
+estimates as :func:`deepmr_dist.stages.causal_effects.global_ce`.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from deepmr_dist.analysis import pair_label
+from deepmr_dist.stages.causal_effects import pair_label
 from deepmr_dist.errors import InputError
 from deepmr_dist.meta import META_METHODS, meta_analysis
 
@@ -280,7 +280,7 @@ def locus_spacing(
     loci_intervals : xr.Dataset, xr.DataArray or pandas.DataFrame
         The loci: an xarray object with a ``locus`` coordinate and ``chrom``,
         ``start``, ``end`` coordinates along it (a run store's groups, or the
-        output of :func:`deepmr_dist.analysis.local_ce`), or a DataFrame with
+        output of :func:`deepmr_dist.stages.causal_effects.local_ce`), or a DataFrame with
         columns chrom, start, end and the locus names in a ``locus`` column or
         the index. Coordinates are 0-based, half-open.
     pairs : sequence of (str, str)
@@ -439,14 +439,14 @@ def stratified_global_ce(
     For each pair of ``spacing_bins`` and each method of ``local``, the local
     estimates of the loci whose bin is ``b`` are meta-analysed with
     :func:`deepmr_dist.meta.meta_analysis` (loci with an undefined local CE or
-    SE are left out, as in :func:`deepmr_dist.analysis.global_ce`). Loci of
+    SE are left out, as in :func:`deepmr_dist.stages.causal_effects.global_ce`). Loci of
     ``local`` that ``spacing_bins`` lacks get no bin.
 
     Parameters
     ----------
     local : xr.Dataset
         ``local_ce`` and ``local_se`` with dims ``(pair, locus, method)``, e.g.
-        from :func:`deepmr_dist.analysis.local_ce` (lazy or computed).
+        from :func:`deepmr_dist.stages.causal_effects.local_ce` (lazy or computed).
     spacing_bins : xr.DataArray
         str bin labels with dims ``(pair, locus)``, from :func:`spacing_bins`;
         ``""`` means no bin.
@@ -471,7 +471,7 @@ def stratified_global_ce(
         Unknown ``meta_method`` or bad ``alpha``.
     """
     if meta_method not in META_METHODS:
-        raise ValueError(f"unknown meta-analysis method {meta_method!r}; valid: {', '.join(META_METHODS)}")
+        raise InputError(f"unknown meta-analysis method {meta_method!r}; valid: {', '.join(META_METHODS)}")
     for name in ("local_ce", "local_se"):
         if name not in local or set(local[name].dims) != {"pair", "locus", "method"}:
             raise InputError(f"local dataset needs {name!r} with dims (pair, locus, method)")

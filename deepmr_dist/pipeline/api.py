@@ -1,0 +1,168 @@
+"""The Python API behind ``deepmr run`` and ``deepmr predict``, each as short as its command.
+
+:func:`run` does what ``deepmr run PIPELINE.yaml`` does; :func:`predict` what
+``deepmr predict`` does, returning the store's ``ism`` group lazily. Both start
+an embedded cluster when no client is given. ``deepmr_dist`` exports them
+lazily, with the stages (``effects``, ``local_ce``, ``global_ce``) and
+``open_run``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from deepmr_dist.pipeline.config import PipelineConfig
+from deepmr_dist.pipeline.config_types import load_config
+
+if TYPE_CHECKING:  # imported lazily: loading a pipeline needs neither torch nor distributed
+    import xarray as xr
+    from distributed import Client
+
+    from deepmr_dist.models.ensemble import ModelSpec
+    from deepmr_dist.pipeline.runner import PipelineResult
+    from deepmr_dist.stages.predict import ISMSettings
+
+
+def load_pipeline(
+    config_or_path: PipelineConfig | str | Path,
+    *,
+    store: str | None = None,
+    cluster: str | None = None,
+    n_workers: int | None = None,
+) -> PipelineConfig:
+    """The validated pipeline, with relative paths taken from the YAML's folder and the overrides applied.
+
+    Parameters
+    ----------
+    config_or_path : PipelineConfig or path
+        A pipeline YAML (e.g. ``pipelines/quickstart.yaml``) or an already validated config.
+    store, cluster, n_workers : optional
+        Override the pipeline's store, cluster address (``"local"`` or a scheduler
+        address) and number of local workers.
+
+    Raises
+    ------
+    InputError
+        If the YAML cannot be read or is not a valid pipeline (naming the fields).
+    """
+    if isinstance(config_or_path, PipelineConfig):
+        config = config_or_path
+    else:
+        path = Path(config_or_path)
+        config = load_config(path, PipelineConfig).resolve_paths(path.parent)
+    overrides = {k: v for k, v in (("address", cluster), ("n_workers", n_workers)) if v is not None}
+    update: dict = {"cluster": config.cluster.model_copy(update=overrides)}
+    if store:
+        update["store"] = store
+    return config.model_copy(update=update)
+
+
+@contextlib.contextmanager
+def _client(client: Client | None, address: str, n_workers: int | None, verbose: bool) -> Iterator[Client]:
+    """``client`` itself, or an embedded (or connected) one for the duration of the block."""
+    if client is not None:
+        yield client
+        return
+    from deepmr_dist.cluster import connect
+
+    with connect(address, n_workers=n_workers, verbose=verbose) as own:
+        yield own
+
+
+def run(
+    config_or_path: PipelineConfig | str | Path,
+    *,
+    store: str | None = None,
+    cluster: str | None = None,
+    client: Client | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> PipelineResult:
+    """Run a pipeline, as ``deepmr run`` does: every stage, skipping those already done.
+
+    Parameters
+    ----------
+    config_or_path : PipelineConfig or path
+        A pipeline YAML or a validated config.
+    store : str, optional
+        Override the pipeline's store.
+    cluster : str, optional
+        ``"local"`` (an embedded cluster) or a scheduler address; default the
+        pipeline's (``cluster.address``, itself ``"local"`` by default); ignored with ``client``.
+    client : distributed.Client, optional
+        Run on this client's cluster.
+    progress : bool
+        Progress bars on stderr.
+    overwrite : bool
+        Replace a deepmr store made by another run.
+
+    Returns
+    -------
+    PipelineResult
+        The store, the output folder, the local and global tables and the true
+        global CE where the pipeline simulates.
+
+    Examples
+    --------
+    >>> import deepmr_dist as dmr
+    >>> result = dmr.run("pipelines/quickstart.yaml")  # doctest: +SKIP
+    >>> result.global_table  # doctest: +SKIP
+    """
+    from deepmr_dist.pipeline.runner import run_pipeline
+
+    config = load_pipeline(config_or_path, store=store, cluster=cluster)
+    with _client(client, config.cluster.address, config.cluster.n_workers, progress) as c:
+        return run_pipeline(config, client=c, progress=progress, overwrite=overwrite)
+
+
+def predict(
+    loci: xr.Dataset,
+    model: ModelSpec | str | Sequence[str],
+    store: str,
+    *,
+    client: Client | None = None,
+    settings: ISMSettings | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> xr.Dataset:
+    """ISM of every locus with every ensemble member into ``store``, as ``deepmr predict`` does.
+
+    Parameters
+    ----------
+    loci : xarray.Dataset
+        Sequences (:func:`deepmr_dist.io.sequence.read_fasta` and friends).
+    model : ModelSpec, str or sequence of str
+        The ensemble: TorchScript paths and/or ``package.module:factory`` entry points.
+    store : str
+        Store location (a directory or an fsspec URL).
+    client : distributed.Client, optional
+        Run on this client's cluster; default an embedded cluster.
+    settings : ISMSettings, optional
+        Head, chunking and batching; default every task of the model.
+    overwrite, progress : bool
+        As ``deepmr predict``.
+
+    Returns
+    -------
+    xarray.Dataset
+        The store's ``ism`` group, opened lazily; ``attrs["predict_report"]`` holds
+        what the run did (loci computed and skipped, timings).
+    """
+    from dataclasses import asdict
+
+    from deepmr_dist.io.store import open_run
+    from deepmr_dist.models.ensemble import ModelSpec
+    from deepmr_dist.stages.predict import ISMSettings
+    from deepmr_dist.stages.predict import predict as predict_stage
+
+    if not isinstance(model, ModelSpec):
+        model = ModelSpec((model,) if isinstance(model, str) else tuple(model))
+    with _client(client, "local", None, progress) as c:
+        report = predict_stage(loci, model, store, client=c, settings=settings or ISMSettings(),
+                               overwrite=overwrite, progress=progress)  # fmt: skip
+    ism = open_run(store)["ism"]
+    ism.attrs["predict_report"] = asdict(report)
+    return ism
