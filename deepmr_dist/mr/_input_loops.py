@@ -12,10 +12,10 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-_JIT = {"nogil": True, "cache": True, "boundscheck": False, "error_model": "numpy"}
-_FAST = {**_JIT, "fastmath": {"nnan", "ninf", "nsz", "arcp", "afn"}}
-"""fastmath without ``reassoc`` and ``contract`` for loops over finite values (sums in program order, the same
-bits from every compilation, see :mod:`deepmr_dist.mr._bisquare`); the validity loop keeps IEEE semantics."""
+_JIT = {"nogil": True, "cache": False, "boundscheck": False, "error_model": "numpy"}
+"""Not cached on disk: see :mod:`deepmr_dist.mr._bisquare` (cached and fresh compilations differ in the last bits)."""
+_FAST = {**_JIT, "fastmath": True}
+"""Reassociated sums for loops over finite values; the validity loop must keep IEEE semantics."""
 
 
 @numba.njit(**_JIT)

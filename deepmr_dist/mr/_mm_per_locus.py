@@ -52,7 +52,8 @@ import numpy as np
 
 from deepmr_dist.mr._bisquare import row_mscale, row_resid_stats, row_rho, row_sums_1, row_sums_2
 
-_JIT = {"nogil": True, "cache": True, "boundscheck": False, "error_model": "numpy"}
+_JIT = {"nogil": True, "cache": False, "boundscheck": False, "error_model": "numpy"}
+"""Not cached on disk: see :mod:`deepmr_dist.mr._bisquare` (cached and fresh compilations differ in the last bits)."""
 """No ``fastmath`` here: the control flow relies on NaN and inf tests."""
 
 MAD_CONSTANT = 1.4826
