@@ -33,19 +33,18 @@ fields deepmr defines are compared (not ``zval`` or ``se.tau2``).
 
 from __future__ import annotations
 
-import csv
 import math
 import shutil
 import subprocess
 from functools import cache
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from deepmr_dist.meta import meta_analysis
 
-R_DIR = Path(__file__).resolve().parent / "r"
+from r_fixtures import R_DIR, assert_script_rewrites, num, read_csv
+
 INPUTS = R_DIR / "metafor_inputs.csv"
 RESULTS = R_DIR / "metafor_results.csv"
 SCRIPT = R_DIR / "metafor_reference.R"
@@ -72,20 +71,6 @@ RTOL_CLOSED = 1e-8
 RTOL_ITERATIVE = 1e-6
 METHODS = {"FE": "fe", "DL": "dl", "REML": "reml", "PM": "pm"}
 TESTS = ("z", "knha", "adhoc")
-
-
-def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """Rows of a fixture as dicts, skipping ``#`` comment lines; returns ``(comments, rows)``."""
-    with path.open(newline="") as f:
-        lines = f.read().splitlines()
-    comments = [line for line in lines if line.startswith("#")]
-    body = [line for line in lines if line and not line.startswith("#")]
-    return comments, list(csv.DictReader(body))
-
-
-def num(text: str) -> float:
-    """R's number formatting back to float (``NA`` -> NaN; ``Inf``, ``-Inf`` as Python reads them)."""
-    return math.nan if text == "NA" else float(text)
 
 
 @cache
@@ -231,23 +216,6 @@ def _r_with_metafor() -> bool:
 def test_fixtures__are_what_the_r_script_writes_now(tmp_path):
     if not _r_with_metafor():
         pytest.skip("Rscript with metafor not available")
-    subprocess.run(
-        ["Rscript", str(SCRIPT), str(tmp_path)], check=True, capture_output=True, timeout=600, cwd=R_DIR.parent.parent
-    )
-    for name in (INPUTS.name, RESULTS.name):
-        committed_comments, committed = read_csv(R_DIR / name)
-        fresh_comments, fresh = read_csv(tmp_path / name)
-        if fresh_comments[0] != committed_comments[0]:
-            pytest.skip(f"installed versions differ from the fixtures': {fresh_comments[0]!r}")
-        assert len(fresh) == len(committed), name
-        for old, new in zip(committed, fresh):
-            assert old.keys() == new.keys()
-            for key in old:
-                try:
-                    a, b = num(old[key]), num(new[key])
-                except ValueError:
-                    assert old[key] == new[key], (name, key)
-                    continue
-                # the same R and metafor: equal here (byte for byte on the machine that wrote them), up to
-                # BLAS / libm round-off elsewhere, which metafor's matrix formulas amplify to ~3e-10 on vi_span
-                assert (math.isnan(a) and math.isnan(b)) or a == b or abs(a - b) <= 1e-9 * abs(a), (name, key, a, b)
+    # the same R and metafor: equal here (byte for byte on the machine that wrote them), up to BLAS / libm
+    # round-off elsewhere, which metafor's matrix formulas amplify to ~3e-10 on vi_span
+    assert_script_rewrites(SCRIPT, (INPUTS.name, RESULTS.name), tmp_path, rtol=1e-9)

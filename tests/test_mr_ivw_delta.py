@@ -9,12 +9,8 @@ script when ``Rscript`` is available and checks the committed files match.
 
 from __future__ import annotations
 
-import csv
 import math
-import shutil
-import subprocess
 from functools import cache
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,7 +21,8 @@ from deepmr_dist.mr._data import prepare
 from deepmr_dist.mr.ivw import ivw
 from deepmr_dist.mr.ivw_delta import ivw_delta
 
-R_DIR = Path(__file__).resolve().parent / "r"
+from r_fixtures import R_DIR, assert_script_rewrites, num, read_csv
+
 INPUTS = R_DIR / "ivw_delta_inputs.csv"
 RESULTS = R_DIR / "ivw_delta_results.csv"
 SCRIPT = R_DIR / "ivw_delta_reference.R"
@@ -41,18 +38,6 @@ FIELDS = {
     "heter_stat": "q",
     "heter_pvalue": "q_pvalue",
 }
-
-
-def read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    """Rows of a fixture as dicts, skipping ``#`` comment lines; returns ``(comments, rows)``."""
-    lines = path.read_text().splitlines()
-    comments = [line for line in lines if line.startswith("#")]
-    body = [line for line in lines if line and not line.startswith("#")]
-    return comments, list(csv.DictReader(body))
-
-
-def num(text: str) -> float:
-    return math.nan if text == "NA" else float(text)
 
 
 @cache
@@ -245,21 +230,4 @@ def test_ivw_delta__unknown_model_raises():
 
 
 def test_fixtures__are_what_the_r_script_writes_now(tmp_path):
-    if shutil.which("Rscript") is None:
-        pytest.skip("Rscript not available")
-    subprocess.run(["Rscript", str(SCRIPT), str(tmp_path)], check=True, capture_output=True, timeout=300,
-                   cwd=R_DIR.parent.parent)  # fmt: skip
-    for name in (INPUTS.name, RESULTS.name):
-        committed_comments, committed = read_csv(R_DIR / name)
-        fresh_comments, fresh = read_csv(tmp_path / name)
-        if fresh_comments[0] != committed_comments[0]:
-            pytest.skip(f"installed R differs from the fixtures': {fresh_comments[0]!r}")
-        assert len(fresh) == len(committed), name
-        for old, new in zip(committed, fresh, strict=True):
-            for key in old:
-                try:
-                    a, b = num(old[key]), num(new[key])
-                except ValueError:
-                    assert old[key] == new[key], (name, key)
-                    continue
-                assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-12 * abs(a), (name, key, a, b)
+    assert_script_rewrites(SCRIPT, (INPUTS.name, RESULTS.name), tmp_path, rtol=1e-12, timeout=300)

@@ -13,12 +13,8 @@
 
 from __future__ import annotations
 
-import csv
 import math
-import shutil
-import subprocess
 from functools import cache
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -36,7 +32,8 @@ from deepmr_dist.mr.simex import (
     simex_normals,
 )
 
-R_DIR = Path(__file__).resolve().parent / "r"
+from r_fixtures import R_DIR, assert_script_rewrites, num, read_csv
+
 R_FILES = ("simex_inputs.csv", "simex_normals.csv", "simex_results.csv")
 RTOL = 1e-10
 
@@ -167,38 +164,28 @@ def test_extrapolation_weights__are_the_quadratic_fit_at_minus_one():
 # ------------------------------------------------------------------ base R transcription of simex 1.8
 
 
-def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
-    lines = path.read_text().splitlines()
-    comments = [line for line in lines if line.startswith("#")]
-    return comments, list(csv.DictReader([line for line in lines if line and not line.startswith("#")]))
-
-
-def _num(text: str) -> float:
-    return math.nan if text == "NA" else float(text)
-
-
 @cache
 def _r_fixture() -> dict[str, dict]:
     cases: dict[str, dict] = {}
-    for row in _read_csv(R_DIR / "simex_inputs.csv")[1]:
-        cases.setdefault(row["case"], {"rows": []})["rows"].append([_num(row[k]) for k in ("bx", "bxse", "by", "byse")])
-    for row in _read_csv(R_DIR / "simex_results.csv")[1]:
+    for row in read_csv(R_DIR / "simex_inputs.csv")[1]:
+        cases.setdefault(row["case"], {"rows": []})["rows"].append([num(row[k]) for k in ("bx", "bxse", "by", "byse")])
+    for row in read_csv(R_DIR / "simex_results.csv")[1]:
         case = cases[row["case"]]
         case["lambdas"] = tuple(float(v) for v in row["lambdas"].split(";"))
         case["n_simex"] = int(row["n_simex"])
-        case.setdefault("results", {})[float(row["lambda"])] = {k: _num(v) for k, v in row.items() if k != "case"
+        case.setdefault("results", {})[float(row["lambda"])] = {k: num(v) for k, v in row.items() if k != "case"
                                                                 and k != "lambdas"}  # fmt: skip
     for case in cases.values():
         case["z"] = np.full((len(case["lambdas"]), len(case["rows"]), case["n_simex"]), np.nan)
-    for row in _read_csv(R_DIR / "simex_normals.csv")[1]:
+    for row in read_csv(R_DIR / "simex_normals.csv")[1]:
         z = cases[row["case"]]["z"]
-        z[int(row["grid"]), int(row["instrument"]) - 1, int(row["replicate"]) - 1] = _num(row["z"])
+        z[int(row["grid"]), int(row["instrument"]) - 1, int(row["replicate"]) - 1] = num(row["z"])
     return cases
 
 
 def test_r_fixtures__name_the_r_version_and_script():
     for name in R_FILES:
-        comments, rows = _read_csv(R_DIR / name)
+        comments, rows = read_csv(R_DIR / name)
         assert comments and comments[0].startswith("# R 4.") and "tests/r/simex_reference.R" in comments[0]
         assert rows
 
@@ -221,24 +208,7 @@ def test_egger_simex__equals_base_r_transcription_of_simex():
 
 
 def test_r_fixtures__are_what_the_r_script_writes_now(tmp_path):
-    if shutil.which("Rscript") is None:
-        pytest.skip("Rscript not available")
-    subprocess.run(["Rscript", str(R_DIR / "simex_reference.R"), str(tmp_path)], check=True, capture_output=True,
-                   timeout=300, cwd=R_DIR.parent.parent)  # fmt: skip
-    for name in R_FILES:
-        committed_comments, committed = _read_csv(R_DIR / name)
-        fresh_comments, fresh = _read_csv(tmp_path / name)
-        if fresh_comments[0] != committed_comments[0]:
-            pytest.skip(f"installed R differs from the fixtures': {fresh_comments[0]!r}")
-        assert len(fresh) == len(committed), name
-        for old, new in zip(committed, fresh, strict=True):
-            for key in old:
-                try:
-                    a, b = _num(old[key]), _num(new[key])
-                except ValueError:
-                    assert old[key] == new[key], (name, key)
-                    continue
-                assert (math.isnan(a) and math.isnan(b)) or abs(a - b) <= 1e-12 * abs(a), (name, key, a, b)
+    assert_script_rewrites(R_DIR / "simex_reference.R", R_FILES, tmp_path, rtol=1e-12, timeout=300)
 
 
 # ------------------------------------------------------------------ (c) no measurement error
