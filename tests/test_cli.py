@@ -48,3 +48,33 @@ def test_cli__effects_on_incomplete_store_is_refused(tmp_path, capsys):
     store.create_store(path, template, fingerprint="x", attrs={}, chunk_loci=16)
     assert main(["effects", "--store", path, "--n-workers", "1", "--quiet"]) == 2
     assert "48 loci have no ISM predictions yet (first: 'locus000')" in capsys.readouterr().err
+
+
+def test_import__the_package_loads_neither_torch_nor_distributed_until_an_api_name_is_used():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, deepmr_dist as dmr\n"
+        "assert 'torch' not in sys.modules and 'distributed' not in sys.modules and 'dask' not in sys.modules\n"
+        "assert callable(dmr.open_run) and 'dask' in sys.modules and 'torch' not in sys.modules\n"
+        "assert sorted(dmr.__all__) == sorted(dir(dmr))\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_cli__help_and_version_import_no_subcommand(capsys):
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from deepmr_dist.cli import main\n"
+        "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+        "assert not any(m.startswith('deepmr_dist.cli.') for m in sys.modules), sorted(sys.modules)\n"
+        "assert 'torch' not in sys.modules and 'pandas' not in sys.modules\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], check=True, timeout=120, capture_output=True, text=True)
+    assert "predict" in out.stdout and "simulate" in out.stdout
+    version = subprocess.run([sys.executable, "-m", "deepmr_dist.cli", "--version"], capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith("deepmr-dist ")
