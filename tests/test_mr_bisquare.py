@@ -97,7 +97,7 @@ def test_design_sums__match_einsum():
         np.testing.assert_allclose(kernels.design_sums(xy), _flat(xy, np.ones(xy.shape[::2])), rtol=1e-12)
 
 
-def test_ratios_intercepts__used_entries_only_inf_elsewhere():
+def test_ratios_intercepts_abs_resid__used_entries_only_inf_elsewhere():
     xy = _design(2, seed=10)
     xy[:, 0] = np.where(xy[:, 1] != 0, 1.5, 0.0)  # an intercept column, 0 at unused entries
     valid = xy[:, 0] != 0
@@ -115,6 +115,9 @@ def test_ratios_intercepts__used_entries_only_inf_elsewhere():
     with np.errstate(divide="ignore", invalid="ignore"):
         want = np.where(valid, np.where(xy[:, 0] != 0, r / xy[:, 0], r), np.inf)
     np.testing.assert_allclose(out, want, rtol=1e-15)
+    beta = np.column_stack([slope, -slope])
+    kernels.abs_resid(xy, valid, beta, out)
+    np.testing.assert_allclose(out, np.where(valid, np.abs(_resid(xy, beta)), np.inf), rtol=1e-13, atol=1e-15)
 
 
 @pytest.mark.parametrize("p", [1, 2])

@@ -140,7 +140,7 @@ def test_offer_candidates__keeps_the_candidate_with_the_smallest_m_scale_after_o
     best_beta, best_s, exact = np.zeros((4, p)), np.full(4, np.inf), np.zeros(4, dtype=bool)
     rows = np.arange(4)
     for beta in cands:
-        per_locus.offer_candidates(xy, _valid(xy, n), rows, beta, np.zeros(4, bool), n, target, best_beta, best_s, exact, c=C_CHI, exact_tol=EXACT_TOL)
+        per_locus.offer_candidates(xy, _valid(xy, n), rows, beta, None, np.zeros(4, bool), n, target, best_beta, best_s, exact, c=C_CHI, exact_tol=EXACT_TOL)
     for i in range(4):
         row = xy[i][:, : n[i]]
         want_beta, want_s = None, np.inf
@@ -166,12 +166,12 @@ def test_offer_candidates__an_exact_fit_has_scale_zero_and_is_kept():
     best_beta, best_s, exact = np.zeros((2, 2)), np.full(2, np.inf), np.zeros(2, dtype=bool)
     rows, valid = np.arange(2), _valid(xy, n)
     offer = {"c": C_CHI, "exact_tol": EXACT_TOL}
-    per_locus.offer_candidates(xy, valid, rows, _least_squares(xy), np.zeros(2, bool), n, target, best_beta, best_s, exact, **offer)
+    per_locus.offer_candidates(xy, valid, rows, _least_squares(xy), None, np.zeros(2, bool), n, target, best_beta, best_s, exact, **offer)
     assert not exact.any() and (best_s > 0).all()
-    per_locus.offer_candidates(xy, valid, rows, np.tile(line, (2, 1)), np.zeros(2, bool), n, target, best_beta, best_s, exact, **offer)
+    per_locus.offer_candidates(xy, valid, rows, np.tile(line, (2, 1)), None, np.zeros(2, bool), n, target, best_beta, best_s, exact, **offer)
     assert exact.all() and (best_s == 0).all()
     np.testing.assert_allclose(best_beta, np.tile(line, (2, 1)), atol=1e-12)
-    per_locus.offer_candidates(xy, valid, rows, _least_squares(xy), np.zeros(2, bool), n, target, best_beta, best_s, exact, **offer)
+    per_locus.offer_candidates(xy, valid, rows, _least_squares(xy), None, np.zeros(2, bool), n, target, best_beta, best_s, exact, **offer)
     assert (best_s == 0).all()
     np.testing.assert_allclose(best_beta, np.tile(line, (2, 1)), atol=1e-12)
 

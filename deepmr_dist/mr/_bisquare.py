@@ -231,6 +231,27 @@ def intercepts(xy: np.ndarray, valid: np.ndarray, slope: np.ndarray, out: np.nda
     _intercepts(np.ascontiguousarray(xy), np.ascontiguousarray(valid), np.ascontiguousarray(slope), out)
 
 
+@numba.njit(**_IEEE)
+def _abs_resid(xy, valid, beta, out):  # pragma: no cover - compiled
+    m, p1, k = xy.shape
+    for i in range(m):
+        b0 = beta[i, 0]
+        b1 = beta[i, 1] if p1 == 3 else 0.0
+        for j in range(k):
+            if valid[i, j]:
+                r = xy[i, p1 - 1, j] - b0 * xy[i, 0, j]
+                if p1 == 3:
+                    r -= b1 * xy[i, 1, j]
+                out[i, j] = abs(r)
+            else:
+                out[i, j] = np.inf
+
+
+def abs_resid(xy: np.ndarray, valid: np.ndarray, beta: np.ndarray, out: np.ndarray) -> None:
+    """``|y - x beta|`` of the used entries into ``out`` (``+inf`` elsewhere); ``beta`` is ``(m, p)``."""
+    _abs_resid(np.ascontiguousarray(xy), np.ascontiguousarray(valid), np.ascontiguousarray(beta), out)
+
+
 @numba.njit(**_JIT)
 def _design_sums(xy, out):  # pragma: no cover - compiled
     m, p1, k = xy.shape

@@ -138,7 +138,7 @@ def _keep(i, b0, b1, s_new, best_beta, best_s):  # pragma: no cover - compiled
 
 
 @numba.njit(**_JIT)
-def _offer(xy, valid, rows, beta, from_best, n, target, best_beta, best_s, exact, c, exact_tol, tol, max_iter):  # pragma: no cover - compiled
+def _offer(xy, valid, rows, beta, mad, from_best, n, target, best_beta, best_s, exact, c, exact_tol, tol, max_iter):  # pragma: no cover - compiled
     p = xy.shape[1] - 1
     k = xy.shape[2]
     work = np.empty(k)
@@ -176,7 +176,7 @@ def _offer(xy, valid, rows, beta, from_best, n, target, best_beta, best_s, exact
                 _keep(i, b0, b1, 0.0, best_beta, best_s)
                 exact[i] = True
                 continue
-            s = _mad(xy, valid, i, b0, b1, work)
+            s = mad[r] if mad[r] >= 0.0 else _mad(xy, valid, i, b0, b1, work)
             if s > 0.0:
                 rho, _ = row_rho(xy, i, b0, b1, 1.0 / (c * s))
                 s = s * math.sqrt(rho / target[i])
@@ -206,6 +206,7 @@ def offer_candidates(
     valid: np.ndarray,
     rows: np.ndarray,
     beta: np.ndarray,
+    mad: np.ndarray | None,
     from_best: np.ndarray,
     n: np.ndarray,
     target: np.ndarray,
@@ -247,6 +248,10 @@ def offer_candidates(
         ``(r,)`` chunk rows the candidates belong to.
     beta : numpy.ndarray
         ``(r, p)`` candidate coefficients.
+    mad : numpy.ndarray or None
+        ``(r,)`` the MAD of each candidate's residuals where the caller has it
+        (numpy's partition is faster than a compiled selection); NaN, or None for
+        all, where it is to be computed here.
     from_best : numpy.ndarray
         ``(m,)`` bool, rows that take the quick step once they have a best candidate.
     n, target : numpy.ndarray
@@ -263,7 +268,9 @@ def offer_candidates(
     """
     _offer(
         xy, np.ascontiguousarray(valid, dtype=np.bool_), np.ascontiguousarray(rows, dtype=np.int64),
-        np.ascontiguousarray(beta, dtype=np.float64), np.ascontiguousarray(from_best, dtype=np.bool_), n, target, best_beta, best_s, exact,
+        np.ascontiguousarray(beta, dtype=np.float64),
+        np.full(len(rows), np.nan) if mad is None else np.ascontiguousarray(mad, dtype=np.float64),
+        np.ascontiguousarray(from_best, dtype=np.bool_), n, target, best_beta, best_s, exact,
         float(c), float(exact_tol), float(tol), int(max_iter),
     )  # fmt: skip
 

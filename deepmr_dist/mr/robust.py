@@ -80,6 +80,7 @@ import numpy as np
 from deepmr_dist.errors import InputError
 from deepmr_dist.mr import _mm_per_locus as mm_per_locus
 from deepmr_dist.mr._bisquare import (
+    abs_resid,
     avar1_sums,
     design_sums,
     egger_design,
@@ -384,17 +385,21 @@ def _s_start(
     count, exhaustive = _elemental_plan(ch.n, p, budget)
     sampled = ok & ~exhaustive
 
-    def offer(rows: np.ndarray, beta: np.ndarray) -> None:
-        """Offer candidates ``beta`` of chunk ``rows``."""
+    def offer(rows: np.ndarray, beta: np.ndarray, mad: np.ndarray | None = None) -> None:
+        """Offer candidates ``beta`` of chunk ``rows`` (``mad``: their residuals' MAD where known)."""
         mm_per_locus.offer_candidates(
-            ch.xy, ch.valid, rows, beta, sampled, ch.n, ch.target, best_beta, best_s, exact,
+            ch.xy, ch.valid, rows, beta, mad, sampled, ch.n, ch.target, best_beta, best_s, exact,
             c=C_CHI, exact_tol=EXACT_TOL, tol=SCALE_TOL, max_iter=MAXIT_SCALE,
         )  # fmt: skip
 
     if sampled.any():
         rows = np.flatnonzero(sampled)
-        for beta in _base_candidates(ch, xx, xy):
-            offer(rows, beta[rows])
+        for j, beta in enumerate(_base_candidates(ch, xx, xy)):
+            if j == 0:  # the first one's MAD by numpy's partition, over the whole chunk
+                abs_resid(ch.xy, ch.valid, np.where(np.isfinite(beta), beta, 0.0), ch.a)
+                offer(rows, beta[rows], mm_per_locus.MAD_CONSTANT * median_inplace(ch.a, ch.n)[rows])
+            else:
+                offer(rows, beta[rows])
     if count.max(initial=0) > 0:
         order = np.argsort(ch.invalid, axis=1, kind="stable")  # used entries first, in order
         cols = np.arange(p)[None, :, None]
