@@ -78,3 +78,29 @@ def test_cli__help_and_version_import_no_subcommand(capsys):
     assert "predict" in out.stdout and "simulate" in out.stdout
     version = subprocess.run([sys.executable, "-m", "deepmr_dist.cli", "--version"], capture_output=True, text=True, timeout=60)
     assert version.returncode == 0 and version.stdout.startswith("deepmr-dist ")
+
+
+def test_cli_run__a_study_yaml_dry_run_prints_the_studys_plan(capsys):
+    from pathlib import Path
+
+    from deepmr_dist.cli import main
+
+    study = Path(__file__).resolve().parent.parent / "pipelines" / "paper_simulation.yaml"
+    assert main(["run", str(study), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "4 scenarios (unconfounded, random, sequence, both) x 50 rounds = 200 rounds" in out
+    assert "1,505,000 forward passes" in out  # 1,000 test loci x (3 x 100 + 1) x 5 members
+    assert main(["simulate", str(study), "--dry-run", "--rounds", "3"]) == 0
+    assert "x 3 rounds = 12 rounds" in capsys.readouterr().out
+
+
+def test_is_study__tells_a_study_from_a_pipeline(tmp_path):
+    from pathlib import Path
+
+    from deepmr_dist.pipeline.api import is_study
+
+    pipelines = Path(__file__).resolve().parent.parent / "pipelines"
+    assert is_study(pipelines / "paper_simulation.yaml") and is_study(pipelines / "simulation_reduced.yaml")
+    assert not is_study(pipelines / "quickstart.yaml") and not is_study(pipelines / "bpnet_four_tf_pairs.yaml")
+    (tmp_path / "broken.yaml").write_text("rounds: [1,\n")
+    assert not is_study(tmp_path / "broken.yaml")  # left to the pipeline loader to report

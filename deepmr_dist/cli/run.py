@@ -14,7 +14,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=help_of("run"),
         description="Run every stage of a pipeline; rerunning skips finished stages and ISM chunks.",
     )
-    p.add_argument("pipeline", help="pipeline YAML, e.g. pipelines/quickstart.yaml")
+    p.add_argument(
+        "pipeline",
+        help="pipeline YAML (e.g. pipelines/quickstart.yaml) or simulation study YAML (pipelines/paper_simulation.yaml)",
+    )
     p.add_argument("--store", help="run store (overrides the pipeline's store)")
     p.add_argument("--cluster", help="'local' or a scheduler address (overrides the pipeline)")
     p.add_argument("--n-workers", type=int, help="workers of the local cluster (overrides the pipeline)")
@@ -31,6 +34,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_run(args: argparse.Namespace) -> int:
+    from deepmr_dist.pipeline.api import is_study
+
+    if is_study(args.pipeline):  # a simulation study: what `deepmr simulate` runs
+        from deepmr_dist.cli.simulate import run_simulate
+
+        return run_simulate(argparse.Namespace(**{**vars(args), "config": args.pipeline}))
     from deepmr_dist.cluster import connect
     from deepmr_dist.pipeline.api import load_pipeline
     from deepmr_dist.pipeline.runner import output_directory, plan, run_pipeline

@@ -5,9 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from deepmr_dist.cluster import connect
-from deepmr_dist.pipeline.config_types import load_config
-from deepmr_dist.pipeline.study import StudyConfig, run_study
 from deepmr_dist.cli import help_of
 
 
@@ -25,20 +22,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--rescore", action="store_true",
         help="redo the analysis of finished rounds (instruments, MR, meta-analysis) from their stored ISM predictions",
     )
+    p.add_argument("--dry-run", action="store_true", help="print the study's plan (scenarios, rounds, sizes) and stop")
     p.add_argument("--quiet", action="store_true", help="no progress bar, no per-round lines")
     p.set_defaults(func=run_simulate)
 
 
 def run_simulate(args: argparse.Namespace) -> int:
-    config = load_config(args.config, StudyConfig)
-    overrides = {"rounds": args.rounds} if args.rounds else {}
-    cluster = config.cluster.model_copy(
-        update={k: v for k, v in (("address", args.cluster), ("n_workers", args.n_workers)) if v is not None}
-    )
-    config = StudyConfig.model_validate({**config.model_dump(), **overrides, "cluster": cluster.model_dump()})
-    out = args.out or config.output
+    """Run (or plan) the study of ``args.config``; ``deepmr run`` calls this for a study YAML too."""
+    from deepmr_dist.cluster import connect
+    from deepmr_dist.pipeline.api import load_study
+    from deepmr_dist.pipeline.study import describe_study, run_study
+
+    config = load_study(args.config, rounds=getattr(args, "rounds", None), cluster=args.cluster, n_workers=args.n_workers)
+    out = getattr(args, "out", None) or config.output
+    if args.dry_run:
+        print(describe_study(config, out))
+        return 0
     with connect(config.cluster.address, n_workers=config.cluster.n_workers, verbose=not args.quiet) as client:
-        run_study(config, out, client=client, progress=not args.quiet, rescore=args.rescore)
+        run_study(config, out, client=client, progress=not args.quiet, rescore=getattr(args, "rescore", False))
     print((Path(out) / "table1.md").read_text())
-    print(f"{out}: rounds.csv, table1.csv, table1.md, figures/")
+    print(f"{out}: rounds.csv, table1.csv, bias_coverage.csv, table1.md, figures/")
     return 0

@@ -26,6 +26,46 @@ if TYPE_CHECKING:  # imported lazily: loading a pipeline needs neither torch nor
     from deepmr_dist.stages.predict import ISMSettings
 
 
+STUDY_KEYS = frozenset({"scenarios", "rounds", "members", "concurrent_rounds", "motifs", "generator", "training", "analysis"})
+"""Top-level keys of :class:`deepmr_dist.pipeline.study.StudyConfig` that a pipeline config does not have
+(it has ``sequences`` and ``model`` instead)."""
+
+
+def is_study(path: str | Path) -> bool:
+    """Whether the YAML at ``path`` is a simulation study (``deepmr simulate``'s config) rather than a pipeline.
+
+    Decided on its top-level keys (:data:`STUDY_KEYS`); an unreadable file is left
+    to :func:`load_pipeline` to report.
+    """
+    from deepmr_dist.pipeline.config_types import read_yaml_mapping
+
+    from deepmr_dist.errors import InputError
+
+    try:
+        data = read_yaml_mapping(Path(path))
+    except InputError:  # the loader that follows reports it
+        return False
+    keys = set(data) if isinstance(data, dict) else set()
+    return bool(keys & STUDY_KEYS) and not keys & {"sequences", "model"}
+
+
+def load_study(
+    path: str | Path,
+    *,
+    rounds: int | None = None,
+    cluster: str | None = None,
+    n_workers: int | None = None,
+):
+    """The validated study config at ``path`` with the command line's overrides applied."""
+    from deepmr_dist.pipeline.study import StudyConfig
+
+    config = load_config(Path(path), StudyConfig)
+    overrides: dict = {"rounds": rounds} if rounds else {}
+    update = {k: v for k, v in (("address", cluster), ("n_workers", n_workers)) if v is not None}
+    overrides["cluster"] = config.cluster.model_copy(update=update).model_dump()
+    return StudyConfig.model_validate({**config.model_dump(), **overrides})
+
+
 def load_pipeline(
     config_or_path: PipelineConfig | str | Path,
     *,

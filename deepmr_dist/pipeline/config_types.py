@@ -104,6 +104,25 @@ def parse_config(data: Any, model: type[Config], source: str) -> Config:
         raise InputError(validation_message(source, error)) from None
 
 
+def read_yaml_mapping(path: Path) -> dict:
+    """The YAML file at ``path`` as loaded by ``yaml.safe_load`` (``{}`` for an empty file).
+
+    Raises
+    ------
+    InputError
+        If the file cannot be read or is not valid YAML.
+    """
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise InputError(f"cannot read config {path}: {error.strerror or error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise InputError(f"{path} is not valid YAML: {error}") from None
+    return {} if data is None else data
+
+
 def load_config(path: str | Path, model: type[Config]) -> Config:
     """Read and validate the YAML file at ``path`` as ``model``.
 
@@ -113,15 +132,7 @@ def load_config(path: str | Path, model: type[Config]) -> Config:
         If the file is missing, is not valid YAML, or a field is invalid (named by its YAML path).
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as error:
-        raise InputError(f"cannot read config {path}: {error.strerror or error}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as error:
-        raise InputError(f"{path} is not valid YAML: {error}") from None
-    return parse_config({} if data is None else data, model, str(path))
+    return parse_config(read_yaml_mapping(path), model, str(path))
 
 
 def dump_config(config: BaseModel) -> str:

@@ -163,6 +163,24 @@ class StudyConfig(Section):
 # --------------------------------------------------------------------------- one round
 
 
+def describe_study(config: StudyConfig, study_dir: str | Path | None = None) -> str:
+    """The plan of a study, as ``deepmr run STUDY.yaml --dry-run`` prints it."""
+    gen, n_rounds = config.generator, len(config.scenarios) * config.rounds
+    names = ", ".join(SCENARIOS[s] for s in config.scenarios)
+    passes = gen.n_test * (3 * gen.length + 1) * config.members
+    return "\n".join([
+        f"study {config.name!r} (seed {config.seed}): {len(config.scenarios)} scenarios ({names}) x "
+        f"{config.rounds} rounds = {n_rounds} rounds, {config.concurrent_rounds} in flight at a time",
+        f"per round: {gen.n_train:,} training, {gen.n_calibration:,} calibration and {gen.n_test:,} test sequences of "
+        f"{gen.length} bp; {config.members} members trained ({config.training.epochs} epochs); ISM of the test loci: "
+        f"{passes:,} forward passes",
+        f"analysis: instruments {config.analysis.instrument_rule} >= {config.analysis.instrument_threshold}; MR "
+        f"{', '.join(config.analysis.methods)}; meta-analysis {config.analysis.meta_method}",
+        f"output: {Path(config.output if study_dir is None else study_dir)} (rounds.csv, table1.csv, "
+        "bias_coverage.csv, table1.md, figures/)",
+    ])  # fmt: skip
+
+
 def round_directory(study_dir: str | Path, scenario: int, round_index: int) -> Path:
     """``<study_dir>/<scenario name>/round-<r>``."""
     return Path(study_dir) / SCENARIOS[scenario] / f"round-{round_index:03d}"
