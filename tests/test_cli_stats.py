@@ -107,7 +107,7 @@ def test_mr__invalid_rows_are_excluded_counted_and_reported(tmp_path, capsys):
 def test_mr__unknown_method_lists_valid_ones(tmp_path, capsys):
     mr_input().to_csv(tmp_path / "in.csv", index=False)
     rc = main(["mr", str(tmp_path / "in.csv"), "--method", "ivw,bogus", "--out", str(tmp_path / "o.csv")])
-    assert rc == 2
+    assert rc == 1
     err = capsys.readouterr().err
     assert "unknown method(s) 'bogus'" in err and "ivw" in err and "egger" in err
     assert not (tmp_path / "o.csv").exists()
@@ -116,7 +116,7 @@ def test_mr__unknown_method_lists_valid_ones(tmp_path, capsys):
 def test_mr__missing_column_is_one_line_error(tmp_path, capsys):
     mr_input().drop(columns="byse").to_csv(tmp_path / "in.csv", index=False)
     rc = main(["mr", str(tmp_path / "in.csv"), "--out", str(tmp_path / "o.csv")])
-    assert rc == 2
+    assert rc == 1
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0
     assert "in.csv: missing required column(s) byse" in err
@@ -165,9 +165,9 @@ def test_meta__without_group_column_is_group_all(tmp_path):
 
 def test_meta__unknown_method_and_bad_alpha(tmp_path, capsys):
     meta_input().to_csv(tmp_path / "in.csv", index=False)
-    assert main(["meta", str(tmp_path / "in.csv"), "--method", "sj", "--out", str(tmp_path / "o.csv")]) == 2
+    assert main(["meta", str(tmp_path / "in.csv"), "--method", "sj", "--out", str(tmp_path / "o.csv")]) == 1
     assert "valid methods: fe, dl, reml, pm" in capsys.readouterr().err
-    assert main(["meta", str(tmp_path / "in.csv"), "--alpha", "2", "--out", str(tmp_path / "o.csv")]) == 2
+    assert main(["meta", str(tmp_path / "in.csv"), "--alpha", "2", "--out", str(tmp_path / "o.csv")]) == 1
     assert "--alpha" in capsys.readouterr().err
 
 

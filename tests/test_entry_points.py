@@ -95,7 +95,7 @@ def test_cli_predict__standard_library_entry_point_is_a_one_line_error(tmp_path,
     code = main(["predict", "--quiet", "--model", "os:system", "--fasta", str(EXAMPLE_FASTA), "--store", "run.zarr",
                  "--n-workers", "1"])
     err = capsys.readouterr().err
-    assert code == 2 and "Traceback" not in err, err
+    assert code == 1 and "Traceback" not in err, err
     assert [line for line in err.splitlines() if line.startswith("deepmr predict: error: ")] == [
         "deepmr predict: error: entry point 'os:system' is not a model factory: "
         "module 'os' is part of the Python standard library; refusing to call it"

@@ -63,7 +63,7 @@ def _cli_error(capsys, args: list[str]) -> str:
     capsys.readouterr()
     code = main(args)
     err = capsys.readouterr().err
-    assert code == 2, err
+    assert code == 1, err
     return _one_error_line(err, args[0])
 
 

@@ -500,7 +500,7 @@ def _cli_error(capsys, args: list[str]) -> str:
     capsys.readouterr()
     code = main(["predict", "--quiet", *args])
     err = capsys.readouterr().err
-    assert code == 2, err
+    assert code == 1, err
     assert "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.startswith("deepmr predict: error: ")]
     assert len(lines) == 1, err

@@ -171,6 +171,6 @@ def test_cli_simulate__runs_a_config_and_prints_table1(tmp_path, capsys, client)
 def test_cli_simulate__bad_config_is_one_line_per_field(tmp_path, capsys):
     config = tmp_path / "study.yaml"
     config.write_text("rounds: 0\ntraining: {patience: -1}\n")
-    assert main(["simulate", str(config)]) == 2
+    assert main(["simulate", str(config)]) == 1
     err = capsys.readouterr().err
     assert "rounds:" in err and "training:" in err and "patience=-1" in err

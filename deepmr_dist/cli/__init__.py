@@ -5,7 +5,10 @@ Each subcommand lives in its own module of this package and exposes
 function that runs it. :data:`COMMANDS` names them with their one-line help,
 so ``deepmr --help`` imports none of them and only the chosen subcommand's
 module (and what it needs) is imported. ``main`` turns
-:class:`deepmr_dist.errors.DeepMRError` into a one-line message and exit code 2.
+:class:`deepmr_dist.errors.DeepMRError` into a one-line message.
+
+Exit codes: 0 success; 1 a run that failed on its input, store or model (one
+line on stderr naming what is wrong); 2 a usage error (argparse's message).
 """
 
 from __future__ import annotations
@@ -41,6 +44,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("deepmr_dist.cli.report", "write a self-contained HTML report of a run store"),
 }
 """Subcommand name -> (module, one-line help), in the order ``deepmr --help`` lists them."""
+
+
+EXIT_FAILED = 1
+"""Exit code of a run stopped by a :class:`~deepmr_dist.errors.DeepMRError` (argparse's usage errors exit 2)."""
 
 
 def help_of(command: str) -> str:
@@ -84,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except DeepMRError as exc:
         print(f"deepmr {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_FAILED
 
 
 if __name__ == "__main__":
