@@ -188,3 +188,12 @@ def test_meta__runs_as_a_subprocess(tmp_path):
     out = pd.read_csv(tmp_path / "o.tsv", sep="\t")
     assert len(out) == 6
     assert out["method"].tolist() == ["dl", "pm"] * 3
+
+
+def test_mr__help_lists_every_method(capsys):
+    import deepmr_dist.mr as mr
+
+    with pytest.raises(SystemExit):
+        main(["mr", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(m in text for m in mr.METHODS), text

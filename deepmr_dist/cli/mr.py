@@ -38,7 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("input", help="CSV/TSV or Parquet table with columns locus, bx, bxse, by, byse")
-    parser.add_argument("--method", default="ivw", help="comma-separated MR estimators (default: ivw); e.g. ivw,egger")
+    from deepmr_dist.mr import METHODS  # numpy and scipy only
+
+    parser.add_argument(
+        "--method", default="ivw", help=f"comma-separated MR estimators (default: ivw), of: {', '.join(METHODS)}"
+    )
     parser.add_argument("--out", required=True, help="output table (.csv, .tsv or .parquet)")
     parser.add_argument("--alpha", type=float, default=0.05, help="1 - confidence level (default 0.05)")
     parser.add_argument(
