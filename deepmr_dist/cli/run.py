@@ -53,7 +53,10 @@ def run_run(args: argparse.Namespace) -> int:
     with connect(config.cluster.address, n_workers=config.cluster.n_workers, verbose=not args.quiet) as client:
         result = run_pipeline(config, client=client, progress=not args.quiet, overwrite=args.overwrite)
     for row in result.global_table.itertuples():
-        print(f"{row.pair}\t{row.method}\tglobal CE {row.estimate:.4f} [{row.ci_lower:.4f}, {row.ci_upper:.4f}]\tk {row.k}")
+        print(
+            f"{row.pair}\t{row.method}\tglobal CE {row.estimate:.4f} [{row.ci_lower:.4f}, {row.ci_upper:.4f}]\t"
+            f"tau {row.tau2 ** 0.5:.4f}\tk {row.k}"
+        )
     if result.true_global_ce is not None:
         print(f"true global CE (simulation): {result.true_global_ce:.4f}")
     print(f"{result.store}; tables in {result.outputs}; {time.perf_counter() - started:.0f} s")

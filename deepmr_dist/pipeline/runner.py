@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,8 +319,6 @@ def run_pipeline(config: PipelineConfig, *, client, progress: bool = True, overw
     (outputs / "timings.json").write_text(json.dumps(seconds, indent=1))
 
     write_report(path, outputs=outputs)
-    if progress:
-        print(_summary(global_table, true_global), file=sys.stderr)
     return PipelineResult(store=path, outputs=outputs, global_table=global_table, true_global_ce=true_global, seconds=seconds)
 
 
@@ -333,18 +330,6 @@ def spacing_table(config: PipelineConfig, local: xr.Dataset) -> pd.DataFrame:
     distance = locus_spacing(motif_instances(config.spacing.motifs_bed), local, pairs, motif_names=config.spacing.motif_names)
     bins = spacing_bins(distance, config.spacing.edges)
     return stratified_global_ce(local, bins, config.meta.method, hksj=config.meta.hksj)
-
-
-def _summary(table: pd.DataFrame, true_global: float | None) -> str:
-    lines = ["global causal effects (estimate [95% CI], tau, k loci):"]
-    for row in table.itertuples():
-        lines.append(
-            f"  {row.pair:24s} {row.method:16s} {row.estimate:8.3f} [{row.ci_lower:.3f}, {row.ci_upper:.3f}] "
-            f"tau {np.sqrt(row.tau2):.3f}, k {row.k}"
-        )
-    if true_global is not None:
-        lines.append(f"  true global CE (simulation): {true_global:.3f}")
-    return "\n".join(lines)
 
 
 def _stage_done(path: str, group: str, fingerprint: str) -> bool:
