@@ -20,7 +20,7 @@ def test_cli__predict_effects_inspect_on_the_bundled_example(tmp_path, capsys):
     assert main(["predict", *args, "--chunk-loci", "24", "--tasks", "1,0", "--task-names", "exposure,outcome"]) == 0
     assert "48 loci in 2 chunks; computed 2 chunk(s), 43,200 mutant predictions" in capsys.readouterr().out
     assert main(["effects", "--store", store, "--n-workers", "1", "--quiet"]) == 0
-    assert main(["inspect", store]) == 0
+    assert main(["inspect", "--store", store]) == 0
     out = capsys.readouterr().out
     assert "ISM complete: 48/48 loci" in out and "[effects]" in out
 

@@ -48,7 +48,7 @@ def test_report__embeds_every_figure_and_lists_config_versions_sizes_timings(tmp
         assert needle in text, needle
 
     out = tmp_path / "elsewhere" / "r.html"
-    assert main(["report", str(tmp_path / "run.zarr"), "--out", str(out)]) == 0
+    assert main(["report", "--store", str(tmp_path / "run.zarr"), "--out", str(out)]) == 0
     assert str(out) in capsys.readouterr().out
     assert len(_images(out.read_text())) == 4
 

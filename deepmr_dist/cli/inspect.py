@@ -12,7 +12,7 @@ from deepmr_dist.cli import help_of
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("inspect", help=help_of("inspect"))
-    p.add_argument("store", help="run store")
+    p.add_argument("--store", required=True, help="run store")
     p.set_defaults(func=run_inspect)
 
 

@@ -10,7 +10,7 @@ from deepmr_dist.cli import help_of
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("report", help=help_of("report"))
-    p.add_argument("store", help="run store with MR and meta-analysis results (`deepmr run`)")
+    p.add_argument("--store", required=True, help="run store with MR and meta-analysis results (`deepmr run`)")
     p.add_argument("--out", help="HTML file (default: report.html beside the store's tables)")
     p.add_argument("--outputs", help="directory of the run's tables and config (default: the store path without suffix)")
     p.set_defaults(func=run_report)
