@@ -104,3 +104,18 @@ def test_is_study__tells_a_study_from_a_pipeline(tmp_path):
     assert not is_study(pipelines / "quickstart.yaml") and not is_study(pipelines / "bpnet_four_tf_pairs.yaml")
     (tmp_path / "broken.yaml").write_text("rounds: [1,\n")
     assert not is_study(tmp_path / "broken.yaml")  # left to the pipeline loader to report
+
+
+def test_configs__load_without_torch_or_distributed():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from deepmr_dist.pipeline.api import load_pipeline, load_study\n"
+        "load_pipeline('pipelines/quickstart.yaml'); load_study('pipelines/paper_simulation.yaml')\n"
+        "assert 'torch' not in sys.modules and 'distributed' not in sys.modules, 'heavy import'\n"
+    )
+    from pathlib import Path
+
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)

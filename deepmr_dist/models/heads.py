@@ -16,8 +16,8 @@ from typing import Any
 import torch
 
 from deepmr_dist.errors import ModelOutputError
+from deepmr_dist.models.transforms import TRANSFORMS
 
-TRANSFORMS = ("none", "sigmoid", "log1p")
 
 
 @dataclass(frozen=True)

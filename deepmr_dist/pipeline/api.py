@@ -57,7 +57,7 @@ def load_study(
     n_workers: int | None = None,
 ):
     """The validated study config at ``path`` with the command line's overrides applied."""
-    from deepmr_dist.pipeline.study import StudyConfig
+    from deepmr_dist.pipeline.config import StudyConfig
 
     config = load_config(Path(path), StudyConfig)
     overrides: dict = {"rounds": rounds} if rounds else {}

@@ -1,4 +1,4 @@
-"""The declarative pipeline of ``deepmr run PIPELINE.yaml``: every section, validated.
+"""The declarative configs: a pipeline (``deepmr run PIPELINE.yaml``) and a simulation study (``deepmr simulate``), every section validated.
 
 A pipeline names the sequences, the model, the tasks and pairs, and the
 settings of every stage. Unknown keys are errors; :func:`deepmr_dist.pipeline.config_types.load_config`
@@ -20,12 +20,12 @@ from deepmr_dist.pipeline.config_types import ClusterSettings, InstrumentRule, M
 from deepmr_dist.errors import InputError
 from deepmr_dist.stages.instruments import RULES
 from deepmr_dist.meta import META_METHODS
-from deepmr_dist.models.heads import TRANSFORMS
-from deepmr_dist.simulation.generator import SimulationConfig, parse_scenario
-from deepmr_dist.pipeline.study import MotifChoice
-from deepmr_dist.simulation.training import TrainingSettings
+from deepmr_dist.models.transforms import TRANSFORMS
+from deepmr_dist.simulation.generator import SCENARIOS, SimulationConfig, parse_scenario
+from deepmr_dist.simulation.motifs import DEFAULT_MOTIFS
+from deepmr_dist.simulation.training_settings import TrainingSettings
 
-__all__ = ["PipelineConfig", "SimulatedSequences"]
+__all__ = ["AnalysisSettings", "MotifChoice", "PipelineConfig", "SimulatedSequences", "StudyConfig"]
 
 
 def _is_entry_point(source: str, base: Path) -> bool:
@@ -48,6 +48,100 @@ def _resolve_option_paths(value: Any, base: Path) -> Any:
     if isinstance(value, str) and value and "://" not in value and not Path(value).is_absolute() and (base / value).exists():
         return str(base / value)
     return value
+
+
+# --------------------------------------------------------------------------- simulation studies (deepmr simulate)
+
+BASELINE = "wald_mean"
+"""The paper's baseline method: the plain mean of per-locus Wald ratios."""
+PAPER_RULE = "egger_paper"
+"""The paper's MR rule: robust MR-Egger above 10 instruments, MR-Egger from 3 to 10."""
+RESCORABLE = {"ddof", "calibration", "instrument_rule", "instrument_threshold", "methods", "meta_method"}
+"""Analysis settings a rescore may change: everything downstream of the stored ISM predictions."""
+
+
+class MotifChoice(Section):
+    """The three motifs: JASPAR matrix IDs (offline, pyjaspar) or PWM files (``path`` or ``path::name``)."""
+
+    exposure: str = DEFAULT_MOTIFS["exposure"]
+    outcome: str = DEFAULT_MOTIFS["outcome"]
+    confounder: str = DEFAULT_MOTIFS["confounder"]
+
+
+class AnalysisSettings(Section):
+    """ISM chunking, effects, instruments, MR and meta-analysis of every round."""
+
+    chunk_loci: int = Field(100, ge=1, description="loci per store chunk and per ISM task")
+    ddof: Literal[0, 1] = Field(0, description="degrees of freedom of the SD over members (0 as the paper)")
+    calibration: bool = Field(False, description="rescale effect SEs by the isotonic calibration on held-out loci")
+    instrument_rule: InstrumentRule = Field("pooled_z", description="pooled_z (the paper's) or mutation_z")
+    instrument_threshold: float = Field(1.0, gt=0, description="z threshold of the instrument rule")
+    methods: MRMethods = Field(
+        default_factory=lambda: [PAPER_RULE, BASELINE, "ivw"], description="MR methods; Table 1 needs egger_paper and wald_mean"
+    )
+    meta_method: MetaMethod = Field("dl", description="meta-analysis of local CEs: fe, dl, reml or pm")
+
+    @field_validator("methods")
+    @classmethod
+    def _table1_methods(cls, methods: list[str]) -> list[str]:
+        missing = [m for m in (PAPER_RULE, BASELINE) if m not in methods]
+        if missing:
+            raise ValueError(f"methods must include {missing} (the paper's rule and baseline, for Table 1)")
+        return methods
+
+
+class StudyConfig(Section):
+    """A simulation study: which scenarios and rounds, and every setting of a round.
+
+    The study design is the paper's (4 scenarios x 50 rounds, 10,000 training
+    and 1,000 test sequences, 5 members) plus a held-out calibration set; the
+    training defaults are those of :class:`TrainingSettings` (standardised
+    targets and a one-cycle rate, see :mod:`~deepmr_dist.simulation.training`;
+    the paper's optimiser exactly: ``one_cycle: false, standardize: false,
+    epochs: 100, batch_size: 1000, learning_rate: 0.001``).
+    """
+
+    name: str = "paper-simulation"
+    seed: int = Field(2022, ge=0, description="seed of the whole study; every round derives its streams from it")
+    scenarios: list[int] = Field(default_factory=lambda: list(SCENARIOS), description="1-4 or names")
+    rounds: int = Field(50, ge=1, description="rounds per scenario")
+    members: int = Field(5, ge=2, description="ensemble members (>= 2 for an SE)")
+    concurrent_rounds: int = Field(2, ge=1, description="rounds in flight at once (keeps every worker busy)")
+    motifs: MotifChoice = Field(default_factory=MotifChoice)
+    generator: SimulationConfig = Field(default_factory=SimulationConfig)
+    training: TrainingSettings = Field(default_factory=TrainingSettings)
+    analysis: AnalysisSettings = Field(default_factory=AnalysisSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    output: str = Field("runs/paper-simulation", description="study directory (relative to the working directory)")
+
+    @field_validator("scenarios", mode="before")
+    @classmethod
+    def _scenario_numbers(cls, values: list[int | str]) -> list[int]:
+        if not isinstance(values, list) or not values:
+            raise ValueError("expected a non-empty list of scenarios (1-4 or unconfounded, random, sequence, both)")
+        numbers = [parse_scenario(v) for v in values]
+        if len(set(numbers)) != len(numbers):
+            raise ValueError(f"scenarios repeat: {values}")
+        return numbers
+
+    def round_fingerprint(self) -> str:
+        """SHA-256 of every setting that changes a round's result (not how many rounds, nor where they run)."""
+        fixed = self.model_dump(mode="json", exclude={"name", "scenarios", "rounds", "concurrent_rounds", "cluster", "output"})
+        return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()
+
+    def prediction_fingerprint(self) -> str:
+        """SHA-256 of the settings behind a round's members and ISM store (what a rescore keeps)."""
+        fixed = self.model_dump(
+            mode="json",
+            exclude={
+                **{name: True for name in ("name", "scenarios", "rounds", "concurrent_rounds", "cluster", "output")},
+                "analysis": RESCORABLE,
+            },
+        )
+        return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------- pipelines (deepmr run)
 
 
 class SimulatedSequences(Section):

@@ -21,7 +21,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from deepmr_dist.errors import InputError
 from deepmr_dist.stages.instruments import RULES
 from deepmr_dist.meta import META_METHODS
-from deepmr_dist.models.heads import TRANSFORMS
+from deepmr_dist.models.transforms import TRANSFORMS
 from deepmr_dist.mr import METHODS
 
 Config = TypeVar("Config", bound=BaseModel)
