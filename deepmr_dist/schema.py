@@ -7,7 +7,7 @@ store is defined once (sgkit's variable-registry pattern).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import xarray as xr
@@ -42,6 +42,11 @@ class Variable:
         variable-length strings once written to Zarr).
     description : str
         What the values mean.
+    field : str or None
+        For the mr and meta groups: the field of the kernel's result
+        (:class:`deepmr_dist.mr.MRResult`, :class:`deepmr_dist.meta.MetaResult`) the
+        variable is copied from, which is also its column in every table (``None``:
+        the stage computes it, and the table column is the variable's name).
     """
 
     name: str
@@ -49,6 +54,7 @@ class Variable:
     dims: tuple[str, ...]
     dtype: str
     description: str
+    field: str | None = None
 
 
 TEXT = "str"
@@ -179,6 +185,14 @@ REGISTRY: tuple[Variable, ...] = (
         "'' or a caveat on a defined estimate, a code of deepmr_dist.mr.NOTES (e.g. sampled_s_start).",
     ),
     # meta: global causal effects, one meta-analysis of the local ones per (pair, method)
+    Variable("k", META, _GLOBAL, "int64", "Loci meta-analysed: finite local_ce and a positive finite local_se."),
+    Variable(
+        "n_loci_undefined",
+        META,
+        _GLOBAL,
+        "int64",
+        "Loci left out because local_ce or local_se is undefined (k + n_loci_undefined = all loci).",
+    ),
     Variable(
         "global_ce",
         META,
@@ -240,6 +254,13 @@ REGISTRY: tuple[Variable, ...] = (
         "Upper limit of the prediction interval for a new locus's causal effect (NaN for fe).",
     ),
     Variable(
+        "reason",
+        META,
+        _GLOBAL,
+        TEXT,
+        "'' where global_ce is defined, else a code of deepmr_dist.meta.META_REASONS.",
+    ),
+    Variable(
         "mean_i2gx",
         META,
         _GLOBAL,
@@ -253,21 +274,6 @@ REGISTRY: tuple[Variable, ...] = (
         "float64",
         "Share of loci with I^2_GX below 0.9, where Bowden et al. (2016) recommend a SIMEX correction of MR-Egger.",
     ),
-    Variable("k", META, _GLOBAL, "int64", "Loci meta-analysed: finite local_ce and a positive finite local_se."),
-    Variable(
-        "n_loci_undefined",
-        META,
-        _GLOBAL,
-        "int64",
-        "Loci left out because local_ce or local_se is undefined (k + n_loci_undefined = all loci).",
-    ),
-    Variable(
-        "reason",
-        META,
-        _GLOBAL,
-        TEXT,
-        "'' where global_ce is defined, else a code of deepmr_dist.meta.META_REASONS.",
-    ),
     # truth: simulation only, the true causal effects of the round (deepmr_dist.simulation.truth)
     Variable("true_ce", TRUTH, ("locus",), "float64", "True local causal effect; NaN without an exposure instance."),
     Variable("n_mutations", TRUTH, ("locus",), "int64", "Substitutions inside the exposure instance behind true_ce."),
@@ -275,7 +281,19 @@ REGISTRY: tuple[Variable, ...] = (
     Variable("functional", TRUTH, ("locus",), "bool", "Whether the exposure instance is functional (counts in the global truth)."),
     Variable("global_true_ce", TRUTH, (), "float64", "The round's true global CE: the mean of true_ce over functional loci."),
 )
-"""Every variable of the run store, by group."""
+"""Every variable of the run store, by group (in each group, the order of its table columns)."""
+
+_RESULT_FIELDS: dict[str, dict[str, str]] = {
+    MR: {"local_ce": "estimate", "local_se": "se", "ci_lower": "ci_lower", "ci_upper": "ci_upper", "pvalue": "pvalue",
+         "intercept": "intercept", "intercept_se": "intercept_se", "intercept_pvalue": "intercept_pvalue", "q": "q",
+         "i2gx": "i2gx", "n_instruments": "n", "reason": "reason", "note": "note"},
+    META: {"global_ce": "estimate", "global_se": "se", "ci_lower": "ci_lower", "ci_upper": "ci_upper", "pvalue": "pvalue",
+           "tau2": "tau2", "i2": "i2", "h2": "h2", "q": "q", "q_pvalue": "q_pvalue", "pi_lower": "pi_lower",
+           "pi_upper": "pi_upper", "k": "k", "reason": "reason"},
+}  # fmt: skip
+"""mr and meta variables -> the kernel result field each is copied from (the one place these names are kept)."""
+
+REGISTRY = tuple(replace(v, field=_RESULT_FIELDS.get(v.group, {}).get(v.name)) for v in REGISTRY)
 
 VARIABLES: dict[str, Variable] = {
     v.name: v for v in REGISTRY if sum(w.name == v.name for w in REGISTRY) == 1
@@ -300,6 +318,15 @@ def variable(group: str, name: str) -> Variable:
 def variables_of(group: str) -> list[Variable]:
     """The registered variables of one store group."""
     return [v for v in REGISTRY if v.group == group]
+
+
+def table_columns(group: str) -> dict[str, str]:
+    """Variable name -> table column of every registered variable of ``group``, in table order.
+
+    A variable copied from a kernel's result takes the result field's name
+    (``local_ce`` -> ``estimate``, ``n_instruments`` -> ``n``); the others keep their own.
+    """
+    return {v.name: v.field or v.name for v in variables_of(group)}
 
 
 def _dtype_ok(dtype: np.dtype, expected: str) -> bool:

@@ -67,3 +67,17 @@ def test_schema__validate_names_the_malformed_mr_or_meta_variable():
         schema.validate(glob.drop_vars("n_loci_undefined"), schema.META)
     with pytest.raises(StoreError, match=r"meta/q has dims \('pair', 'locus', 'method'\)"):
         schema.validate(glob.assign(q=local["q"]), schema.META)
+
+
+def test_schema__result_fields_name_fields_of_the_kernels_results():
+    import dataclasses
+
+    from deepmr_dist.meta import MetaResult
+    from deepmr_dist.mr import MRResult
+
+    for group, result in ((schema.MR, MRResult), (schema.META, MetaResult)):
+        names = {f.name for f in dataclasses.fields(result)}
+        fields = [v.field for v in schema.variables_of(group) if v.field]
+        assert fields and set(fields) <= names, (group, set(fields) - names)
+    assert schema.table_columns(schema.MR)["n_instruments"] == "n"
+    assert list(schema.table_columns(schema.META))[:2] == ["k", "n_loci_undefined"]

@@ -19,14 +19,12 @@ from deepmr_dist.cli.meta import check_alpha, parse_methods
 from deepmr_dist.errors import InputError
 from deepmr_dist.io.tables import exclusion_message, read_mr_table, write_table
 from deepmr_dist.cli import help_of
+from deepmr_dist.mr.result import COLUMNS
 
 __all__ = ["MR_OUTPUT_COLUMNS", "register", "run"]
 
-MR_OUTPUT_COLUMNS: tuple[str, ...] = (
-    "locus", "method", "n", "estimate", "se", "ci_lower", "ci_upper", "pvalue",
-    "intercept", "intercept_se", "intercept_ci_lower", "intercept_ci_upper", "intercept_pvalue",
-    "rse", "q", "q_pvalue", "i2", "i2gx", "fstat", "reason", "note", "n_excluded",
-)  # fmt: skip
+MR_OUTPUT_COLUMNS: tuple[str, ...] = (*COLUMNS, "n_excluded")
+"""Columns of ``deepmr mr``'s output: :data:`deepmr_dist.mr.result.COLUMNS` and the excluded-row count."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

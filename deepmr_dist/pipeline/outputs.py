@@ -5,17 +5,12 @@ from __future__ import annotations
 import pandas as pd
 import xarray as xr
 
-LOCAL_COLUMNS = {
-    "local_ce": "estimate", "local_se": "se", "ci_lower": "ci_lower", "ci_upper": "ci_upper", "pvalue": "pvalue",
-    "intercept": "intercept", "intercept_se": "intercept_se", "intercept_pvalue": "intercept_pvalue",
-    "q": "q", "i2gx": "i2gx", "n_instruments": "n", "reason": "reason", "note": "note",
-}
-GLOBAL_COLUMNS = {
-    "k": "k", "global_ce": "estimate", "global_se": "se", "ci_lower": "ci_lower", "ci_upper": "ci_upper",
-    "pvalue": "pvalue", "tau2": "tau2", "i2": "i2", "h2": "h2", "q": "q", "q_pvalue": "q_pvalue",
-    "pi_lower": "pi_lower", "pi_upper": "pi_upper", "reason": "reason", "mean_i2gx": "mean_i2gx",
-    "share_i2gx_below_0_9": "share_i2gx_below_0_9",
-}
+from deepmr_dist import schema
+
+LOCAL_COLUMNS = schema.table_columns(schema.MR)
+"""mr variable -> column of ``local_ce.csv`` (:func:`deepmr_dist.schema.table_columns`)."""
+GLOBAL_COLUMNS = schema.table_columns(schema.META)
+"""meta variable -> column of ``global_ce.csv``."""
 
 
 def local_table_from(local: xr.Dataset) -> pd.DataFrame:

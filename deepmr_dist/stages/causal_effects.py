@@ -32,34 +32,14 @@ __all__ = [
 ]
 
 LOCAL_VARIABLES: dict[str, str] = {
-    "local_ce": "estimate",
-    "local_se": "se",
-    "ci_lower": "ci_lower",
-    "ci_upper": "ci_upper",
-    "pvalue": "pvalue",
-    "intercept": "intercept",
-    "intercept_se": "intercept_se",
-    "intercept_pvalue": "intercept_pvalue",
-    "q": "q",
-    "i2gx": "i2gx",
+    v.name: v.field for v in schema.variables_of(schema.MR) if v.field and v.dtype == "float64"
 }
-"""Float variables of :func:`local_ce` and the ``MRResult`` field each comes from."""
+"""Float variables of :func:`local_ce` and the ``MRResult`` field each comes from (from :mod:`deepmr_dist.schema`)."""
 
 GLOBAL_VARIABLES: dict[str, str] = {
-    "global_ce": "estimate",
-    "global_se": "se",
-    "ci_lower": "ci_lower",
-    "ci_upper": "ci_upper",
-    "pvalue": "pvalue",
-    "tau2": "tau2",
-    "i2": "i2",
-    "h2": "h2",
-    "q": "q",
-    "q_pvalue": "q_pvalue",
-    "pi_lower": "pi_lower",
-    "pi_upper": "pi_upper",
+    v.name: v.field for v in schema.variables_of(schema.META) if v.field and v.dtype == "float64"
 }
-"""Float variables of :func:`global_ce` and the ``MetaResult`` field each comes from."""
+"""Float variables of :func:`global_ce` and the ``MetaResult`` field each comes from (from :mod:`deepmr_dist.schema`)."""
 
 _DIMS = schema.variable(schema.MR, "local_ce").dims  # (pair, locus, method)
 _CODE_FIELDS = ("reason", "note")
