@@ -15,7 +15,7 @@ Modules: :mod:`.ivw`, :mod:`.egger`, :mod:`.robust` (MM / lmrob), :mod:`.median`
 (confidence limits and p-values), :mod:`.result`, :mod:`.api`.
 """
 
-from deepmr_dist.mr.api import BOOTSTRAP_METHODS, METHODS, estimate
+from deepmr_dist.mr.api import BOOTSTRAP_METHODS, METHODS, check_methods, estimate
 from deepmr_dist.mr.result import NOTES, REASONS, MRResult
 
-__all__ = ["BOOTSTRAP_METHODS", "METHODS", "NOTES", "REASONS", "MRResult", "estimate"]
+__all__ = ["BOOTSTRAP_METHODS", "METHODS", "NOTES", "REASONS", "MRResult", "check_methods", "estimate"]

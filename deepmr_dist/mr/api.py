@@ -51,6 +51,22 @@ EGGER_PAPER_ROBUST_ABOVE = 10
 """egger_paper: robust MR-Egger with more than this many instruments, MR-Egger from 3 up to it."""
 
 
+def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
+    """The MR method names, checked against :data:`METHODS`, repeats dropped (the one check of them).
+
+    Raises
+    ------
+    InputError
+        Naming the unknown method(s), or none given, and listing the valid ones.
+    """
+    methods = tuple(dict.fromkeys(methods))
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        what = f"unknown MR method(s) {', '.join(map(repr, unknown))}" if unknown else "no MR method given"
+        raise InputError(f"{what}; valid: {', '.join(METHODS)}")
+    return methods
+
+
 def _subset(data: MRData, rows: np.ndarray) -> MRData:
     return MRData(
         bx=data.bx[rows], bxse=data.bxse[rows], by=data.by[rows], byse=data.byse[rows],
@@ -153,10 +169,7 @@ def estimate(
     InputError
         Unknown method, bad ``alpha``/``n_boot``, or malformed arrays.
     """
-    methods = tuple(methods)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise InputError(f"unknown MR method(s) {unknown}; choose from {list(METHODS)}")
+    methods = check_methods(methods)
     if not (0.0 < float(alpha) < 1.0):
         raise InputError(f"alpha must lie strictly between 0 and 1, got {alpha}")
     if BOOTSTRAP_METHODS.intersection(methods) and (int(n_boot) != n_boot or n_boot < 2):

@@ -22,7 +22,7 @@ from deepmr_dist.errors import InputError
 from deepmr_dist.stages.instruments import RULES
 from deepmr_dist.meta import META_METHODS
 from deepmr_dist.models.transforms import TRANSFORMS
-from deepmr_dist.mr import METHODS
+from deepmr_dist.mr import check_methods
 
 Config = TypeVar("Config", bound=BaseModel)
 
@@ -43,10 +43,7 @@ def _one_of(valid: Sequence[str], what: str) -> Callable[[str], str]:
 
 
 def _mr_methods(methods: list[str]) -> list[str]:
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise ValueError(f"unknown MR method(s) {unknown}; valid: {', '.join(METHODS)}")
-    return list(dict.fromkeys(methods))
+    return list(check_methods(methods))  # an InputError is a ValueError: pydantic reports it by field
 
 
 InstrumentRule = Annotated[str, AfterValidator(_one_of(RULES, "instrument rule"))]

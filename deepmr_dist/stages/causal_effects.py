@@ -102,18 +102,9 @@ def _check_pairs(effects: xr.Dataset, pairs: Sequence[tuple[str, str]]) -> list[
 
 
 def _check_methods(methods: Sequence[str]) -> list[str]:
-    from deepmr_dist.mr import METHODS
+    from deepmr_dist.mr import check_methods
 
-    methods = list(methods)
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        raise InputError(
-            f"unknown MR method(s) {', '.join(map(repr, unknown)) or '(none given)'}; "
-            f"valid: {', '.join(METHODS)}"
-        )
-    if len(set(methods)) != len(methods):
-        raise InputError(f"duplicate MR methods in {methods}")
-    return methods
+    return list(check_methods(methods))
 
 
 def _check_effects(effects: xr.Dataset) -> None:
