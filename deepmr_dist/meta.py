@@ -67,6 +67,7 @@ __all__ = [
     "META_METHODS",
     "META_REASONS",
     "MetaResult",
+    "check_method",
     "meta_analysis",
 ]
 
@@ -485,9 +486,21 @@ def _hksj_factor(rss: np.ndarray, k: np.ndarray, adhoc: bool) -> np.ndarray:
     return np.where(k >= 2, s2w, np.nan)
 
 
-def _validate_options(method: str, alpha: float) -> None:
+def check_method(method: str) -> str:
+    """``method`` if it is one of :data:`META_METHODS` (the one check of meta-analysis method names).
+
+    Raises
+    ------
+    InputError
+        Naming the method and listing the valid ones.
+    """
     if method not in META_METHODS:
         raise InputError(f"unknown meta-analysis method {method!r}; valid: {', '.join(META_METHODS)}")
+    return method
+
+
+def _validate_options(method: str, alpha: float) -> None:
+    check_method(method)
     if not (0.0 < float(alpha) < 1.0):
         raise InputError(f"alpha must lie strictly between 0 and 1, got {alpha!r}")
 

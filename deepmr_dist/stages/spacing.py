@@ -46,7 +46,7 @@ import xarray as xr
 
 from deepmr_dist.stages.causal_effects import pair_label
 from deepmr_dist.errors import InputError
-from deepmr_dist.meta import META_METHODS, meta_analysis
+from deepmr_dist.meta import check_method, meta_analysis
 
 __all__ = [
     "DEFAULT_EDGES",
@@ -470,8 +470,7 @@ def stratified_global_ce(
     ValueError
         Unknown ``meta_method`` or bad ``alpha``.
     """
-    if meta_method not in META_METHODS:
-        raise InputError(f"unknown meta-analysis method {meta_method!r}; valid: {', '.join(META_METHODS)}")
+    check_method(meta_method)
     for name in ("local_ce", "local_se"):
         if name not in local or set(local[name].dims) != {"pair", "locus", "method"}:
             raise InputError(f"local dataset needs {name!r} with dims (pair, locus, method)")
