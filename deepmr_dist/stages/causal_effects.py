@@ -20,7 +20,7 @@ import xarray as xr
 from deepmr_dist import schema
 from deepmr_dist.stages import instruments
 from deepmr_dist.errors import InputError
-from deepmr_dist.meta import META_METHODS, META_REASONS, meta_analysis
+from deepmr_dist.meta import META_REASONS, check_method, meta_analysis
 
 __all__ = [
     "GLOBAL_VARIABLES",
@@ -99,12 +99,6 @@ def _check_pairs(effects: xr.Dataset, pairs: Sequence[tuple[str, str]]) -> list[
         raise InputError(f"local_ce: duplicate pair(s) {', '.join(dupes)}")
     instruments.check_tasks(effects, sorted({t for pair in pairs for t in pair}))
     return pairs
-
-
-def _check_methods(methods: Sequence[str]) -> list[str]:
-    from deepmr_dist.mr import check_methods
-
-    return list(check_methods(methods))
 
 
 def _check_effects(effects: xr.Dataset) -> None:
@@ -240,7 +234,9 @@ def local_ce(
     _check_effects(effects)
     instruments.check_rule(rule, threshold)
     pairs = _check_pairs(effects, pairs)
-    methods = _check_methods(methods)
+    from deepmr_dist.mr import check_methods
+
+    methods = list(check_methods(methods))
     tasks = sorted({t for pair in pairs for t in pair})
     stats: dict[str, tuple[float, float]] = {}
     if rule == "pooled_z":
@@ -321,8 +317,7 @@ def global_ce(
         I^2_GX); attrs ``meta_method``,
         ``hksj``, ``hksj_adhoc``, ``alpha``.
     """
-    if meta_method not in META_METHODS:
-        raise InputError(f"unknown meta-analysis method {meta_method!r}; valid: {', '.join(META_METHODS)}")
+    check_method(meta_method)
     names = ["local_ce", "local_se", *(["i2gx"] if "i2gx" in local else [])]
     pair_method = local[names].transpose("pair", "method", "locus").compute()
     n_pairs, n_methods, n_loci = pair_method["local_ce"].shape
