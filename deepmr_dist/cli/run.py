@@ -40,9 +40,8 @@ def run_run(args: argparse.Namespace) -> int:
         from deepmr_dist.cli.simulate import run_simulate
 
         return run_simulate(argparse.Namespace(**{**vars(args), "config": args.pipeline}))
-    from deepmr_dist.cluster import connect
-    from deepmr_dist.pipeline.api import load_pipeline
-    from deepmr_dist.pipeline.runner import output_directory, plan, run_pipeline
+    from deepmr_dist.pipeline.api import load_pipeline, run
+    from deepmr_dist.pipeline.runner import output_directory, plan
 
     config = load_pipeline(args.pipeline, store=args.store, cluster=args.cluster, n_workers=args.n_workers)
     if args.dry_run:
@@ -50,8 +49,7 @@ def run_run(args: argparse.Namespace) -> int:
         print(f"store: {config.store}; outputs: {output_directory(config)}")
         return 0
     started = time.perf_counter()
-    with connect(config.cluster.address, n_workers=config.cluster.n_workers, verbose=not args.quiet) as client:
-        result = run_pipeline(config, client=client, progress=not args.quiet, overwrite=args.overwrite)
+    result = run(config, progress=not args.quiet, overwrite=args.overwrite)
     for row in result.global_table.itertuples():
         print(
             f"{row.pair}\t{row.method}\tglobal CE {row.estimate:.4f} [{row.ci_lower:.4f}, {row.ci_upper:.4f}]\t"
