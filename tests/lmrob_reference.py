@@ -30,7 +30,8 @@ def weights(u: np.ndarray, c: float) -> np.ndarray:
     return np.where(t <= 1.0, (1.0 - t) ** 2, 0.0)
 
 
-def _wls(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+def wls(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Weighted least squares by QR/SVD (numpy's lstsq), as robustbase's ``dgels`` on sqrt-weighted rows."""
     sw = np.sqrt(w)
     return np.linalg.lstsq(x * sw[:, None], y * sw, rcond=None)[0]
 
@@ -83,7 +84,7 @@ def lmrob(x: np.ndarray, y: np.ndarray) -> Fit:
         s = 1.4826 * np.median(np.abs(r))  # MAD(r, center = 0)
         if s > 0:  # one refine_fast_s step (k.fast.s = 1)
             s = s * np.sqrt(_mean_rho(r, s, p) / BB)
-            beta = _wls(x, y, weights(r / s, C_CHI))
+            beta = wls(x, y, weights(r / s, C_CHI))
             r = y - x @ beta
         else:  # residuals at the subset vanish: robustbase's step at a round-off scale keeps the candidate
             s = np.sqrt((r * r).sum() / n)
@@ -91,29 +92,35 @@ def lmrob(x: np.ndarray, y: np.ndarray) -> Fit:
             sc = find_scale(r, s, p)
             if best is None or sc < best[1]:
                 best = (beta, sc)
-    beta, s = best
+    coef_s, scale, beta_prev, s_conv = refine_s(x, y, *best)
+    beta, m_conv = rwls(x, y, coef_s, scale)
+    r, r0 = y - x @ beta, y - x @ beta_prev  # robustbase keeps the residuals before the last step as init.S$residuals
+    return Fit(beta, coef_s, scale, vcov_avar1(x, r, r0, scale), exact=False, converged=s_conv and m_conv)
+
+
+def refine_s(x: np.ndarray, y: np.ndarray, beta: np.ndarray, s: float, tol: float = 1e-7, max_k: int = 500):
+    """``refine_fast_s(conv = TRUE)``: (beta, scale, the beta before the last step, converged)."""
+    p = x.shape[1]
     r = y - x @ beta
-    s_conv = False
-    for _ in range(500):  # refine_fast_s(conv = TRUE), refine.tol = 1e-7
+    for _ in range(max_k):
         s = s * np.sqrt(_mean_rho(r, s, p) / BB)
-        new = _wls(x, y, weights(r / s, C_CHI))
-        if np.linalg.norm(beta - new) <= 1e-7 * max(1e-7, np.linalg.norm(beta)):
-            s_conv = True
-            break
+        new = wls(x, y, weights(r / s, C_CHI))
+        if np.linalg.norm(beta - new) <= tol * max(tol, np.linalg.norm(beta)):
+            return new, s, beta, True
         r = y - x @ new
         beta = new
-    coef_s, r0, scale = new, r, s  # robustbase keeps the residuals before the last step as init.S$residuals
-    beta = coef_s.copy()
-    r = y - x @ beta
-    m_conv = False
-    it = 1
-    while not m_conv and it < 50:  # rwls: while (!converged && ++iterations < max_it), rel.tol = 1e-7
+    return new, s, beta, False
+
+
+def rwls(x: np.ndarray, y: np.ndarray, beta: np.ndarray, s: float, tol: float = 1e-7, max_it: int = 50):
+    """The M-step ``rwls`` at the fixed scale ``s``: (beta, converged)."""
+    it, conv = 1, False
+    while not conv and it < max_it:  # robustbase: while (!converged && ++iterations < max_it)
         it += 1
-        est = _wls(x, y, weights(r / scale, C_PSI))
-        r = y - x @ est
-        m_conv = np.abs(beta - est).sum() <= 1e-7 * max(1e-7, np.abs(est).sum())
+        est = wls(x, y, weights((y - x @ beta) / s, C_PSI))
+        conv = np.abs(beta - est).sum() <= tol * max(tol, np.abs(est).sum())
         beta = est
-    return Fit(beta, coef_s, scale, vcov_avar1(x, r, r0, scale), exact=False, converged=s_conv and m_conv)
+    return beta, conv
 
 
 def vcov_avar1(x: np.ndarray, r: np.ndarray, r0: np.ndarray, s: float) -> np.ndarray:

@@ -10,6 +10,8 @@ from deepmr_dist.mr import _input_loops as input_loops
 from deepmr_dist.mr import _mm_per_locus as per_locus
 from deepmr_dist.mr.robust import BB, C_CHI, C_PSI, EXACT_TOL, K_MAX, MAX_IT, REFINE_TOL, REL_TOL
 
+import lmrob_reference
+
 
 def _regression(p: int, m: int = 12, k: int = 60, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """``(m, p + 1, k)`` sqrt-weighted design and response with t(2) errors and ragged rows; and n."""
@@ -51,26 +53,6 @@ def _valid(xy: np.ndarray, n: np.ndarray) -> np.ndarray:
     return np.arange(xy.shape[2])[None, :] < n[:, None]
 
 
-def _wls(row: np.ndarray, beta: np.ndarray, s: float, c: float) -> np.ndarray:
-    """Weighted least squares with bisquare weights psi(u) / u at (beta, s), by QR (numpy's lstsq)."""
-    p = row.shape[0] - 1
-    u = (row[p] - beta @ row[:p]) / (c * s)
-    sw = np.maximum(1 - u * u, 0.0)  # sqrt of the weights (1 - u^2)^2
-    return np.linalg.lstsq((row[:p] * sw).T, row[p] * sw, rcond=None)[0]
-
-
-def _refine_fast_s(row: np.ndarray, beta: np.ndarray, s: float, target: float):
-    """robustbase's refine_fast_s(conv = TRUE), transcribed: (beta, s, beta before the last step, converged)."""
-    p = row.shape[0] - 1
-    for _ in range(K_MAX):
-        s = s * np.sqrt(_rho((row[p] - beta @ row[:p]) / s, C_CHI).sum() / target)
-        new = _wls(row, beta, s, C_CHI)
-        if np.linalg.norm(beta - new) <= REFINE_TOL * max(REFINE_TOL, np.linalg.norm(beta)):
-            return new, s, beta, True
-        beta = new
-    return new, s, beta, False
-
-
 @pytest.mark.parametrize("p", [1, 2])
 def test_refine_s__follows_robustbase_refine_fast_s(p):
     xy, n = _regression(p)
@@ -84,7 +66,8 @@ def test_refine_s__follows_robustbase_refine_fast_s(p):
     assert conv[live].all() and not conv[3]
     assert (beta[3] == beta0[3]).all() and s[3] == s0[3]
     for i in np.flatnonzero(live):
-        want, want_s, want_prev, _ = _refine_fast_s(xy[i][:, : n[i]], beta0[i], s0[i], target[i])
+        row = xy[i][:, : n[i]]
+        want, want_s, want_prev, _ = lmrob_reference.refine_s(row[:p].T, row[p], beta0[i], s0[i], REFINE_TOL, K_MAX)
         np.testing.assert_allclose(beta[i], want, rtol=1e-9)
         np.testing.assert_allclose(prev[i], want_prev, rtol=1e-9)
         assert s[i] == pytest.approx(want_s, rel=1e-10)
@@ -103,14 +86,8 @@ def test_rwls__follows_robustbase_rwls(p):
     beta, conv = per_locus.rwls(xy, beta0, s, live, c=C_PSI, tol=REL_TOL, max_it=MAX_IT)
     assert conv.all()
     for i in range(m):
-        row, b, steps = xy[i][:, : n[i]], beta0[i], 0
-        while steps < MAX_IT - 1:  # robustbase: while (!converged && ++iterations < max_it)
-            steps += 1
-            new = _wls(row, b, s[i], C_PSI)
-            done = np.abs(b - new).sum() <= REL_TOL * max(REL_TOL, np.abs(new).sum())
-            b = new
-            if done:
-                break
+        row = xy[i][:, : n[i]]
+        b, _ = lmrob_reference.rwls(row[:p].T, row[p], beta0[i], s[i], REL_TOL, MAX_IT)
         np.testing.assert_allclose(beta[i], b, rtol=1e-9)
         u = (row[p] - b @ row[:p]) / s[i]
         score = _psi(u, C_PSI) @ row[:p].T
@@ -148,7 +125,8 @@ def test_offer_candidates__keeps_the_candidate_with_the_smallest_m_scale_after_o
             r = row[p] - beta[i] @ row[:p]
             s = 1.4826 * np.median(np.abs(r))
             s = s * np.sqrt(_rho(r / s, C_CHI).sum() / target[i])
-            refined = _wls(row, beta[i], s, C_CHI)
+            x, y = row[:p].T, row[p]
+            refined = lmrob_reference.wls(x, y, lmrob_reference.weights((y - x @ beta[i]) / s, C_CHI))
             scale = _mscale(row[p] - refined @ row[:p], target[i])
             if scale < want_s:
                 want_beta, want_s = refined, scale
