@@ -49,7 +49,7 @@ from torch import nn
 
 from deepmr_dist.ism.engine import make_runner, saturation_mutagenesis
 from deepmr_dist.ism.mutants import mutation_list
-from deepmr_dist.ism.incremental import build_incremental_runner
+from deepmr_dist.ism.incremental.build import build_incremental_runner
 from deepmr_dist.models.architectures import SimulationCNN
 from deepmr_dist.models.heads import OutputHead
 

@@ -10,7 +10,7 @@ from torch import nn
 from conftest import reference_one_hot
 from deepmr_dist.errors import InputError
 from deepmr_dist.ism.engine import FullRecompute, make_runner, saturation_mutagenesis
-from deepmr_dist.ism.incremental import IncrementalRunner
+from deepmr_dist.ism.incremental.run import IncrementalRunner
 from deepmr_dist.models.architectures import DeepSEA, deepsea_ensemble, head_for_tasks
 from deepmr_dist.models.ensemble import ModelSpec, load_members
 from deepmr_dist.models.heads import OutputHead
@@ -160,7 +160,7 @@ def test_head_for_tasks__unknown_names_suggest_close_matches() -> None:
         head_for_tasks(TASK_NAMES, [])
     with pytest.raises(InputError, match=r"repeat \['a'\]"):
         head_for_tasks(["a", "b", "a"], ["b"])
-    with pytest.raises(InputError, match="unknown head transform 'softmax'"):
+    with pytest.raises(InputError, match="unknown transform 'softmax'; valid: none, sigmoid, log1p"):
         head_for_tasks(TASK_NAMES, None, transform="softmax")
     everything = head_for_tasks(TASK_NAMES)
     assert everything.tasks == tuple(range(320)) and everything.transform == "none"

@@ -4,7 +4,8 @@ All single-base mutants of a batch of loci are generated on the device (no
 host-side mutant tensors); edits that would reproduce the reference base are
 skipped. Each member is run through a :class:`MemberRunner`, which either
 recomputes the whole network per mutant (:class:`FullRecompute`) or only the
-positions a mutation touches (:mod:`deepmr_dist.ism.incremental`).
+positions a mutation touches (:mod:`deepmr_dist.ism.incremental`), told which
+leaf modules of :mod:`deepmr_dist.models` to keep whole (:mod:`deepmr_dist.ism.leaves`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from deepmr_dist.ism.incremental import build_incremental_runner
+from deepmr_dist.ism.incremental.build import build_incremental_runner
+from deepmr_dist.ism.leaves import MODEL_LEAVES
 from deepmr_dist.ism.mutants import N_BASES, apply_mutations, mutation_list
 from deepmr_dist.models.heads import OutputHead
 
@@ -66,7 +68,7 @@ def make_runner(
     """
     if incremental:
         outputs = None if head is None or head.output_index is None else (head.output_index,)
-        runner = build_incremental_runner(member, length, outputs=outputs)
+        runner = build_incremental_runner(member, length, outputs=outputs, leaves=MODEL_LEAVES)
         if runner is not None:
             return runner
     return FullRecompute(member)

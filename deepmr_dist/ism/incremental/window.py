@@ -1,4 +1,4 @@
-"""Tensor helpers for incremental ISM: windows of columns in channels-last memory.
+"""Tensor helpers for the rules and the runner: windows of columns in channels-last memory.
 
 A *window* is a ``(n_mutants, channels, width)`` tensor holding, for mutant
 ``k``, the columns ``[offset_k, offset_k + width)`` of an activation; outside
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
+from torch.nn import functional
 
 
 def channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -226,8 +226,9 @@ class Conv:
         self.taps = weight.permute(1, 2, 0).reshape(in_channels, -1).contiguous()
         self.weight = weight.unsqueeze(2).contiguous(memory_format=torch.channels_last)
         extra = -self.out_channels % self.CPU_CHANNEL_MULTIPLE if groups == 1 else 0
-        self.cpu_weight = F.pad(self.weight, (0, 0, 0, 0, 0, 0, 0, extra)).contiguous(memory_format=torch.channels_last)
-        self.cpu_bias = None if bias is None else F.pad(bias, (0, extra))
+        padded = functional.pad(self.weight, (0, 0, 0, 0, 0, 0, 0, extra))
+        self.cpu_weight = padded.contiguous(memory_format=torch.channels_last)
+        self.cpu_bias = None if bias is None else functional.pad(bias, (0, extra))
 
     def __call__(self, data: torch.Tensor, padding: int = 0) -> torch.Tensor:
         """Convolve ``data`` with ``padding`` zero columns on both sides."""
@@ -235,7 +236,7 @@ class Conv:
         if self.few and on_cpu:
             return self._few_outputs(data, padding)
         weight, bias = (self.cpu_weight, self.cpu_bias) if on_cpu else (self.weight, self.bias)
-        out = F.conv2d(data.unsqueeze(2), weight, bias, 1, (0, padding), (1, self.dilation), self.groups)
+        out = functional.conv2d(data.unsqueeze(2), weight, bias, 1, (0, padding), (1, self.dilation), self.groups)
         return out.squeeze(2)[:, : self.out_channels]
 
     def _few_outputs(self, data: torch.Tensor, padding: int) -> torch.Tensor:
