@@ -11,8 +11,8 @@ cluster runs the same code path.
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -24,6 +24,8 @@ import torch
 from distributed import Client, LocalCluster
 
 GPU_RESOURCE = "GPU"
+
+log = logging.getLogger(__name__)
 
 
 def _local_cluster(n_workers: int | None, threads_per_worker: int, memory_limit: str | float | None) -> Any:
@@ -38,7 +40,7 @@ def _local_cluster(n_workers: int | None, threads_per_worker: int, memory_limit:
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError:
-            print("deepmr: GPUs found but dask-cuda is not installed; using one GPU worker", file=sys.stderr)
+            log.warning("GPUs found but dask-cuda is not installed; using one GPU worker")
             return LocalCluster(
                 n_workers=1, threads_per_worker=1, processes=True, resources={GPU_RESOURCE: 1}, memory_limit=memory_limit
             )
@@ -63,16 +65,17 @@ def connect(
     n_workers, threads_per_worker, memory_limit
         Settings of the embedded CPU cluster (ignored for an existing scheduler; GPU clusters get one worker per GPU).
     verbose
-        Print the dashboard address to stderr.
+        Log the dashboard address at INFO (at DEBUG when False).
     """
     if address == "local":
         cluster = _local_cluster(n_workers, threads_per_worker, memory_limit)
         client = Client(cluster)
+        log.debug("embedded %s of %d worker(s)", type(cluster).__name__, len(cluster.workers))
     else:
         cluster = None
         client = Client(address, timeout="30s")
-    if verbose:
-        print(f"deepmr: Dask dashboard at {client.dashboard_link}", file=sys.stderr)
+        log.debug("connected to the scheduler at %s", address)
+    log.log(logging.INFO if verbose else logging.DEBUG, "Dask dashboard at %s", client.dashboard_link)
     try:
         yield client
     finally:

@@ -541,8 +541,9 @@ def meta_analysis(
 
     Raises
     ------
-    ValueError
-        Unknown ``method``, ``alpha`` outside (0, 1), or mismatched shapes.
+    InputError
+        Unknown ``method`` (listing the valid ones), ``alpha`` outside (0, 1),
+        or mismatched shapes.
     """
     _validate_options(method, alpha)
     y, v, valid = _prepare(estimate, se)

@@ -159,8 +159,12 @@ def test_local_ce__numpy_backed_input_becomes_lazy():
 
 def test_local_ce__bad_arguments():
     ds = make_effects()
-    with pytest.raises(ValueError, match="valid:"):
+    with pytest.raises(InputError, match="unknown MR method.*'nope'; valid: "):
         local_ce(ds, [("x", "y")], ["nope"], rule="mutation_z", threshold=2.0)
+    with pytest.raises(InputError, match="unknown instrument rule 'z'; valid: pooled_z, mutation_z"):
+        local_ce(ds, [("x", "y")], ["ivw"], rule="z", threshold=2.0)
+    with pytest.raises(InputError, match="unknown meta-analysis method 'sj'; valid: fe, dl, reml, pm"):
+        global_ce(local_ce(ds, [("x", "y")], ["ivw"], rule="mutation_z", threshold=2.0), meta_method="sj")
     with pytest.raises(InputError, match="'w' not in the effects dataset"):
         local_ce(ds, [("x", "w")], ["ivw"], rule="mutation_z", threshold=2.0)
     with pytest.raises(ValueError, match="duplicate pair"):

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pytest
 import xarray as xr
 
 import deepmr_dist
-from deepmr_dist.cli import main
+from deepmr_dist.cli import COMMANDS, main
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "loci.fa"
 MODEL = "deepmr_dist.models.examples:simulation_ensemble"
@@ -18,8 +23,13 @@ def test_cli__predict_effects_inspect_on_the_bundled_example(tmp_path, capsys):
     store = str(tmp_path / "run.zarr")
     args = ["--model", MODEL, "--fasta", str(EXAMPLE), "--store", store, "--n-workers", "1", "--quiet"]
     assert main(["predict", *args, "--chunk-loci", "24", "--tasks", "1,0", "--task-names", "exposure,outcome"]) == 0
-    assert "48 loci in 2 chunks; computed 2 chunk(s), 43,200 mutant predictions" in capsys.readouterr().out
-    assert main(["effects", "--store", store, "--n-workers", "1", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "48 loci in 2 chunks; computed 2 chunk(s), 43,200 mutant predictions" in captured.out
+    assert "Dask dashboard" not in captured.err and "locus/s" not in captured.err  # --quiet: no INFO lines, no progress bar
+    assert main(["effects", "--store", store, "--n-workers", "1", "-v"]) == 0
+    err = capsys.readouterr().err
+    assert "deepmr effects: [deepmr_dist.cluster] Dask dashboard at " in err
+    assert "deepmr effects: debug: [deepmr_dist.cluster] embedded LocalCluster of 1 worker(s)" in err
     assert main(["inspect", "--store", store]) == 0
     out = capsys.readouterr().out
     assert "ISM complete: 48/48 loci" in out and "[effects]" in out
@@ -119,3 +129,89 @@ def test_configs__load_without_torch_or_distributed():
     from pathlib import Path
 
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=Path(__file__).resolve().parent.parent)
+
+
+# ----------------------------------------------------------------------------- options, messages, exit codes
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_cli__every_subcommand_takes_verbose_and_quiet(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "-v, --verbose" in out and "-q, --quiet" in out, out
+
+
+def meta_table(path: Path, bad_row: bool = False) -> str:
+    frame = pd.DataFrame({"group": ["g"] * 4, "estimate": [0.1, 0.3, 0.2, 0.25], "se": [0.1, 0.2, 0.15, 0.1]})
+    if bad_row:
+        frame.loc[1, "se"] = -1.0
+    frame.to_csv(path, index=False)
+    return str(path)
+
+
+def test_cli__info_by_default_nothing_with_quiet_debug_with_verbose(tmp_path, capsys):
+    table, out = meta_table(tmp_path / "in.csv"), str(tmp_path / "out.csv")
+    logger = logging.getLogger("deepmr_dist")
+    before = (list(logger.handlers), logger.level, logger.propagate)
+    assert main(["meta", table, "--out", out]) == 0
+    assert capsys.readouterr().err == f"deepmr meta: wrote {out}: 1 row(s)\n"
+    assert main(["meta", table, "--out", out, "-q"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(["meta", table, "--out", out, "--verbose"]) == 0
+    err = capsys.readouterr().err
+    assert "deepmr meta: debug: [deepmr_dist.cli] deepmr-dist " in err
+    assert f"deepmr meta: debug: [deepmr_dist.cli.meta] {table}: 1 group(s), 0 row(s) excluded" in err
+    assert f"deepmr meta: [deepmr_dist.cli.meta] wrote {out}: 1 row(s)" in err
+    assert (list(logger.handlers), logger.level, logger.propagate) == before  # main leaves logging as it found it
+
+
+def test_cli__quiet_keeps_warnings(tmp_path, capsys):
+    table = meta_table(tmp_path / "in.csv", bad_row=True)
+    assert main(["meta", table, "--out", str(tmp_path / "out.csv"), "-q"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"deepmr meta: warning: {table}: excluded 1 invalid row(s)"), err
+
+
+@pytest.mark.parametrize(
+    ("command", "method", "message"),
+    [
+        ("meta", "dl,sj", "deepmr meta: error: --method: unknown meta-analysis method 'sj'; valid: fe, dl, reml, pm"),
+        ("mr", "ivw,bogus", "deepmr mr: error: --method: unknown MR method(s) 'bogus'; valid: ivw, "),
+    ],
+)
+def test_cli__bad_method_exits_1_with_one_line_and_no_traceback(tmp_path, command, method, message):
+    table = tmp_path / "in.csv"
+    if command == "meta":
+        meta_table(table)
+    else:
+        frame = {"locus": ["l"] * 3, "bx": [0.5, 0.4, 0.6], "bxse": [0.1] * 3, "by": [1.0, 0.8, 1.2], "byse": [0.1] * 3}
+        pd.DataFrame(frame).to_csv(table, index=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "deepmr_dist.cli", command, str(table), "--method", method, "--out", str(tmp_path / "o.csv")],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert proc.returncode == 1
+    assert proc.stdout == "" and proc.stderr.count("\n") == 1 and proc.stderr.startswith(message), proc.stderr
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_cli__usage_errors_exit_2(tmp_path, capsys):
+    table = meta_table(tmp_path / "in.csv")
+    for argv in (["meta", table], ["nope"], ["meta", table, "--out", "o.csv", "-q", "-v"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2, argv
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_cli_run__bad_names_in_a_pipeline_yaml_name_the_field_and_the_valid_choices(tmp_path, capsys):
+    quickstart = (Path(__file__).resolve().parents[1] / "pipelines" / "quickstart.yaml").read_text()
+    bad = quickstart.replace("rule: pooled_z", "rule: pooled").replace("method: dl", "method: sj")
+    (tmp_path / "bad.yaml").write_text(bad + "tasks:\n  transform: exp\n")
+    assert main(["run", str(tmp_path / "bad.yaml"), "--dry-run", "-q"]) == 1
+    err = capsys.readouterr().err
+    assert "instruments.rule: unknown instrument rule 'pooled'; valid: pooled_z, mutation_z" in err
+    assert "meta.method: unknown meta-analysis method 'sj'; valid: fe, dl, reml, pm" in err
+    assert "tasks.transform: unknown transform 'exp'; valid: none, sigmoid, log1p" in err

@@ -109,7 +109,7 @@ def test_mr__unknown_method_lists_valid_ones(tmp_path, capsys):
     rc = main(["mr", str(tmp_path / "in.csv"), "--method", "ivw,bogus", "--out", str(tmp_path / "o.csv")])
     assert rc == 1
     err = capsys.readouterr().err
-    assert "unknown method(s) 'bogus'" in err and "ivw" in err and "egger" in err
+    assert "--method: unknown MR method(s) 'bogus'; valid: " in err and "ivw" in err and "egger" in err
     assert not (tmp_path / "o.csv").exists()
 
 
@@ -166,7 +166,7 @@ def test_meta__without_group_column_is_group_all(tmp_path):
 def test_meta__unknown_method_and_bad_alpha(tmp_path, capsys):
     meta_input().to_csv(tmp_path / "in.csv", index=False)
     assert main(["meta", str(tmp_path / "in.csv"), "--method", "sj", "--out", str(tmp_path / "o.csv")]) == 1
-    assert "valid methods: fe, dl, reml, pm" in capsys.readouterr().err
+    assert "--method: unknown meta-analysis method 'sj'; valid: fe, dl, reml, pm" in capsys.readouterr().err
     assert main(["meta", str(tmp_path / "in.csv"), "--alpha", "2", "--out", str(tmp_path / "o.csv")]) == 1
     assert "--alpha" in capsys.readouterr().err
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepmr_dist.errors import ModelOutputError
+from deepmr_dist.errors import InputError, ModelOutputError
 from deepmr_dist.models.heads import OutputHead, parse_tasks
 
 
@@ -36,5 +36,17 @@ def test_parse_tasks__indices_and_names():
     assert parse_tasks("1,0", ["a", "b"]) == ((1, 0), ("b", "a"))
     assert parse_tasks("b", ["a", "b"]) == ((1,), ("b",))
     assert OutputHead(tasks=(3,)).names(5) == ["task3"]
-    with pytest.raises(ValueError, match="unknown tasks"):
+    with pytest.raises(InputError, match="unknown tasks"):
         parse_tasks("c", ["a", "b"])
+    with pytest.raises(InputError, match="--tasks is empty"):
+        parse_tasks(" , ", ["a", "b"])
+    with pytest.raises(InputError, match=r"task indices \[2\] out of range for the 2 task names \['a', 'b'\]"):
+        parse_tasks("0,2", ["a", "b"])
+    assert parse_tasks("0,2", None) == ((0, 2), None)
+
+
+def test_head__bad_transform_or_task_names_are_input_errors():
+    with pytest.raises(InputError, match="unknown transform 'exp'; valid: none, sigmoid, log1p"):
+        OutputHead(transform="exp")
+    with pytest.raises(InputError, match="2 task indices but 1 task names"):
+        OutputHead(tasks=(0, 1), task_names=("a",))

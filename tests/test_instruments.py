@@ -9,7 +9,7 @@ import pytest
 import xarray as xr
 
 from deepmr_dist.errors import InputError
-from deepmr_dist.stages.instruments import RULES, count_instruments, instrument_mask, pooled_stats, select
+from deepmr_dist.stages.instruments import RULES, check_rule, count_instruments, instrument_mask, pooled_stats, select
 
 ALLELES = ["A", "C", "G", "T"]
 
@@ -114,7 +114,20 @@ def test_errors__unknown_task_rule_and_threshold():
     ds = make_effects()
     with pytest.raises(InputError, match="'z' not in the effects dataset; available tasks: x, y"):
         select(ds, "z", rule="pooled_z", threshold=1.0)
-    with pytest.raises(ValueError, match="valid: pooled_z, mutation_z"):
+    with pytest.raises(InputError, match="unknown instrument rule 'foo'; valid: pooled_z, mutation_z"):
         select(ds, "x", rule="foo", threshold=1.0)
-    with pytest.raises(ValueError, match="threshold"):
+    with pytest.raises(InputError, match="threshold"):
         select(ds, "x", rule="pooled_z", threshold=-1.0)
+
+
+def test_check_rule__the_one_check_of_rule_names_and_thresholds():
+    assert list(RULES) == ["pooled_z", "mutation_z"]
+    assert all(check_rule(rule) == rule for rule in RULES)
+    assert check_rule("mutation_z", 0.0) == "mutation_z"
+    with pytest.raises(InputError, match="unknown instrument rule 'pooled'; valid: pooled_z, mutation_z$"):
+        check_rule("pooled")
+    for threshold in (-0.5, np.inf, np.nan):
+        with pytest.raises(InputError, match="instrument threshold must be finite and >= 0"):
+            check_rule("pooled_z", threshold)
+    with pytest.raises(InputError, match="valid: pooled_z, mutation_z"):
+        instrument_mask(np.zeros(3), np.ones(3), "foo", 1.0)

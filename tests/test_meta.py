@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from scipy import optimize, stats
 
-from deepmr_dist.meta import META_COLUMNS, META_METHODS, META_REASONS, MetaResult, meta_analysis
+from deepmr_dist.errors import InputError
+from deepmr_dist.meta import META_COLUMNS, META_METHODS, META_REASONS, MetaResult, check_method, meta_analysis
 
 # dat.bcg from metafor (Colditz et al. 1994): 13 BCG vaccine trials.
 TPOS = np.array([4, 6, 3, 62, 33, 180, 8, 505, 29, 17, 186, 5, 27], dtype=float)
@@ -337,7 +338,7 @@ def test_invalid_cells__are_ignored_like_padding():
 
 
 def test_options__unknown_method_and_bad_alpha_raise():
-    with pytest.raises(ValueError, match="valid: fe, dl, reml, pm"):
+    with pytest.raises(InputError, match="unknown meta-analysis method 'hs'; valid: fe, dl, reml, pm"):
         meta_analysis([0.1], [0.1], "hs")
     with pytest.raises(ValueError, match="alpha"):
         meta_analysis([0.1], [0.1], "dl", alpha=1.5)
@@ -362,3 +363,14 @@ def test_result__is_frozen():
     res = meta_analysis([0.1, 0.2], [0.1, 0.1], "dl")
     with pytest.raises(AttributeError):
         res.k = None  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("method", META_METHODS)
+def test_check_method__returns_a_valid_name(method):
+    assert check_method(method) == method
+
+
+@pytest.mark.parametrize("bad", ["DL", "sj", ""])
+def test_check_method__unknown_name_is_an_input_error_listing_the_valid_ones(bad):
+    with pytest.raises(InputError, match=f"unknown meta-analysis method {bad!r}; valid: fe, dl, reml, pm$"):
+        check_method(bad)

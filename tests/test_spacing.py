@@ -253,7 +253,7 @@ def test_stratified_global_ce__input_errors():
         stratified_global_ce(local, hand_bins().isel(pair=0))
     with pytest.raises(InputError, match="local_se"):
         stratified_global_ce(local.drop_vars("local_se"), hand_bins())
-    with pytest.raises(ValueError, match="meta-analysis method"):
+    with pytest.raises(InputError, match="unknown meta-analysis method 'bogus'; valid: fe, dl, reml, pm"):
         stratified_global_ce(local, hand_bins(), "bogus")
 
 

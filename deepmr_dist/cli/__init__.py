@@ -7,6 +7,12 @@ so ``deepmr --help`` imports none of them and only the chosen subcommand's
 module (and what it needs) is imported. ``main`` turns
 :class:`deepmr_dist.errors.DeepMRError` into a one-line message.
 
+Every subcommand also takes ``-v/--verbose`` and ``-q/--quiet`` (added by
+:func:`build_parser`): for the duration of the command, the ``deepmr_dist``
+loggers write to stderr from INFO (default), DEBUG (``-v``, each line naming
+its logger) or WARNING (``-q``, which also turns progress bars off). What a
+command exists to print (tables, summaries, plans) goes to stdout.
+
 Exit codes: 0 success; 1 a run that failed on its input, store or model (one
 line on stderr naming what is wrong); 2 a usage error (argparse's message).
 """
@@ -15,8 +21,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from deepmr_dist import __version__
 from deepmr_dist.errors import DeepMRError
@@ -49,10 +58,22 @@ COMMANDS: dict[str, tuple[str, str]] = {
 EXIT_FAILED = 1
 """Exit code of a run stopped by a :class:`~deepmr_dist.errors.DeepMRError` (argparse's usage errors exit 2)."""
 
+PACKAGE_LOGGER = "deepmr_dist"
+"""The logger whose messages (and its children's) a command writes to stderr."""
+
+log = logging.getLogger(__name__)
+
 
 def help_of(command: str) -> str:
     """The one-line help of ``command`` (for its module's ``register``)."""
     return COMMANDS[command][1]
+
+
+def add_logging_options(parser: argparse.ArgumentParser) -> None:
+    """Add ``-v/--verbose`` and ``-q/--quiet`` (exclusive; ``args.verbose``, ``args.quiet``) to a subcommand's parser."""
+    group = parser.add_argument_group("messages").add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_true", help="also debug messages, each naming its logger")
+    group.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors; no progress bars")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -61,7 +82,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     Parameters
     ----------
     command : str, optional
-        The subcommand to build in full; the others get a placeholder with their help line.
+        The subcommand to build in full, with :func:`add_logging_options`; the
+        others get a placeholder with their help line.
     """
     parser = argparse.ArgumentParser(
         prog="deepmr",
@@ -72,6 +94,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     for name, (module, text) in COMMANDS.items():
         if name == command:
             importlib.import_module(module).register(subparsers)
+            add_logging_options(subparsers.choices[name])
         else:
             subparsers.add_parser(name, help=text)
     return parser
@@ -82,16 +105,58 @@ def _command(argv: Sequence[str]) -> str | None:
     return next((arg for arg in argv if arg in COMMANDS), None)
 
 
+class _Formatter(logging.Formatter):
+    """``deepmr CMD: message`` at INFO, ``deepmr CMD: warning: message`` at other levels; optionally the logger's name."""
+
+    def __init__(self, prefix: str, with_names: bool) -> None:
+        super().__init__()
+        self.prefix = prefix
+        self.with_names = with_names
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno == logging.INFO else f"{record.levelname.lower()}: "
+        name = f"[{record.name}] " if self.with_names else ""
+        text = f"{self.prefix}: {level}{name}{record.getMessage()}"
+        if record.exc_info:
+            text += "\n" + self.formatException(record.exc_info)
+        return text
+
+
+@contextmanager
+def logging_to_stderr(command: str, level: int) -> Iterator[None]:
+    """Messages of the :data:`PACKAGE_LOGGER` loggers at ``level`` and above go to stderr during the block.
+
+    The logger's handlers, level and propagation are restored afterwards, so
+    that ``main`` can be called more than once in a process (as tests do).
+    """
+    logger = logging.getLogger(PACKAGE_LOGGER)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter(f"deepmr {command}", with_names=level <= logging.DEBUG))
+    saved_level, saved_propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved_level)
+        logger.propagate = saved_propagate
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``deepmr`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_command(argv))
     args = parser.parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except DeepMRError as exc:
-        print(f"deepmr {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    with logging_to_stderr(args.command, level):
+        log.debug("deepmr-dist %s, Python %s: deepmr %s", __version__, sys.version.split()[0], shlex.join(argv))
+        try:
+            return int(args.func(args) or 0)
+        except DeepMRError as exc:
+            print(f"deepmr {args.command}: error: {exc}", file=sys.stderr)
+            return EXIT_FAILED
 
 
 if __name__ == "__main__":

@@ -10,32 +10,49 @@ reason, n_excluded``; with ``--hksj`` each method also gets rows
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
+from collections.abc import Callable, Sequence
 
 import pandas as pd
 
 from deepmr_dist.errors import InputError
-from deepmr_dist.meta import META_METHODS, meta_analysis
+from deepmr_dist.meta import META_METHODS, check_method, meta_analysis
 from deepmr_dist.io.tables import exclusion_message, read_meta_table, write_table
 from deepmr_dist.cli import help_of
 
-__all__ = ["register", "run", "parse_methods"]
+__all__ = ["register", "run", "parse_methods", "check_alpha"]
+
+log = logging.getLogger(__name__)
 
 
-def parse_methods(text: str, valid: tuple[str, ...], option: str = "--method") -> list[str]:
-    """Split a comma-separated method list and check every name against ``valid``.
+def parse_methods(text: str, check: Callable[[list[str]], Sequence[str]], option: str = "--method") -> list[str]:
+    """Split a comma-separated method list and check it with the library's one check of such names.
+
+    Parameters
+    ----------
+    text : str
+        The option's value, e.g. ``"ivw,Egger"`` (names are lower-cased).
+    check : callable
+        The library's check of a list of names (e.g. :func:`deepmr_dist.mr.check_methods`),
+        returning them without repeats or raising :class:`InputError`.
+    option : str
+        The option, named in the error.
 
     Raises
     ------
     InputError
-        Naming the unknown method(s) and listing the valid ones.
+        ``check``'s message (naming the unknown method(s) and the valid ones) after ``option``.
     """
-    methods = [m.strip().lower() for m in text.split(",") if m.strip()]
-    unknown = [m for m in methods if m not in valid]
-    if unknown or not methods:
-        what = f"unknown method(s) {', '.join(map(repr, unknown))}" if unknown else "no method given"
-        raise InputError(f"{option}: {what}; valid methods: {', '.join(valid)}")
-    return list(dict.fromkeys(methods))
+    names = [m.strip().lower() for m in text.split(",") if m.strip()]
+    try:
+        return list(check(names))
+    except InputError as exc:
+        raise InputError(f"{option}: {exc}") from None
+
+
+def meta_methods(names: Sequence[str]) -> tuple[str, ...]:
+    """``names`` each checked by :func:`deepmr_dist.meta.check_method`, repeats dropped (none given is the unknown ``''``)."""
+    return tuple(dict.fromkeys(check_method(name) for name in names or [""]))
 
 
 def check_alpha(alpha: float) -> float:
@@ -67,12 +84,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``deepmr meta``; returns the exit status."""
-    methods = parse_methods(args.method, META_METHODS)
+    methods = parse_methods(args.method, meta_methods)
     alpha = check_alpha(args.alpha)
     table = read_meta_table(args.input)
+    log.debug("%s: %d group(s), %d row(s) excluded", args.input, len(table.ids), table.total_excluded)
     message = exclusion_message(table)
     if message:
-        print(f"deepmr meta: warning: {message}", file=sys.stderr)
+        log.warning("%s", message)
     est, se = table["estimate"], table["se"]
     frames = []
     for method in methods:
@@ -85,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     out = pd.concat(frames, ignore_index=True)
     out = _group_major(out, table.ids)
     write_table(out, args.out)
+    log.info("wrote %s: %d row(s)", args.out, len(out))
     return 0
 
 

@@ -11,7 +11,7 @@ intercept_pvalue, rse, q, q_pvalue, i2, i2gx, fstat, reason, note, n_excluded``
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 
 import pandas as pd
 
@@ -22,6 +22,8 @@ from deepmr_dist.cli import help_of
 from deepmr_dist.mr.result import COLUMNS
 
 __all__ = ["MR_OUTPUT_COLUMNS", "register", "run"]
+
+log = logging.getLogger(__name__)
 
 MR_OUTPUT_COLUMNS: tuple[str, ...] = (*COLUMNS, "n_excluded")
 """Columns of ``deepmr mr``'s output: :data:`deepmr_dist.mr.result.COLUMNS` and the excluded-row count."""
@@ -56,16 +58,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``deepmr mr``; returns the exit status."""
-    from deepmr_dist.mr import METHODS, estimate
+    from deepmr_dist.mr import check_methods, estimate
 
-    methods = parse_methods(args.method, tuple(METHODS))
+    methods = parse_methods(args.method, check_methods)
     alpha = check_alpha(args.alpha)
     if args.n_boot < 2:
         raise InputError(f"--n-boot must be an integer >= 2, got {args.n_boot}")
     table = read_mr_table(args.input)
+    log.debug("%s: %d loci, %d row(s) excluded", args.input, len(table.ids), table.total_excluded)
     message = exclusion_message(table)
     if message:
-        print(f"deepmr mr: warning: {message}", file=sys.stderr)
+        log.warning("%s", message)
     results = estimate(
         table["bx"], table["bxse"], table["by"], table["byse"],
         methods=tuple(methods), alpha=alpha, egger_t_dist=args.t_dist, t_dist=args.t_dist,
@@ -77,4 +80,5 @@ def run(args: argparse.Namespace) -> int:
     out = out.iloc[out["locus"].map(rank).argsort(kind="stable").to_numpy()].reset_index(drop=True)
     out = out[[c for c in MR_OUTPUT_COLUMNS if c in out.columns] + [c for c in out.columns if c not in MR_OUTPUT_COLUMNS]]
     write_table(out, args.out)
+    log.info("wrote %s: %d row(s)", args.out, len(out))
     return 0

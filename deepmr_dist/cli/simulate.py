@@ -23,7 +23,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="redo the analysis of finished rounds (instruments, MR, meta-analysis) from their stored ISM predictions",
     )
     p.add_argument("--dry-run", action="store_true", help="print the study's plan (scenarios, rounds, sizes) and stop")
-    p.add_argument("--quiet", action="store_true", help="no progress bar, no per-round lines")
     p.set_defaults(func=run_simulate)
 
 
@@ -38,7 +37,7 @@ def run_simulate(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(describe_study(config, out))
         return 0
-    with connect(config.cluster.address, n_workers=config.cluster.n_workers, verbose=not args.quiet) as client:
+    with connect(config.cluster.address, n_workers=config.cluster.n_workers) as client:
         run_study(config, out, client=client, progress=not args.quiet, rescore=getattr(args, "rescore", False))
     print((Path(out) / "table1.md").read_text())
     print(f"{out}: rounds.csv, table1.csv, bias_coverage.csv, table1.md, figures/")

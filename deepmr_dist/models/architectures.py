@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from deepmr_dist.errors import InputError
-from deepmr_dist.models.heads import TRANSFORMS, OutputHead
+from deepmr_dist.models.heads import OutputHead
+from deepmr_dist.models.transforms import check_transform
 
 
 class SimulationCNN(nn.Module):
@@ -72,7 +73,7 @@ class SimulationCNN(nn.Module):
         self.features = nn.Sequential(*layers)
         flat = n_filters * (length - n_blocks * (width - 1))
         if flat <= 0:
-            raise ValueError(f"length {length} is too short for {n_blocks} convolutions of width {width}")
+            raise InputError(f"sequence length {length} is too short for {n_blocks} convolutions of width {width}")
         head: list[nn.Module] = [nn.Flatten(), nn.Linear(flat, hidden), nn.ReLU()]
         if dropout > 0:
             head.append(nn.Dropout(dropout))
@@ -277,8 +278,7 @@ def head_for_tasks(
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise InputError(f"the model's task names repeat {repeated[:10]}; names must be unique to select tasks")
-    if transform not in TRANSFORMS:
-        raise InputError(f"unknown head transform {transform!r}; expected one of {TRANSFORMS}")
+    check_transform(transform)
     chosen = names if wanted is None else list(wanted)
     if not chosen:
         raise InputError("no tasks chosen: give at least one task name")

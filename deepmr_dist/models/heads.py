@@ -15,9 +15,10 @@ from typing import Any
 
 import torch
 
-from deepmr_dist.errors import ModelOutputError
-from deepmr_dist.models.transforms import TRANSFORMS
+from deepmr_dist.errors import InputError, ModelOutputError
+from deepmr_dist.models.transforms import check_transform
 
+__all__ = ["OutputHead", "parse_tasks"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,12 @@ class OutputHead:
     task_names
         Names of the kept tasks (the ``task`` coordinate). Defaults to
         ``task0, task1, ...`` numbered by output index.
+
+    Raises
+    ------
+    InputError
+        An unknown ``transform`` (listing the valid ones), or ``tasks`` and
+        ``task_names`` of different lengths.
     """
 
     output_index: int | None = None
@@ -48,10 +55,9 @@ class OutputHead:
     task_names: tuple[str, ...] | None = field(default=None)
 
     def __post_init__(self) -> None:
-        if self.transform not in TRANSFORMS:
-            raise ValueError(f"unknown transform {self.transform!r}; expected one of {TRANSFORMS}")
+        check_transform(self.transform)
         if self.tasks is not None and self.task_names is not None and len(self.tasks) != len(self.task_names):
-            raise ValueError(f"{len(self.tasks)} task indices but {len(self.task_names)} task names")
+            raise InputError(f"{len(self.tasks)} task indices but {len(self.task_names)} task names")
 
     def __call__(self, raw: Any, batch: int) -> torch.Tensor:
         """Apply the head to a raw model output for ``batch`` sequences.
@@ -122,19 +128,29 @@ def parse_tasks(spec: str | None, available: Sequence[str] | None = None) -> tup
     -------
     (indices, names)
         ``names`` is ``None`` when the spec gave indices and no output names are known.
+
+    Raises
+    ------
+    InputError
+        An empty spec, indices beyond the known output names, names without
+        known output names, or unknown names.
     """
     if spec is None:
         return None, tuple(available) if available is not None else None
     items = [s.strip() for s in spec.split(",") if s.strip()]
     if not items:
-        raise ValueError("--tasks is empty")
+        raise InputError("--tasks is empty")
     if all(s.lstrip("-").isdigit() for s in items):
         indices = tuple(int(s) for s in items)
-        names = tuple(available[i] for i in indices) if available is not None else None
-        return indices, names
+        if available is None:
+            return indices, None
+        outside = [i for i in indices if not -len(available) <= i < len(available)]
+        if outside:
+            raise InputError(f"task indices {outside} out of range for the {len(available)} task names {list(available)}")
+        return indices, tuple(available[i] for i in indices)
     if available is None:
-        raise ValueError(f"tasks {items} are given by name, but no task names are known (pass --task-names)")
+        raise InputError(f"tasks {items} are given by name, but no task names are known (pass --task-names)")
     missing = [s for s in items if s not in available]
     if missing:
-        raise ValueError(f"unknown tasks {missing}; the model's tasks are {list(available)}")
+        raise InputError(f"unknown tasks {missing}; the model's tasks are {list(available)}")
     return tuple(list(available).index(s) for s in items), tuple(items)

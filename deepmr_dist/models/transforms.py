@@ -1,7 +1,27 @@
 """Names of the transforms an output head applies to raw model outputs (torch-free, for config validation).
 
-:class:`deepmr_dist.models.heads.OutputHead` applies them.
+:class:`deepmr_dist.models.heads.OutputHead` applies them; :func:`check_transform`
+is the one check of their names.
 """
+
+from __future__ import annotations
+
+from deepmr_dist.errors import InputError
+
+__all__ = ["TRANSFORMS", "check_transform"]
 
 TRANSFORMS: tuple[str, ...] = ("none", "sigmoid", "log1p")
 """``none``, ``sigmoid`` (logits to probabilities) and ``log1p`` (counts to log scale)."""
+
+
+def check_transform(transform: str) -> str:
+    """``transform`` if it is one of :data:`TRANSFORMS` (the one check of transform names).
+
+    Raises
+    ------
+    InputError
+        Naming the transform and listing the valid ones.
+    """
+    if transform not in TRANSFORMS:
+        raise InputError(f"unknown transform {transform!r}; valid: {', '.join(TRANSFORMS)}")
+    return transform

@@ -5,13 +5,13 @@ errors); :func:`load_config` turns a validation failure into one
 :class:`~deepmr_dist.errors.InputError` whose lines give the file, the YAML
 path of each bad field (``training.epochs``, ``analysis.methods[2]``) and what
 was expected. :data:`InstrumentRule`, :data:`MetaMethod`, :data:`Transform`
-and :data:`MRMethods` check a field against the library's own lists of valid
-names; :class:`ClusterSettings` is where a run's Dask tasks go.
+and :data:`MRMethods` check a field with the library's one check of those
+names (an :class:`~deepmr_dist.errors.InputError` listing the valid ones);
+:class:`ClusterSettings` is where a run's Dask tasks go.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -19,10 +19,10 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from deepmr_dist.errors import InputError
-from deepmr_dist.stages.instruments import RULES
-from deepmr_dist.meta import META_METHODS
-from deepmr_dist.models.transforms import TRANSFORMS
+from deepmr_dist.meta import check_method
+from deepmr_dist.models.transforms import check_transform
 from deepmr_dist.mr import check_methods
+from deepmr_dist.stages.instruments import check_rule
 
 Config = TypeVar("Config", bound=BaseModel)
 
@@ -33,27 +33,21 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _one_of(valid: Sequence[str], what: str) -> Callable[[str], str]:
-    def check(value: str) -> str:
-        if value not in valid:
-            raise ValueError(f"unknown {what}; expected one of {', '.join(valid)}")
-        return value
-
-    return check
+# The checks raise InputError, a ValueError, which pydantic reports under the field's path.
 
 
 def _mr_methods(methods: list[str]) -> list[str]:
-    return list(check_methods(methods))  # an InputError is a ValueError: pydantic reports it by field
+    return list(check_methods(methods))
 
 
-InstrumentRule = Annotated[str, AfterValidator(_one_of(RULES, "instrument rule"))]
-"""A rule of :mod:`deepmr_dist.stages.instruments`."""
-MetaMethod = Annotated[str, AfterValidator(_one_of(META_METHODS, "meta-analysis method"))]
-"""A method of :func:`deepmr_dist.meta.meta_analysis`."""
-Transform = Annotated[str, AfterValidator(_one_of(TRANSFORMS, "transform"))]
-"""A transform of :class:`~deepmr_dist.models.heads.OutputHead`."""
+InstrumentRule = Annotated[str, AfterValidator(check_rule)]
+"""A rule of :data:`deepmr_dist.stages.instruments.RULES`, checked by :func:`~deepmr_dist.stages.instruments.check_rule`."""
+MetaMethod = Annotated[str, AfterValidator(check_method)]
+"""A method of :func:`deepmr_dist.meta.meta_analysis`, checked by :func:`deepmr_dist.meta.check_method`."""
+Transform = Annotated[str, AfterValidator(check_transform)]
+"""A transform of :class:`~deepmr_dist.models.heads.OutputHead`, checked by :func:`deepmr_dist.models.transforms.check_transform`."""
 MRMethods = Annotated[list[str], AfterValidator(_mr_methods)]
-"""A non-empty list of :data:`deepmr_dist.mr.METHODS`, repeats dropped."""
+"""A non-empty list of :data:`deepmr_dist.mr.METHODS`, repeats dropped, checked by :func:`deepmr_dist.mr.check_methods`."""
 
 
 class ClusterSettings(Section):

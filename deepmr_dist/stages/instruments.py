@@ -19,7 +19,7 @@ A NaN effect (the reference allele) is never an instrument.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import dask
 import numpy as np
@@ -29,24 +29,61 @@ from deepmr_dist.errors import InputError
 
 __all__ = [
     "RULES",
+    "check_rule",
     "count_instruments",
     "instrument_mask",
     "pooled_stats",
     "select",
 ]
 
-RULES: tuple[str, ...] = ("pooled_z", "mutation_z")
-"""Names of the instrument-selection rules."""
+RuleFunction = Callable[[np.ndarray, np.ndarray, float, float, float], np.ndarray]
+"""A rule: ``(effect, effect_se, threshold, center, scale) -> mask`` on numpy arrays of one shape."""
+
+
+def _pooled_z(effect: np.ndarray, effect_se: np.ndarray, threshold: float, center: float, scale: float) -> np.ndarray:
+    """``|effect - center| / scale >= threshold``, with the pooled mean and SD of the exposure effects."""
+    z = np.abs(effect - center) / scale
+    return np.isfinite(z) & (z >= threshold)
+
+
+def _mutation_z(effect: np.ndarray, effect_se: np.ndarray, threshold: float, center: float, scale: float) -> np.ndarray:
+    """``|effect / effect_se| >= threshold``; never where ``effect_se`` is 0, negative or not finite."""
+    se = np.asarray(effect_se, dtype=np.float64)
+    z = np.abs(effect) / se
+    return np.isfinite(se) & (se > 0) & np.isfinite(z) & (z >= threshold)
+
+
+RULES: dict[str, RuleFunction] = {"pooled_z": _pooled_z, "mutation_z": _mutation_z}
+"""The instrument-selection rules, name -> function (see the module docstring); :func:`check_rule` checks names."""
 
 _CANDIDATE_DIMS = ("position", "allele")
 
 
-def check_rule(rule: str, threshold: float) -> None:
-    """Raise ``ValueError`` for an unknown rule or a threshold that is negative or not finite."""
+def check_rule(rule: str, threshold: float | None = None) -> str:
+    """``rule`` if it is one of :data:`RULES` (the one check of rule names), and ``threshold`` if given.
+
+    Parameters
+    ----------
+    rule : str
+        Name of an instrument-selection rule.
+    threshold : float, optional
+        Selection threshold, checked to be finite and >= 0 when given.
+
+    Returns
+    -------
+    str
+        ``rule``.
+
+    Raises
+    ------
+    InputError
+        Naming an unknown rule and listing the valid ones, or naming a bad threshold.
+    """
     if rule not in RULES:
         raise InputError(f"unknown instrument rule {rule!r}; valid: {', '.join(RULES)}")
-    if not np.isfinite(threshold) or threshold < 0:
+    if threshold is not None and (not np.isfinite(threshold) or threshold < 0):
         raise InputError(f"instrument threshold must be finite and >= 0, got {threshold!r}")
+    return rule
 
 
 def check_tasks(effects: xr.Dataset, tasks: Sequence[str]) -> None:
@@ -75,6 +112,7 @@ def instrument_mask(
     effect, effect_se : ndarray
         Exposure effects and their standard errors, same shape.
     rule : {"pooled_z", "mutation_z"}
+        A key of :data:`RULES`.
     threshold : float
     center, scale : float
         Pooled mean and SD of the exposure effects (``pooled_z`` only; see
@@ -84,17 +122,15 @@ def instrument_mask(
     -------
     ndarray of bool
         True where the mutation is an instrument.
+
+    Raises
+    ------
+    InputError
+        For an unknown ``rule``, listing the valid ones.
     """
-    effect = np.asarray(effect, dtype=np.float64)
+    rule_function = RULES[check_rule(rule)]
     with np.errstate(divide="ignore", invalid="ignore"):
-        if rule == "pooled_z":
-            z = np.abs(effect - center) / scale
-            return np.isfinite(z) & (z >= threshold)
-        if rule == "mutation_z":
-            se = np.asarray(effect_se, dtype=np.float64)
-            z = np.abs(effect) / se
-            return np.isfinite(se) & (se > 0) & np.isfinite(z) & (z >= threshold)
-    raise InputError(f"unknown instrument rule {rule!r}; valid: {', '.join(RULES)}")
+        return rule_function(np.asarray(effect, dtype=np.float64), effect_se, threshold, center, scale)
 
 
 def pooled_stats(effects: xr.Dataset, exposures: Sequence[str], *, ddof: int = 0) -> dict[str, tuple[float, float]]:
@@ -150,6 +186,12 @@ def select(
     xr.DataArray
         bool, dims ``(locus, position, allele)``, chunked like ``effects``
         along ``locus``; attrs record the rule, threshold and pooled stats.
+
+    Raises
+    ------
+    InputError
+        An unknown rule (listing the valid ones), a negative or non-finite
+        threshold, or an exposure absent from ``effects``.
     """
     check_rule(rule, threshold)
     check_tasks(effects, [exposure])

@@ -465,10 +465,9 @@ def stratified_global_ce(
     Raises
     ------
     InputError
+        An unknown ``meta_method`` (listing the valid ones) or a bad ``alpha``;
         ``local`` lacks ``local_ce``/``local_se``, ``spacing_bins`` has other
         dims, or names a pair or locus absent from ``local``.
-    ValueError
-        Unknown ``meta_method`` or bad ``alpha``.
     """
     check_method(meta_method)
     for name in ("local_ce", "local_se"):
