@@ -130,7 +130,7 @@ def _deepmr_predict(loci, spec, settings, workers: int, path: str) -> tuple[floa
 
     from deepmr_dist.io import store
     from deepmr_dist.cluster import connect
-    from deepmr_dist.stages.predict import predict
+    from deepmr_dist.stages.predict import PredictReport, predict
 
     store.remove_store(path)  # a fresh store every round (an existing one would be resumed, not recomputed)
     t_start = time.perf_counter()
@@ -139,7 +139,7 @@ def _deepmr_predict(loci, spec, settings, workers: int, path: str) -> tuple[floa
         threads = sorted(client.run(torch.get_num_threads).values())
         before = client.run(_worker_cpu_seconds)
         c0 = time.process_time()
-        report = predict(loci, spec, path, client=client, settings=settings, progress=False)
+        report = PredictReport.of(predict(loci, spec, path, client=client, settings=settings, progress=False))
         cpu = time.process_time() - c0
         after = client.run(_worker_cpu_seconds)
     cpu += sum(after[w] - before[w] for w in before)
@@ -157,7 +157,7 @@ def main() -> int:
 
     if args.engine == "auto":
         try:
-            import deepmr_dist.ism.incremental  # noqa: F401
+            import deepmr_dist.ism.incremental.build  # noqa: F401
 
             incremental = True
         except ImportError:

@@ -38,7 +38,9 @@ from deepmr_dist.mr._data import prepare
 from deepmr_dist.simulation.binding import binding_probability
 from deepmr_dist.simulation.counts import CountParameters, anscombe, expected_counts
 from deepmr_dist.simulation.generator import dataset_motif_models, select_split, simulate_round
-from deepmr_dist.pipeline.study import StudyConfig, motif_set, round_directory
+from deepmr_dist.pipeline.config import StudyConfig
+from deepmr_dist.pipeline.study import round_directory
+from deepmr_dist.simulation.motifs import MotifSet
 from deepmr_dist.simulation.truth import true_causal_effects
 
 DEFAULT_METHODS = ("egger", "egger_paper", "ivw", "ivw_delta", "egger_simex", "mr_raps")
@@ -99,7 +101,7 @@ def _global(estimates: np.ndarray, ses: np.ndarray, functional: np.ndarray, trut
 def diagnose_round(config: StudyConfig, scenario: int, round_index: int, study_dir: Path, methods: tuple[str, ...]) -> list[dict]:
     """One row per method and data source (model / noise-free) of one round."""
     store = round_directory(study_dir, scenario, round_index) / "run.zarr"
-    ds = simulate_round(scenario, round_index, seed=config.seed, motifs=motif_set(config.motifs), config=config.generator)
+    ds = simulate_round(scenario, round_index, seed=config.seed, motifs=MotifSet.resolve(**config.motifs.model_dump()), config=config.generator)
     truth = true_causal_effects(ds)
     effects = xr.open_zarr(store, group="effects", consolidated=False)
     loci = effects["locus"].values

@@ -16,10 +16,10 @@ from deepmr_dist.stages.calibration import (
     fit_calibration,
     poisson_anscombe_variance,
     read_calibration,
-    write_calibration,
 )
 from deepmr_dist.stages.effects import compute_effects
 from deepmr_dist.errors import InputError
+from deepmr_dist.io import store
 
 TASKS = ["exposure", "outcome"]
 Z95 = stats.norm.ppf(0.975)
@@ -143,7 +143,7 @@ def test_calibration__serialises_to_json_and_to_a_zarr_group(under_dispersed, tm
     calibration = fit_calibration(*under_dispersed, source="round 0, calibration split")
     assert Calibration.from_dict(json.loads(json.dumps(calibration.to_dict()))) == calibration
     path = str(tmp_path / "run.zarr")
-    write_calibration(path, calibration)
+    store.write_group(path, calibration.to_dataset(), "calibration")
     assert read_calibration(path) == calibration
     stored = xr.open_zarr(path, group="calibration", consolidated=False)
     assert stored["factor"].dims == ("task",) and stored["coverage_before"].dims == ("task", "level")
@@ -243,9 +243,8 @@ def test_compute_effects__calibration_that_does_not_apply_is_refused(under_dispe
         compute_effects(leaked, calibration=calibration)
 
 
-def test_write_effects__stores_calibrated_se_and_the_calibration_summary(under_dispersed, tmp_path):
-    from deepmr_dist.io import store
-    from deepmr_dist.stages.effects import write_effects
+def test_written_effects__store_calibrated_se_and_the_calibration_summary(under_dispersed, tmp_path):
+
     from deepmr_dist.io.sequence import sequences_dataset
 
     calibration = fit_calibration(*under_dispersed, source="round 0, calibration split")
@@ -258,7 +257,7 @@ def test_write_effects__stores_calibrated_se_and_the_calibration_summary(under_d
     for start, stop in store.chunk_bounds(6, 2):
         store.write_ism_chunk(path, start, ism["ref_pred"].values[start:stop].astype(np.float32),
                               ism["mut_pred"].values[start:stop].astype(np.float32))
-    written = write_effects(path, calibration=calibration)
+    written = store.write_group(path, compute_effects(store.open_run(path)["ism"], calibration=calibration), "effects")
     expected = compute_effects(ism, calibration=calibration)
     np.testing.assert_allclose(written["effect_se"].values, expected["effect_se"].values, rtol=1e-12)
     reopened = store.open_run(path)["effects"]

@@ -11,7 +11,7 @@ import xarray as xr
 from distributed import Client, LocalCluster
 
 from deepmr_dist.io import store
-from deepmr_dist.stages.effects import compute_effects, write_effects
+from deepmr_dist.stages.effects import compute_effects
 from deepmr_dist.errors import DeepMRError, StoreError
 from deepmr_dist.io.sequence import N_CODE, sequences_dataset
 
@@ -66,11 +66,11 @@ def _numpy_effects(ref: np.ndarray, mut: np.ndarray, ddof: int) -> tuple[np.ndar
 
 
 @pytest.mark.parametrize("ddof", [0, 1])
-def test_write_effects__equal_numpy_mean_and_covariance_se(tmp_path, ddof):
+def test_compute_effects__written_store_equals_numpy_mean_and_covariance_se(tmp_path, ddof):
     codes, ref, mut = _raw(seed=11)
     path = str(tmp_path / "run.zarr")
     _write_raw_ism(path, codes, ref, mut, chunk_loci=4)  # chunks 0:4 and the partial 4:6
-    effects = write_effects(path, ddof=ddof)
+    effects = store.write_group(path, compute_effects(store.open_run(path)["ism"], ddof=ddof), "effects")
 
     expected_effect, expected_se = _numpy_effects(ref, mut, ddof)
     assert effects["effect"].dims == ("locus", "position", "allele", "task")
@@ -117,7 +117,7 @@ def test_compute_effects__is_lazy_along_locus_chunks_and_checks_ddof(tmp_path):
         compute_effects(ism.isel(member=[0]), ddof=1)
 
 
-def test_write_effects__incomplete_store_is_refused(tmp_path):
+def test_compute_effects__incomplete_store_is_refused(tmp_path):
     codes, ref, mut = _raw(seed=14)
     path = str(tmp_path / "run.zarr")
     loci = sequences_dataset(codes, [f"locus{i}" for i in range(codes.shape[0])])
@@ -125,7 +125,7 @@ def test_write_effects__incomplete_store_is_refused(tmp_path):
     store.create_store(path, template, fingerprint="test", attrs={}, chunk_loci=4)
     store.write_ism_chunk(path, 0, ref[:4], mut[:4])
     with pytest.raises(StoreError, match="'locus4'.*deepmr predict"):
-        write_effects(path)
+        compute_effects(store.open_run(path)["ism"])
 
 
 # ----------------------------------------------------------------------------- 7. out of core
@@ -167,7 +167,7 @@ def _sequences(n_loci: int) -> np.ndarray:
         pytest.param(160, id="mut_pred-1GB", marks=pytest.mark.slow),
     ],
 )
-def test_write_effects__out_of_core_on_a_worker_with_400MiB(tmp_path, n_chunks):
+def test_effects__written_out_of_core_on_a_worker_with_400MiB(tmp_path, n_chunks):
     from distributed.diagnostics import MemorySampler
 
     n_loci = n_chunks * CHUNK
@@ -195,7 +195,7 @@ def test_write_effects__out_of_core_on_a_worker_with_400MiB(tmp_path, n_chunks):
         peak_before = max(client.run(peak_rss).values())
         sampler = MemorySampler()
         with sampler.sample("effects", measure="process", interval=0.1):
-            write_effects(path)
+            store.write_group(path, compute_effects(store.open_run(path)["ism"]), "effects")
         ids_after = client.run(lambda dask_worker: (dask_worker.id, __import__("os").getpid()))
         peak = client.run(peak_rss)
         sampled = float(sampler.to_pandas()["effects"].max())

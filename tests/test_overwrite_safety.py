@@ -15,10 +15,10 @@ import xarray as xr
 from conftest import EXAMPLE_ENSEMBLE, EXAMPLE_FASTA
 from deepmr_dist.io import store
 from deepmr_dist.cli import main
-from deepmr_dist.stages.effects import write_effects
+from deepmr_dist.stages.effects import compute_effects
 from deepmr_dist.errors import StoreError
 from deepmr_dist.models.ensemble import ModelSpec
-from deepmr_dist.stages.predict import ISMSettings, predict
+from deepmr_dist.stages.predict import ISMSettings, PredictReport, predict
 
 ENSEMBLE = ModelSpec((EXAMPLE_ENSEMBLE,))
 SETTINGS = ISMSettings(chunk_loci=4, incremental=False)
@@ -46,7 +46,7 @@ def _foreign_directory(tmp_path: Path) -> Path:
 def _full_store(path: str, loci: xr.Dataset, client) -> None:
     """A complete store with ``ism``, ``effects`` and a ``meta`` group."""
     predict(loci, ENSEMBLE, path, client=client, settings=SETTINGS, progress=False)
-    write_effects(path)
+    store.write_group(path, compute_effects(store.open_run(path)["ism"]), "effects")
     store.write_group(path, xr.Dataset({"global_ce": ("pair", np.array([0.5]))}), "meta")
 
 
@@ -91,7 +91,7 @@ def test_inspect_target__store_written_before_the_marker_is_recognised_by_its_fi
     root = json.loads((path / "zarr.json").read_text())
     (path / "zarr.json").write_text(json.dumps({**root, "attributes": {}}))
     assert store.inspect_target(str(path)).kind == "store"
-    report = predict(loci, ENSEMBLE, str(path), client=client, settings=SETTINGS, progress=False)
+    report = PredictReport.of(predict(loci, ENSEMBLE, str(path), client=client, settings=SETTINGS, progress=False))
     assert report.chunks_computed == 0  # resumed, not replaced
 
 
@@ -185,7 +185,7 @@ def test_predict__overwrite_replaces_a_store_with_damaged_ism_metadata(tmp_path,
     path = tmp_path / "run.zarr"
     _full_store(str(path), loci, client)
     (path / "ism" / "zarr.json").write_text("{broken")
-    report = predict(loci, ENSEMBLE, str(path), client=client, settings=SETTINGS, overwrite=True, progress=False)
+    report = PredictReport.of(predict(loci, ENSEMBLE, str(path), client=client, settings=SETTINGS, overwrite=True, progress=False))
     assert report.chunks_computed == 2
     assert set(store.open_run(str(path))) == {"ism"}
     assert store.open_run(str(path))["ism"]["complete"].values.all()
@@ -207,7 +207,7 @@ def test_predict__store_with_damaged_root_metadata_is_refused_even_with_overwrit
 def test_predict__existing_empty_directory_becomes_the_store(tmp_path, loci, client):
     folder = tmp_path / "empty"
     folder.mkdir()
-    report = predict(loci, ENSEMBLE, str(folder), client=client, settings=SETTINGS, progress=False)
+    report = PredictReport.of(predict(loci, ENSEMBLE, str(folder), client=client, settings=SETTINGS, progress=False))
     assert report.chunks_computed == 2
     assert store.open_run(str(folder))["ism"]["complete"].values.all()
     assert store.inspect_target(str(folder)).kind == "store"
@@ -223,7 +223,7 @@ def test_predict__file_url_to_an_existing_empty_folder_is_never_deleted(tmp_path
         predict(loci, ENSEMBLE, url, client=client, settings=SETTINGS, progress=False)
     assert folder.is_dir() and not any(folder.iterdir())
     options = {"auto_mkdir": True}
-    report = predict(loci, ENSEMBLE, url, client=client, settings=SETTINGS, progress=False, storage_options=options)
+    report = PredictReport.of(predict(loci, ENSEMBLE, url, client=client, settings=SETTINGS, progress=False, storage_options=options))
     assert report.chunks_computed == 2
     assert store.open_run(url, storage_options=options)["ism"]["complete"].values.all()
 

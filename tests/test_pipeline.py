@@ -14,7 +14,9 @@ from conftest import EXAMPLE_ENSEMBLE, EXAMPLE_FASTA
 from deepmr_dist.cli import main
 from deepmr_dist.pipeline.config_types import load_config, parse_config
 from deepmr_dist.errors import InputError
-from deepmr_dist.pipeline.runner import output_directory, plan, run_pipeline
+from deepmr_dist.pipeline.outputs import output_directory
+from deepmr_dist.pipeline.plan import plan
+from deepmr_dist.pipeline.runner import run_pipeline
 from deepmr_dist.pipeline.config import PipelineConfig
 
 REPO = Path(__file__).resolve().parents[1]

@@ -34,7 +34,7 @@ from deepmr_dist.cli import main
 from deepmr_dist.cluster import task_resources
 from deepmr_dist.errors import ModelOutputError, StoreError
 from deepmr_dist.models.ensemble import ModelSpec
-from deepmr_dist.stages.predict import ISMSettings, predict, predict_in_memory
+from deepmr_dist.stages.predict import ISMSettings, PredictReport, predict, predict_in_memory
 from deepmr_dist.io.sequence import encode, sequences_dataset
 
 ENSEMBLE = ModelSpec((EXAMPLE_ENSEMBLE,))
@@ -149,7 +149,7 @@ def reference(example_loci):
 def undisturbed(tmp_path_factory, client, example_loci):
     """An uninterrupted ``predict`` of the example on the embedded cluster: (report, path)."""
     path = str(tmp_path_factory.mktemp("undisturbed") / "run.zarr")
-    report = predict(example_loci, ENSEMBLE, path, client=client, settings=CHUNK4, progress=False)
+    report = PredictReport.of(predict(example_loci, ENSEMBLE, path, client=client, settings=CHUNK4, progress=False))
     return report, path
 
 
@@ -223,14 +223,14 @@ def test_predict__local_cluster_store_equals_in_memory_engine(client, example_lo
     _nan_at_reference_alleles(ism)
     _nan_at_reference_alleles(reference)
 
-    again = predict(example_loci, ENSEMBLE, path, client=client, settings=CHUNK4, progress=False)
+    again = PredictReport.of(predict(example_loci, ENSEMBLE, path, client=client, settings=CHUNK4, progress=False))
     assert (again.chunks_computed, again.mutant_predictions) == (0, 0)
 
 
 def test_predict__partial_last_chunk_matches_in_memory_engine(tmp_path, client, example_loci, reference):
     loci = example_loci.isel(locus=slice(0, 10))  # chunks 0:4, 4:8 and the partial 8:10
     path = str(tmp_path / "run.zarr")
-    report = predict(loci, ENSEMBLE, path, client=client, settings=CHUNK4, progress=False)
+    report = PredictReport.of(predict(loci, ENSEMBLE, path, client=client, settings=CHUNK4, progress=False))
     assert (report.n_chunks, report.chunks_computed) == (3, 3)
     ism = store.open_run(path)["ism"]
     expected = reference.isel(locus=slice(0, 10))
@@ -394,7 +394,7 @@ def test_predict__resume_after_sigkill_computes_only_missing_chunks(tmp_path, cl
     todo = store.incomplete_chunks(str(path))
     assert 0 < len(todo) < n_chunks
     # CHUNK4 is what the CLI run used (same fingerprint): the rerun resumes it.
-    report = predict(example_loci, ENSEMBLE, str(path), client=client, settings=CHUNK4, progress=False)
+    report = PredictReport.of(predict(example_loci, ENSEMBLE, str(path), client=client, settings=CHUNK4, progress=False))
     assert report.n_chunks == n_chunks
     assert report.chunks_computed == len(todo)
     assert report.mutant_predictions == sum(b - a for a, b in todo) * N_MEMBERS * 3 * LENGTH
@@ -419,7 +419,7 @@ def test_predict__concurrent_runs_of_one_model_into_two_stores_both_complete(tmp
     try:
         _wait(lambda: _complete_loci(first) >= 4 or not thread.is_alive(), 120, "the first run's first chunk")
         assert thread.is_alive(), "the first run ended before the second could start"
-        report = predict(example_loci.isel(locus=slice(0, 24)), spec, second, client=client, settings=CHUNK4, progress=False)
+        report = PredictReport.of(predict(example_loci.isel(locus=slice(0, 24)), spec, second, client=client, settings=CHUNK4, progress=False))
     finally:
         thread.join(120)
     assert not isinstance(outcome["first"], BaseException), outcome["first"]
@@ -478,7 +478,7 @@ def test_predict__store_of_another_model_is_refused_untouched_and_replaced_with_
         assert path in str(err.value)
         assert _snapshot(path) == before, spec
 
-    report = predict(loci, three_masks, path, client=client, settings=settings, overwrite=True, progress=False)
+    report = PredictReport.of(predict(loci, three_masks, path, client=client, settings=settings, overwrite=True, progress=False))
     assert report.chunks_computed == 1
     ism = store.open_run(path)["ism"]
     assert ism["member"].values.tolist() == ["mask0", "mask1", "mask2"]

@@ -10,7 +10,8 @@ import xarray as xr
 from deepmr_dist.cli import main
 from deepmr_dist.pipeline.config_types import load_config, parse_config
 from deepmr_dist.errors import InputError, StoreError
-from deepmr_dist.pipeline.study import StudyConfig, member_seeds, round_directory, run_round, run_study
+from deepmr_dist.pipeline.config import StudyConfig
+from deepmr_dist.pipeline.study import member_seeds, round_directory, run_round, run_study
 
 # Small enough for CI, large enough that the ensemble learns the motifs (unconfounded scenario).
 TINY = {
@@ -149,9 +150,11 @@ def test_run_study__resumes_round_by_round_and_refuses_other_round_settings(tmp_
     np.testing.assert_allclose(same["estimate"], more[more["method"] == "wald_mean"]["estimate"].to_numpy())
     np.testing.assert_array_equal(rescored[rescored["method"] == "egger_paper"]["train_s"].to_numpy(),
                                   more[more["method"] == "egger_paper"]["train_s"].to_numpy())
-    with pytest.raises(StoreError, match="other settings other than analysis"):
-        run_study(_config(training={"epochs": 5}, analysis=analysis), tmp_path, client=client, progress=False,
-                  rescore=True)
+    # a rescore under other training settings retrains (the fingerprints changed) instead of mixing settings
+    retrained = run_study(_config(training={"epochs": 4}, rounds=2, analysis=analysis), tmp_path, client=client,
+                          progress=False, rescore=True)
+    assert members.stat().st_mtime_ns != stamps[0] and ism_chunk.stat().st_mtime_ns != stamps[1]
+    assert not np.array_equal(retrained["val_mse_exposure"].to_numpy(), rescored["val_mse_exposure"].to_numpy())
 
 
 def test_cli_simulate__runs_a_config_and_prints_table1(tmp_path, capsys, client):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from deepmr_dist.cluster import connect
-from deepmr_dist.stages.effects import write_effects
+from deepmr_dist.io import store
+from deepmr_dist.stages.effects import compute_effects
 from deepmr_dist.cli import help_of
 
 
@@ -18,13 +19,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ddof", type=int, choices=(0, 1), default=0, help="0 as the paper (default) or 1")
     p.add_argument("--cluster", default="local", help="'local' (default) or a scheduler address")
     p.add_argument("--n-workers", type=int, help="workers of the local cluster")
-    p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=run_effects)
 
 
 def run_effects(args: argparse.Namespace) -> int:
-    with connect(args.cluster, n_workers=args.n_workers, verbose=not args.quiet):
-        effects = write_effects(args.store, ddof=args.ddof)
+    with connect(args.cluster, n_workers=args.n_workers):
+        ism = store.open_run(args.store)["ism"]
+        effects = store.write_group(args.store, compute_effects(ism, ddof=args.ddof), "effects")
     sizes = ", ".join(f"{k}={v}" for k, v in effects.sizes.items())
     print(f"{args.store}: wrote group 'effects' ({sizes}, ddof={args.ddof})")
     return 0

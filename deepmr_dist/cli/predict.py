@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 import xarray as xr
 
 from deepmr_dist.cluster import connect
 from deepmr_dist.errors import InputError
 from deepmr_dist.models.ensemble import ModelSpec
-from deepmr_dist.models.heads import TRANSFORMS, OutputHead, parse_tasks
-from deepmr_dist.stages.predict import ISMSettings, predict
+from deepmr_dist.models.heads import OutputHead, parse_tasks
+from deepmr_dist.models.transforms import TRANSFORMS
+from deepmr_dist.stages.predict import ISMSettings, PredictReport, predict
 from deepmr_dist.io.sequence import read_bed_regions, read_fasta, read_onehot
 from deepmr_dist.cli import help_of
 
@@ -49,7 +49,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--overwrite", action="store_true",
         help="replace a deepmr store made by another run, or one whose ism group is damaged (never anything else)",
     )
-    run.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run_predict)
 
 
@@ -68,13 +67,16 @@ def load_loci(args: argparse.Namespace) -> xr.Dataset:
 
 
 def head_from_args(args: argparse.Namespace) -> OutputHead:
-    """The output head described by --tasks, --task-names, --output-index, --profile-axis, --transform."""
+    """The output head described by --tasks, --task-names, --output-index, --profile-axis, --transform.
+
+    Raises
+    ------
+    InputError
+        Tasks that do not resolve, or an unknown transform (listing the valid ones).
+    """
     names = [s.strip() for s in args.task_names.split(",")] if args.task_names else None
-    try:
-        tasks, task_names = parse_tasks(args.tasks, names)
-        return OutputHead(args.output_index, args.profile_axis, tasks, args.transform, task_names)
-    except ValueError as exc:
-        raise InputError(str(exc)) from None
+    tasks, task_names = parse_tasks(args.tasks, names)
+    return OutputHead(args.output_index, args.profile_axis, tasks, args.transform, task_names)
 
 
 def run_predict(args: argparse.Namespace) -> int:
@@ -86,12 +88,12 @@ def run_predict(args: argparse.Namespace) -> int:
         mutant_batch=args.mutant_batch,
         incremental=not args.full_recompute,
     )
-    with connect(args.cluster, n_workers=args.n_workers, verbose=not args.quiet) as client:
-        report = predict(loci, spec, args.store, client=client, settings=settings, overwrite=args.overwrite, progress=not args.quiet)
+    with connect(args.cluster, n_workers=args.n_workers) as client:
+        ism = predict(loci, spec, args.store, client=client, settings=settings, overwrite=args.overwrite, progress=not args.quiet)
+    report = PredictReport.of(ism)
     print(
         f"{report.store}: {report.n_loci} loci in {report.n_chunks} chunks; computed {report.chunks_computed} "
         f"chunk(s), {report.mutant_predictions:,} mutant predictions in {report.seconds:.1f} s "
-        f"({report.rate:,.0f}/s)",
-        file=sys.stdout,
+        f"({report.rate:,.0f}/s)"
     )
     return 0

@@ -29,7 +29,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace a deepmr store made by another run, or one whose ism group is damaged"
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run_run)
 
 
@@ -41,7 +40,8 @@ def run_run(args: argparse.Namespace) -> int:
 
         return run_simulate(argparse.Namespace(**{**vars(args), "config": args.pipeline}))
     from deepmr_dist.pipeline.api import load_pipeline, run
-    from deepmr_dist.pipeline.runner import output_directory, plan
+    from deepmr_dist.pipeline.outputs import output_directory
+    from deepmr_dist.pipeline.plan import plan
 
     config = load_pipeline(args.pipeline, store=args.store, cluster=args.cluster, n_workers=args.n_workers)
     if args.dry_run:

@@ -317,16 +317,32 @@ def remove_store(path: str, storage_options: Mapping[str, Any] | None = None, *,
         fs.rm(root, recursive=True)
 
 
+STAGE_ATTR = "deepmr_stage_fingerprint"
+"""Attribute of a group written by a pipeline stage: the fingerprint of what it was computed from."""
+
+
 def write_group(
-    path: str, ds: xr.Dataset, group: str, *, storage_options: Mapping[str, Any] | None = None
+    path: str,
+    ds: xr.Dataset,
+    group: str,
+    *,
+    fingerprint: str | None = None,
+    storage_options: Mapping[str, Any] | None = None,
 ) -> xr.Dataset:
     """Write ``ds`` (lazy or in memory) as group ``group`` of the store, replacing it; return it opened lazily.
 
-    Fixed-width unicode variables and coordinates are written as variable-length
-    strings, the string type Zarr v3 specifies (fixed-width UTF-32 has no v3
-    specification yet), through NumPy's ``StringDType``: unlike ``object`` it
-    needs no pass over lazy data to infer the type. Dask-backed variables are
-    written block by block.
+    Every data variable is compressed with :func:`compressors` and chunked
+    along ``locus`` as ``ds`` is (its first chunk along ``locus`` when dask-backed,
+    else the whole axis), and nothing else. Dask-backed variables are
+    written block by block. Fixed-width unicode variables and coordinates are
+    written as variable-length strings, the string type Zarr v3 specifies
+    (fixed-width UTF-32 has no v3 specification yet), through NumPy's
+    ``StringDType``: unlike ``object`` it needs no pass over lazy data to infer
+    the type.
+
+    ``fingerprint`` (a stage's, see :func:`stage_fingerprint`) is recorded in
+    the group's attributes only once every chunk is written, so a group whose
+    write was interrupted never looks finished.
 
     Where ``path`` holds nothing (or is an empty directory), a new store is
     created with it.
@@ -341,11 +357,28 @@ def write_group(
     if target.kind != "store":
         _create_root(path, storage_options)
     ds = ds.copy()
+    ds.attrs.pop(STAGE_ATTR, None)
     for name, var in ds.variables.items():
         if var.dtype.kind == "U":
             ds[name] = var.astype(np.dtypes.StringDType())
-    ds.to_zarr(path, group=group, mode="w", consolidated=False, storage_options=storage_options)
+    chunk_loci = next(
+        (var.chunksizes["locus"][0] for var in ds.data_vars.values() if var.chunks is not None and "locus" in var.dims),
+        ds.sizes.get("locus", 1),
+    )
+    encoding = encoding_for(ds, chunk_loci)
+    ds.to_zarr(path, group=group, mode="w", consolidated=False, encoding=encoding, storage_options=storage_options)
+    if fingerprint is not None:
+        zarr.open_group(path, path=group, mode="r+", storage_options=storage_options).attrs[STAGE_ATTR] = fingerprint
     return xr.open_zarr(path, group=group, consolidated=False, storage_options=storage_options)
+
+
+def stage_fingerprint(path: str, group: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
+    """The fingerprint :func:`write_group` recorded for ``group`` (``None`` if the group or the record is absent)."""
+    try:
+        attrs = zarr.open_group(path, path=group, mode="r", storage_options=storage_options).attrs
+    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
+        return None
+    return attrs.get(STAGE_ATTR)
 
 
 def write_ism_chunk(

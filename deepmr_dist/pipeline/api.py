@@ -191,9 +191,6 @@ def predict(
         The store's ``ism`` group, opened lazily; ``attrs["predict_report"]`` holds
         what the run did (loci computed and skipped, timings).
     """
-    from dataclasses import asdict
-
-    from deepmr_dist.io.store import open_run
     from deepmr_dist.models.ensemble import ModelSpec
     from deepmr_dist.stages.predict import ISMSettings
     from deepmr_dist.stages.predict import predict as predict_stage
@@ -201,8 +198,5 @@ def predict(
     if not isinstance(model, ModelSpec):
         model = ModelSpec((model,) if isinstance(model, str) else tuple(model))
     with _client(client, "local", None, progress) as c:
-        report = predict_stage(loci, model, store, client=c, settings=settings or ISMSettings(),
-                               overwrite=overwrite, progress=progress)  # fmt: skip
-    ism = open_run(store)["ism"]
-    ism.attrs["predict_report"] = asdict(report)
-    return ism
+        return predict_stage(loci, model, store, client=c, settings=settings or ISMSettings(),
+                             overwrite=overwrite, progress=progress)  # fmt: skip

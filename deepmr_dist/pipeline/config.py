@@ -56,8 +56,6 @@ BASELINE = "wald_mean"
 """The paper's baseline method: the plain mean of per-locus Wald ratios."""
 PAPER_RULE = "egger_paper"
 """The paper's MR rule: robust MR-Egger above 10 instruments, MR-Egger from 3 to 10."""
-RESCORABLE = {"ddof", "calibration", "instrument_rule", "instrument_threshold", "methods", "meta_method"}
-"""Analysis settings a rescore may change: everything downstream of the stored ISM predictions."""
 
 
 class MotifChoice(Section):
@@ -129,17 +127,6 @@ class StudyConfig(Section):
         fixed = self.model_dump(mode="json", exclude={"name", "scenarios", "rounds", "concurrent_rounds", "cluster", "output"})
         return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()
 
-    def prediction_fingerprint(self) -> str:
-        """SHA-256 of the settings behind a round's members and ISM store (what a rescore keeps)."""
-        fixed = self.model_dump(
-            mode="json",
-            exclude={
-                **{name: True for name in ("name", "scenarios", "rounds", "concurrent_rounds", "cluster", "output")},
-                "analysis": RESCORABLE,
-            },
-        )
-        return hashlib.sha256(json.dumps(fixed, sort_keys=True).encode()).hexdigest()
-
 
 # --------------------------------------------------------------------------- pipelines (deepmr run)
 
@@ -189,6 +176,9 @@ class Model(Section):
     )
     train_simulation: bool = Field(False, description="train the paper's CNN on the simulation's training loci")
     members: int = Field(3, ge=2, description="members to train (train_simulation)")
+    seeds: list[int] | None = Field(
+        None, description="training seed of each member (default: 1000 x sequences.simulation.seed + member index)"
+    )
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     mc_dropout: int = Field(0, ge=0, description="N frozen dropout masks of one model instead of an ensemble")
     mc_seed: int = 0
@@ -197,6 +187,11 @@ class Model(Section):
     def _one_kind(self) -> Model:
         if self.train_simulation == bool(self.sources):
             raise ValueError("give either sources or train_simulation: true")
+        if self.seeds is not None:
+            if not self.train_simulation:
+                raise ValueError("seeds are the training seeds of train_simulation members")
+            if len(self.seeds) != self.members or len(set(self.seeds)) != len(self.seeds):
+                raise ValueError(f"seeds must give {self.members} distinct seeds, one per member; got {self.seeds}")
         return self
 
 
@@ -263,6 +258,10 @@ class PipelineConfig(Section):
     spacing: Spacing | None = None
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     store: str = Field("runs/run.zarr", description="run store: a directory or an fsspec URL")
+    outputs: str | None = Field(
+        None, description="folder of the tables, trained members and report (default: the store's path without .zarr)"
+    )
+    report: bool = Field(True, description="write report.html beside the tables")
 
     @model_validator(mode="after")
     def _consistent(self) -> PipelineConfig:
@@ -312,9 +311,3 @@ class PipelineConfig(Section):
         for name, value in fields:
             if value is not None and "://" not in value and not Path(value).exists():
                 raise InputError(f"{name}: file not found: {value}")
-
-    def stage_fingerprint(self, *sections: str) -> str:
-        """SHA-256 of the named sections (what a stage's result depends on)."""
-        data = self.model_dump(mode="json", include=set(sections))
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-

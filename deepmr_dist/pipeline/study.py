@@ -1,18 +1,17 @@
 """The paper's simulation study end to end, one round at a time.
 
-A round (one scenario, one round index) is:
-
-1. simulate training, calibration and test sequences (:func:`simulate_round`);
-2. train the ensemble, one member per Dask task (:func:`train_ensemble`);
-3. ISM of the test loci into the round's run store (:func:`deepmr_dist.stages.predict.predict`);
-4. effects, optionally with the isotonic SE calibration fitted on the
-   round's held-out calibration sequences (:mod:`deepmr_dist.stages.calibration`);
-5. instruments, per-locus MR (``mr`` group) and the meta-analysis (``meta`` group);
-6. the true causal effects (``truth`` group) and one summary row per method.
+A round (one scenario, one round index) is one pipeline (:func:`round_config`)
+run by the pipeline's runner (:func:`deepmr_dist.pipeline.runner.run_pipeline`):
+simulate the round's training, calibration and test sequences, train the
+ensemble (one member per Dask task), ISM of the test loci, effects (optionally
+with the isotonic SE calibration fitted on the held-out calibration sequences),
+instruments and per-locus MR, the meta-analysis and the true causal effects;
+then one summary row per method (:func:`summarize_round`).
 
 A study runs every (scenario, round) of a :class:`StudyConfig`, several rounds
 at a time on one Dask cluster, and is resumable round by round: a round whose
-``summary.csv`` exists is read back, not recomputed. At the end it writes
+``summary.csv`` exists is read back, not recomputed (with ``rescore`` it is
+rerun, and the runner recomputes only the stages whose settings changed). At the end it writes
 ``rounds.csv`` (every summary row), ``table1.csv`` and ``table1.md`` (the
 paper's Table 1 beside ours) and the Fig 2 plots.
 
@@ -21,12 +20,14 @@ Output layout under the study directory::
     config.yaml                       the resolved config (every default written out)
     <scenario>/round-<r>/members/     member-<i>.pt state dicts + .json histories
     <scenario>/round-<r>/run.zarr     groups ism, effects, mr, meta, truth (+ calibration)
+    <scenario>/round-<r>/local_ce.*, global_ce.*, pipeline.yaml, stages.json, timings.json   the round's pipeline outputs
     <scenario>/round-<r>/summary.csv  one row per MR method; written last
     rounds.csv, table1.csv, bias_coverage.csv, table1.md, figures/*.png
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -38,35 +39,21 @@ import pandas as pd
 import xarray as xr
 
 from deepmr_dist import schema
-from deepmr_dist.io import store
-from deepmr_dist.stages.causal_effects import global_ce, local_ce
-from deepmr_dist.pipeline.config import BASELINE, PAPER_RULE, RESCORABLE, MotifChoice, StudyConfig
-from deepmr_dist.pipeline.config_types import dump_config, load_config
-from deepmr_dist.stages.effects import write_effects
 from deepmr_dist.errors import InputError, StoreError
-from deepmr_dist.models.ensemble import ModelSpec
-from deepmr_dist.models.heads import OutputHead
-from deepmr_dist.stages.predict import ISMSettings, predict
-from deepmr_dist.io.sequence import sequences_dataset
-from deepmr_dist.simulation.generator import SCENARIOS, one_hot, select_split, simulate_round
-from deepmr_dist.simulation.motifs import MotifSet, resolve_motif
-from deepmr_dist.simulation.training import train_ensemble
+from deepmr_dist.pipeline.config import (
+    BASELINE, ISM, MR, PAPER_RULE, Effects, Instruments, Meta, Model, PipelineConfig, Sequences, SimulatedSequences,
+    StudyConfig,
+)  # fmt: skip
+from deepmr_dist.pipeline.config_types import dump_config
+from deepmr_dist.pipeline.runner import PipelineResult, run_pipeline
+from deepmr_dist.simulation.generator import SCENARIOS
+from deepmr_dist.simulation.training import TrainingHistory
 from deepmr_dist.simulation.truth import true_causal_effects
 
-__all__ = [
-    "MotifChoice",
-    "StudyConfig",
-    "analyse_round",
-    "fit_round_calibration",
-    "motif_set",
-    "rescore_round",
-    "round_directory",
-    "run_round",
-    "run_study",
-    "summarize_round",
-]
+__all__ = ["describe_study", "member_seeds", "round_config", "round_directory", "run_round", "run_study", "summarize_round"]
 
-TASKS = ("exposure", "outcome")
+log = logging.getLogger(__name__)
+
 PAIR = ("exposure", "outcome")
 PLAIN_MEAN_SUFFIX = ":plain_mean"
 """Method-name suffix of a method's global CE taken as the plain mean of its local estimates."""
@@ -107,119 +94,74 @@ def member_seeds(seed: int, scenario: int, round_index: int, n_members: int) -> 
     return seeds
 
 
+def round_config(config: StudyConfig, scenario: int, round_index: int, round_dir: str | Path) -> PipelineConfig:
+    """The pipeline of one round: its simulated loci, its trained ensemble and the study's analysis settings.
+
+    The store is ``round_dir/run.zarr``; members, tables and the stage ledger
+    go to ``round_dir`` (no report per round).
+    """
+    analysis, round_dir = config.analysis, Path(round_dir)
+    return PipelineConfig(
+        name=f"{config.name}/{SCENARIOS[scenario]}/round-{round_index:03d}",
+        sequences=Sequences(simulation=SimulatedSequences(
+            scenario=scenario, round=round_index, seed=config.seed, motifs=config.motifs, generator=config.generator,
+        )),
+        model=Model(
+            train_simulation=True, members=config.members, training=config.training,
+            seeds=member_seeds(config.seed, scenario, round_index, config.members),
+        ),
+        pairs=[PAIR],
+        ism=ISM(chunk_loci=analysis.chunk_loci),
+        effects=Effects(ddof=analysis.ddof, calibration=analysis.calibration),
+        instruments=Instruments(rule=analysis.instrument_rule, threshold=analysis.instrument_threshold),
+        mr=MR(methods=analysis.methods, seed=config.seed),
+        meta=Meta(method=analysis.meta_method),
+        cluster=config.cluster,
+        store=str(round_dir / "run.zarr"),
+        outputs=str(round_dir),
+        report=False,
+    )  # fmt: skip
+
+
 def run_round(
-    config: StudyConfig,
-    scenario: int,
-    round_index: int,
-    round_dir: str | Path,
-    *,
-    client,
-    motifs: MotifSet | None = None,
+    config: StudyConfig, scenario: int, round_index: int, round_dir: str | Path, *, client
 ) -> pd.DataFrame:
-    """Run one round and return its summary rows (see :func:`summarize_round`).
+    """Run (or rerun) one round through the pipeline's runner and return its summary rows (:func:`summarize_round`).
 
     The round's run store (``round_dir/run.zarr``) holds the ``ism``,
-    ``effects``, ``mr``, ``meta`` and ``truth`` groups; the members are in
-    ``round_dir/members``. ``summary.csv`` is written last, atomically, and
-    marks the round done.
+    ``effects``, ``mr``, ``meta`` and ``truth`` groups (and ``calibration``);
+    the members are in ``round_dir/members``. A rerun recomputes only the
+    stages whose settings changed (a rescore: the analysis, never training or
+    ISM); the seconds of a skipped stage are those of the run that made it.
+    ``summary.csv`` is written last, atomically, and marks the round done.
     """
     round_dir = Path(round_dir)
-    motifs = motif_set(config.motifs) if motifs is None else motifs
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-    ds = simulate_round(scenario, round_index, seed=config.seed, motifs=motifs, config=config.generator)
-    truth = true_causal_effects(ds)
-    timings["simulate_s"] = time.perf_counter() - started
-
+    summary = round_dir / "summary.csv"
+    before = pd.read_csv(summary).iloc[0] if summary.exists() else None
+    result = run_pipeline(round_config(config, scenario, round_index, round_dir), client=client, progress=False, overwrite=True)
     tick = time.perf_counter()
-    train = select_split(ds, "train", "variant")
-    members = train_ensemble(
-        one_hot(train["sequence"].values),
-        train["label"].values,
-        config.members,
-        member_seeds(config.seed, scenario, round_index, config.members),
-        client=client,
-        out_dir=round_dir / "members",
-        settings=config.training,
-    )
-    timings["train_s"] = time.perf_counter() - tick
-
-    tick = time.perf_counter()
-    test = select_split(ds, "test")
-    loci = sequences_dataset(test["sequence"].values.astype(np.int8), test["locus"].values)
-    spec = ModelSpec(tuple(str(m.path) for m in members))
-    settings = ISMSettings(head=OutputHead(task_names=TASKS), chunk_loci=config.analysis.chunk_loci)
-    path = str(round_dir / "run.zarr")
-    predict(loci, spec, path, client=client, settings=settings, overwrite=True, progress=False)
-    timings["ism_s"] = time.perf_counter() - tick
-
-    val_mse = np.mean([m.history.best_val_mse for m in members], axis=0)  # per task, Anscombe units
-    rows = analyse_round(config, ds, truth, spec, path)
-    rows["val_mse_exposure"], rows["val_mse_outcome"] = float(val_mse[0]), float(val_mse[1])
-    timings["round_s"] = time.perf_counter() - started
-    for name, seconds in timings.items():
-        rows[name] = seconds
-    _write_atomically(rows, round_dir / "summary.csv")
-    return rows
-
-
-def analyse_round(config: StudyConfig, ds: xr.Dataset, truth: xr.Dataset, spec: ModelSpec, path: str) -> pd.DataFrame:
-    """Effects, MR, meta-analysis and truth of a round whose ISM store is complete; its summary rows.
-
-    Writes the ``effects``, ``mr``, ``meta`` and ``truth`` groups (and
-    ``calibration`` when configured) of the store at ``path``; the rows carry
-    the round's identity, parameters and ``analysis_s``.
-    """
-    tick = time.perf_counter()
-    calibration = fit_round_calibration(ds, spec, ddof=config.analysis.ddof) if config.analysis.calibration else None
-    if calibration is not None:
-        from deepmr_dist.stages.calibration import write_calibration
-
-        write_calibration(path, calibration, group=schema.CALIBRATION)
-    effects = write_effects(path, ddof=config.analysis.ddof, calibration=calibration)
-    local = local_ce(
-        effects,
-        [PAIR],
-        config.analysis.methods,
-        rule=config.analysis.instrument_rule,
-        threshold=config.analysis.instrument_threshold,
-        ddof=config.analysis.ddof,
-        seed=config.seed,
-    )
-    local = store.write_group(path, local, schema.MR)
-    global_ = store.write_group(path, global_ce(local, meta_method=config.analysis.meta_method), schema.META)
-    store.write_group(path, truth.reindex(locus=effects["locus"].values), schema.TRUTH)  # NaN: no exposure instance
-    rows = summarize_round(local.load(), global_, truth, baseline=BASELINE)
+    ds = result.simulated
+    rows = summarize_round(result.datasets[schema.MR].load(), result.datasets[schema.META], true_causal_effects(ds))
     rows.insert(0, "round", int(ds.attrs["round"]))
     rows.insert(0, "scenario", int(ds.attrs["scenario"]))
     rows["scenario_name"] = SCENARIOS[int(ds.attrs["scenario"])]
     rows["alpha"] = ds.attrs["alpha"]
     rows["gamma"] = ds.attrs["gamma"]
-    rows["analysis_s"] = time.perf_counter() - tick
-    return rows
-
-
-def rescore_round(
-    config: StudyConfig, scenario: int, round_index: int, round_dir: str | Path, *, motifs: MotifSet | None = None
-) -> pd.DataFrame:
-    """Redo a finished round's analysis under ``config.analysis`` from its stored members and ISM predictions.
-
-    Nothing is retrained or re-mutated; the training and ISM columns of the
-    old summary are kept. The round is regenerated from the seed only for its
-    parameters and truth (milliseconds).
-    """
-    round_dir = Path(round_dir)
-    old = pd.read_csv(round_dir / "summary.csv")
-    motifs = motif_set(config.motifs) if motifs is None else motifs
-    ds = simulate_round(scenario, round_index, seed=config.seed, motifs=motifs, config=config.generator)
-    spec = ModelSpec(tuple(str(round_dir / "members" / f"member-{i}.pt") for i in range(config.members)))
-    rows = analyse_round(config, ds, true_causal_effects(ds), spec, str(round_dir / "run.zarr"))
-    kept = ["val_mse_exposure", "val_mse_outcome", "simulate_s", "train_s", "ism_s"]
-    for name in kept:
-        rows[name] = old[name].iloc[0]
+    analysis = [name for name in result.seconds if name not in ("sequences", "model", "ism")]
+    rows["analysis_s"] = sum(result.seconds[name] for name in analysis) + time.perf_counter() - tick
+    val_mse = np.mean([TrainingHistory.read(path).best_val_mse for path in result.members.sources], axis=0)
+    rows["val_mse_exposure"], rows["val_mse_outcome"] = float(val_mse[0]), float(val_mse[1])
+    for column, stage in (("simulate_s", "sequences"), ("train_s", "model"), ("ism_s", "ism")):
+        reused = before is not None and (stage in result.skipped or (stage == "ism" and _ism_was_done(result)))
+        rows[column] = before[column] if reused else result.seconds[stage]
     rows["round_s"] = rows[["simulate_s", "train_s", "ism_s", "analysis_s"]].sum(axis=1)
-    _write_atomically(rows, round_dir / "summary.csv")
+    _write_atomically(rows, summary)
     return rows
+
+
+def _ism_was_done(result: PipelineResult) -> bool:
+    """Whether the ISM stage found every chunk already computed (it keeps its own ledger, so it is never "skipped")."""
+    return result.datasets[schema.ISM].attrs.get("chunks_computed", None) == 0
 
 
 def summarize_round(local: xr.Dataset, global_: xr.Dataset, truth: xr.Dataset, *, baseline: str = BASELINE) -> pd.DataFrame:
@@ -322,10 +264,10 @@ def run_study(
     progress
         A progress bar over rounds on stderr, and one line per finished round.
     rescore
-        Redo the analysis of every finished round under ``config.analysis``
-        (instruments, MR methods, meta-analysis, ddof, calibration) from its
-        stored members and ISM predictions (:func:`rescore_round`); the other
-        settings must equal those the rounds were made with.
+        Rerun every finished round too, under ``config``: the runner recomputes
+        only the stages whose settings changed, so a change of
+        ``config.analysis`` (instruments, MR methods, meta-analysis, ddof,
+        calibration) reuses the stored members and ISM predictions.
 
     Returns
     -------
@@ -335,8 +277,7 @@ def run_study(
     Raises
     ------
     StoreError
-        If ``study_dir`` holds rounds made with other round settings (with
-        ``rescore``: other settings than the rescorable analysis ones).
+        If ``study_dir`` holds rounds made with other round settings (unless ``rescore``).
     """
     from tqdm.auto import tqdm
 
@@ -345,18 +286,16 @@ def run_study(
 
     study_dir = Path(config.output if study_dir is None else study_dir)
     _claim_directory(study_dir, config, rescore=rescore)
-    motifs = motif_set(config.motifs)
     jobs = [(s, r) for s in config.scenarios for r in range(config.rounds)]
     finished = [job for job in jobs if (round_directory(study_dir, *job) / "summary.csv").exists()]
-    if rescore:
-        done = {job: rescore_round(config, *job, round_directory(study_dir, *job), motifs=motifs) for job in finished}
-    else:
-        done = {job: pd.read_csv(round_directory(study_dir, *job) / "summary.csv") for job in finished}
+    done = {} if rescore else {job: pd.read_csv(round_directory(study_dir, *job) / "summary.csv") for job in finished}
     todo = [job for job in jobs if job not in done]
+    if rescore and finished:
+        log.info("rescoring %d finished round(s): only stages whose settings changed are recomputed", len(finished))
     with tqdm(total=len(jobs), initial=len(done), unit="round", desc="study", disable=not progress, file=sys.stderr) as bar:
         with ThreadPoolExecutor(max_workers=config.concurrent_rounds) as pool:
             futures = {
-                pool.submit(run_round, config, s, r, round_directory(study_dir, s, r), client=client, motifs=motifs): (s, r)
+                pool.submit(run_round, config, s, r, round_directory(study_dir, s, r), client=client): (s, r)
                 for s, r in todo
             }
             try:
@@ -393,59 +332,17 @@ def _round_line(rows: pd.DataFrame) -> str:
 def _claim_directory(study_dir: Path, config: StudyConfig, *, rescore: bool = False) -> None:
     """Write ``config.yaml``, or check that the rounds already there were made with the same settings.
 
-    A rescore needs only the settings behind the members and ISM stores to match.
+    With ``rescore`` every finished round is rerun under ``config``, so other settings are allowed.
     """
     marker = study_dir / "round_settings.sha256"
-    if marker.exists():
-        if rescore:
-            made_with = load_config(study_dir / "config.yaml", StudyConfig)
-            same = made_with.prediction_fingerprint() == config.prediction_fingerprint()
-        else:
-            same = marker.read_text().strip() == config.round_fingerprint()
-        if not same:
-            allowed = f" other than analysis.{{{', '.join(sorted(RESCORABLE))}}}" if rescore else ""
-            raise StoreError(
-                f"{study_dir} holds rounds made with other settings{allowed} (see {study_dir / 'config.yaml'}); "
-                "use another output directory or remove it"
-            )
+    if marker.exists() and not rescore and marker.read_text().strip() != config.round_fingerprint():
+        raise StoreError(
+            f"{study_dir} holds rounds made with other settings (see {study_dir / 'config.yaml'}); "
+            "use --rescore to rerun them under the new settings, another output directory, or remove it"
+        )
     study_dir.mkdir(parents=True, exist_ok=True)
     (study_dir / "config.yaml").write_text(dump_config(config))
     marker.write_text(config.round_fingerprint() + "\n")
-
-
-def motif_set(choice: MotifChoice) -> MotifSet:
-    """The three motifs a :class:`MotifChoice` names (JASPAR IDs or PWM files)."""
-    return MotifSet(**{role: resolve_motif(getattr(choice, role)) for role in ("exposure", "outcome", "confounder")})
-
-
-def fit_round_calibration(ds: xr.Dataset, spec: ModelSpec, *, ddof: int = 0):
-    """The isotonic SE calibration of ``spec``'s ensemble, fitted on the round's held-out calibration split.
-
-    The label noise is the exact variance of the Anscombe transform of a
-    Poisson count at each locus's expected count (see
-    :func:`deepmr_dist.stages.calibration.poisson_anscombe_variance`).
-    """
-    import torch
-
-    from deepmr_dist.stages.calibration import fit_calibration, poisson_anscombe_variance
-    from deepmr_dist.models.ensemble import load_members
-
-    held_out = select_split(ds, "calibration")
-    if held_out.sizes["locus"] == 0:
-        raise InputError("analysis.calibration needs held-out sequences: set generator.n_calibration > 0")
-    x = torch.from_numpy(one_hot(held_out["sequence"].values))
-    with torch.inference_mode():
-        predictions = np.stack([member(x).numpy() for member in load_members(spec)])
-    coords = {"locus": held_out["locus"].values, "task": list(TASKS)}
-    labels = xr.DataArray(held_out["label"].values, dims=("locus", "task"), coords=coords)
-    members = xr.DataArray(predictions, dims=("member", "locus", "task"), coords=coords)
-    noise = xr.DataArray(
-        poisson_anscombe_variance(held_out["expected_count"].values), dims=("locus", "task"), coords=coords
-    )
-    return fit_calibration(
-        labels, members, noise_variance=noise, ddof=ddof,
-        source=f"scenario {ds.attrs['scenario']} round {ds.attrs['round']}: {held_out.sizes['locus']} calibration loci",
-    )
 
 
 def _write_atomically(frame: pd.DataFrame, path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import io
+import threading
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -109,6 +110,11 @@ class MotifSet:
         """Load :data:`DEFAULT_MOTIFS` from the JASPAR database bundled with pyjaspar."""
         return cls(**{role: jaspar_motif(matrix_id) for role, matrix_id in DEFAULT_MOTIFS.items()})
 
+    @classmethod
+    def resolve(cls, exposure: str | Path, outcome: str | Path, confounder: str | Path) -> MotifSet:
+        """The three motifs named by JASPAR IDs or PWM files (see :func:`resolve_motif`)."""
+        return cls(exposure=resolve_motif(exposure), outcome=resolve_motif(outcome), confounder=resolve_motif(confounder))
+
 
 def smooth(probabilities: np.ndarray, pseudocount: float = PSEUDOCOUNT) -> np.ndarray:
     """Mix a probability matrix with the uniform distribution.
@@ -130,8 +136,13 @@ def smooth(probabilities: np.ndarray, pseudocount: float = PSEUDOCOUNT) -> np.nd
     return np.asarray(probabilities, dtype=np.float64) * (1.0 - pseudocount) + pseudocount / 4.0
 
 
-@functools.lru_cache(maxsize=4)
 def _jaspar_database(release: str | None):
+    """pyjaspar's database of ``release``, opened once per thread (its SQLite connection may not cross threads)."""
+    return _thread_database(release, threading.get_ident())
+
+
+@functools.lru_cache(maxsize=16)
+def _thread_database(release: str | None, thread: int):
     from pyjaspar import jaspardb
 
     return jaspardb() if release is None else jaspardb(release=release)

@@ -122,6 +122,12 @@ class TrainingHistory:
         """Per-task validation MSE of the kept weights, in label units."""
         return self.val_mse[self.best_epoch]
 
+    @classmethod
+    def read(cls, member_path: str | Path) -> TrainingHistory:
+        """The history :func:`train_ensemble` wrote beside a member (``member-<i>.json`` beside ``member-<i>.pt``)."""
+        data = json.loads(Path(member_path).with_suffix(".json").read_text())
+        return cls(**{name: value for name, value in data.items() if name != "seed"})
+
 
 @dataclass(frozen=True)
 class TrainedMember:

@@ -71,7 +71,7 @@ identifiable from these labels and :func:`fit_calibration` raises.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -107,7 +107,7 @@ class Calibration:
     """A fitted recalibration of the ensemble's SD: one multiplicative factor per task.
 
     Serialise with :meth:`to_dict` (JSON-safe, e.g. Zarr attrs) or
-    :meth:`to_dataset` (a Zarr group, see :func:`write_calibration`).
+    :meth:`to_dataset` (a Zarr group, see :func:`read_calibration`).
 
     Attributes
     ----------
@@ -409,23 +409,53 @@ def poisson_anscombe_variance(mean: np.ndarray | xr.DataArray) -> np.ndarray | x
     return out.reshape(lam.shape)
 
 
-def write_calibration(
-    path: str,
-    calibration: Calibration,
-    *,
-    group: str = GROUP,
-    storage_options: Mapping[str, Any] | None = None,
-) -> None:
-    """Write a calibration as a group of a Zarr store (a run store, beside ``effects``)."""
-    calibration.to_dataset().to_zarr(path, group=group, mode="w", consolidated=False, storage_options=storage_options)
-
-
 def read_calibration(
     path: str, *, group: str = GROUP, storage_options: Mapping[str, Any] | None = None
 ) -> Calibration:
-    """Read a calibration written by :func:`write_calibration`."""
+    """Read a calibration written as a group (``store.write_group(path, calibration.to_dataset(), group)``)."""
     ds = xr.open_zarr(path, group=group, consolidated=False, storage_options=storage_options).load()
     return Calibration.from_dataset(ds)
+
+
+def fit_simulated_calibration(members: Sequence[Any], held_out: xr.Dataset, *, ddof: int = 0, source: str = "") -> Calibration:
+    """The isotonic SE calibration of an ensemble, fitted on a simulation's held-out labelled loci.
+
+    Parameters
+    ----------
+    members
+        The ensemble's torch modules (one-hot ``(n, 4, L)`` in, ``(n, 2)`` exposure and outcome out).
+    held_out
+        The round's ``calibration`` split (:func:`deepmr_dist.simulation.generator.select_split`):
+        ``sequence``, ``label`` and ``expected_count`` per locus.
+    ddof
+        As the effects'.
+    source
+        Provenance text.
+
+    Notes
+    -----
+    The label noise is the exact variance of the Anscombe transform of a
+    Poisson count at each locus's expected count (:func:`poisson_anscombe_variance`).
+
+    Raises
+    ------
+    InputError
+        If there are no held-out loci.
+    """
+    import torch
+
+    from deepmr_dist.simulation.generator import one_hot
+
+    if held_out.sizes["locus"] == 0:
+        raise InputError("effects.calibration needs held-out sequences: set generator.n_calibration > 0")
+    x = torch.from_numpy(one_hot(held_out["sequence"].values))
+    with torch.inference_mode():
+        predictions = np.stack([member(x).numpy() for member in members])
+    coords = {"locus": held_out["locus"].values, "task": ["exposure", "outcome"]}
+    labels = xr.DataArray(held_out["label"].values, dims=("locus", "task"), coords=coords)
+    per_member = xr.DataArray(predictions, dims=("member", "locus", "task"), coords=coords)
+    noise = xr.DataArray(poisson_anscombe_variance(held_out["expected_count"].values), dims=("locus", "task"), coords=coords)
+    return fit_calibration(labels, per_member, noise_variance=noise, ddof=ddof, source=source)
 
 
 def _z(level: float) -> float:

@@ -17,14 +17,10 @@ exactly is calibrated.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
-
 import numpy as np
 import xarray as xr
 
 from deepmr_dist import schema
-from deepmr_dist.io import store
 from deepmr_dist.stages.calibration import Calibration
 from deepmr_dist.errors import DeepMRError, StoreError
 
@@ -52,7 +48,22 @@ def compute_effects(ism: xr.Dataset, *, ddof: int = 0, calibration: Calibration 
         ``effect`` and ``effect_se`` (locus, position, allele, task), float64,
         NaN at each position's reference allele. Attrs ``ddof``, ``n_members``
         and, when calibrated, ``calibration`` (:meth:`Calibration.summary`).
+        Write it with :func:`deepmr_dist.io.store.write_group` (the pipeline's
+        runner does, to the ``effects`` group).
+
+    Raises
+    ------
+    StoreError
+        If ``ism`` has a ``complete`` ledger and some loci have no predictions yet.
     """
+    if "complete" in ism:
+        done = np.asarray(ism["complete"].values)
+        if not done.all():
+            missing = ism["locus"].values[~done]
+            raise StoreError(
+                f"{missing.size} loci have no ISM predictions yet (first: {missing[0]!r}); "
+                "run `deepmr predict` on this store first"
+            )
     if ddof not in (0, 1):
         raise DeepMRError(f"ddof must be 0 or 1, got {ddof}")
     n_members = ism.sizes["member"]
@@ -77,49 +88,3 @@ def compute_effects(ism: xr.Dataset, *, ddof: int = 0, calibration: Calibration 
     if calibration is not None:
         out.attrs["calibration"] = calibration.summary()
     return schema.validate(out, schema.EFFECTS)
-
-
-def write_effects(
-    path: str,
-    *,
-    ddof: int = 0,
-    calibration: Calibration | None = None,
-    storage_options: Mapping[str, Any] | None = None,
-    require_complete: bool = True,
-) -> xr.Dataset:
-    """Compute effects from the store's ``ism`` group and write them to its ``effects`` group.
-
-    ``ddof`` and ``calibration`` are those of :func:`compute_effects`; the
-    calibration's summary lands in the group's attrs (store the full record
-    with :func:`deepmr_dist.stages.calibration.write_calibration`).
-
-    The computation runs on the active Dask scheduler (a distributed client if
-    one is set), one locus chunk at a time per task.
-
-    Raises
-    ------
-    StoreError
-        If ISM predictions are missing for some loci (``require_complete``).
-    """
-    ism = store.open_run(path, storage_options=storage_options)[schema.ISM]
-    if require_complete:
-        done = ism["complete"].values
-        if not done.all():
-            missing = ism.locus.values[~done]
-            raise StoreError(
-                f"{path}: {missing.size} loci have no ISM predictions yet (first: {missing[0]!r}); "
-                "run `deepmr predict` on this store first"
-            )
-    effects = compute_effects(ism, ddof=ddof, calibration=calibration)
-    coords_to_drop = [c for c in effects.coords if c not in effects.dims and "locus" not in effects[c].dims]
-    effects = effects.drop_vars(coords_to_drop)
-    chunk_loci = ism["mut_pred"].data.chunksize[0]
-    effects.to_zarr(
-        path,
-        group=schema.EFFECTS,
-        mode="w",
-        consolidated=False,
-        encoding=store.encoding_for(effects, chunk_loci),
-        storage_options=storage_options,
-    )
-    return xr.open_zarr(path, group=schema.EFFECTS, consolidated=False, storage_options=storage_options)

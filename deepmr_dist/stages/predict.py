@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import sys
 import time
 import uuid
@@ -24,7 +25,7 @@ import torch
 import xarray as xr
 from distributed import Client, as_completed
 
-from deepmr_dist import __version__
+from deepmr_dist import __version__, schema
 from deepmr_dist.io import store
 from deepmr_dist.cluster import MODEL_CACHE, task_resources, worker_device
 from deepmr_dist.errors import DeepMRError, ModelOutputError, StoreError
@@ -32,6 +33,9 @@ from deepmr_dist.ism.engine import make_runner, saturation_mutagenesis
 from deepmr_dist.models.ensemble import ModelSpec, fingerprint, load_members, member_names
 from deepmr_dist.models.heads import OutputHead
 from deepmr_dist.io.sequence import N_CODE, codes_to_onehot
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,11 @@ class PredictReport:
     chunks_computed: int
     mutant_predictions: int
     seconds: float
+
+    @classmethod
+    def of(cls, ism: xr.Dataset) -> PredictReport:
+        """The report :func:`predict` left in the attrs of the ``ism`` Dataset it returned."""
+        return cls(**ism.attrs["predict_report"])
 
     @property
     def rate(self) -> float:
@@ -207,7 +216,7 @@ def predict(
     overwrite: bool = False,
     progress: bool = True,
     storage_options: Mapping[str, Any] | None = None,
-) -> PredictReport:
+) -> xr.Dataset:
     """Predict every locus and mutant into the run store at ``path`` on the cluster of ``client``.
 
     Parameters
@@ -229,6 +238,13 @@ def predict(
         an empty directory is used as it is.
     progress
         Show a progress bar on stderr.
+
+    Returns
+    -------
+    xarray.Dataset
+        The store's ``ism`` group, opened lazily; ``attrs["predict_report"]``
+        holds what the call did (:class:`PredictReport` as a dict: loci and
+        chunks, chunks computed, mutant predictions, seconds).
 
     Raises
     ------
@@ -272,7 +288,7 @@ def predict(
         )
     n_todo_loci = sum(b - a for a, b in todo)
     length = loci.sizes["position"]
-    return PredictReport(
+    report = PredictReport(
         store=path,
         n_loci=n_loci,
         n_chunks=len(store.chunk_bounds(n_loci, chunk)),
@@ -280,6 +296,9 @@ def predict(
         mutant_predictions=n_todo_loci * len(members) * 3 * length,
         seconds=time.perf_counter() - t0,
     )
+    ism = store.open_run(path, storage_options=storage_options)[schema.ISM]
+    ism.attrs["predict_report"] = asdict(report)
+    return ism
 
 
 def _provenance(spec: ModelSpec, model_fp: str, settings: ISMSettings) -> dict[str, Any]:
@@ -371,4 +390,4 @@ def _wait_until_stopped(client: Client, keys: list[str], timeout: float = 120.0)
         if not busy:
             return
         time.sleep(0.2)
-    print(f"deepmr: tasks of the failed run still running after {timeout:.0f} s", file=sys.stderr)
+    log.warning("tasks of the failed run still running after %.0f s", timeout)
