@@ -7,7 +7,7 @@ The Python API, as short as the command line::
     result = dmr.run("pipelines/quickstart.yaml")      # deepmr run
     ism = dmr.predict(loci, "pkg.models:ensemble", "run.zarr")   # deepmr predict
     effects = dmr.effects(ism)                          # lazy effects of an ism Dataset
-    local = dmr.local_ce(effects, [("A", "B")], ["egger", "ivw"], rule="mutation_z", threshold=3.0)
+    local = dmr.local_ce(effects, pairs=[("A", "B")], methods=["egger", "ivw"], rule="mutation_z", threshold=3.0)
     glob = dmr.global_ce(local)
     groups = dmr.open_run("run.zarr")                   # every group of a store, lazily
 

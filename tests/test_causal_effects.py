@@ -68,7 +68,7 @@ def reference_local(ds: xr.Dataset, exposure: str, outcome: str, methods, thresh
 
 def test_local_ce__is_lazy_and_chunked_along_locus():
     ds = make_effects()
-    local = local_ce(ds, PAIRS, METHODS, rule="mutation_z", threshold=2.0)
+    local = local_ce(ds, pairs=PAIRS, methods=METHODS, rule="mutation_z", threshold=2.0)
     for name in (*LOCAL_VARIABLES, "n_instruments", "reason"):
         assert isinstance(local[name].data, da.Array), name
         assert local[name].dims == ("pair", "locus", "method")
@@ -83,7 +83,7 @@ def test_local_ce__is_lazy_and_chunked_along_locus():
 def test_local_ce__keeps_locus_coordinates():
     ds = make_effects()
     ds = ds.assign_coords(chrom=("locus", [f"chr{i}" for i in range(ds.sizes["locus"])]))
-    local = local_ce(ds, [("x", "y")], ["ivw"], rule="mutation_z", threshold=2.0)
+    local = local_ce(ds, pairs=[("x", "y")], methods=["ivw"], rule="mutation_z", threshold=2.0)
     assert local["chrom"].values.tolist() == ds["chrom"].values.tolist()
     assert local.compute()["local_ce"].shape == (1, ds.sizes["locus"], 1)
 
@@ -93,7 +93,7 @@ def test_local_ce__equals_mr_estimate_per_locus_on_numpy(dtype):
     ds = make_effects(dtype=dtype)
     methods = (*METHODS, "weighted_median")  # a bootstrap method: draws must not depend on the block
     options = {"n_boot": 50, "seed": 5, "egger_t_dist": True}
-    local = local_ce(ds, PAIRS, methods, rule="mutation_z", threshold=2.0, **options).compute()
+    local = local_ce(ds, pairs=PAIRS, methods=methods, rule="mutation_z", threshold=2.0, **options).compute()
     assert local.attrs["mr_seed"] == 5
     for p, (exposure, outcome) in enumerate(PAIRS):
         ref = reference_local(ds, exposure, outcome, methods, 2.0, **options)
@@ -109,14 +109,14 @@ def test_local_ce__equals_mr_estimate_per_locus_on_numpy(dtype):
 
 
 def test_local_ce__recovers_the_causal_effect():
-    local = local_ce(make_effects(), [("x", "y"), ("x", "z")], ["ivw"], rule="mutation_z", threshold=2.0).compute()
+    local = local_ce(make_effects(), pairs=[("x", "y"), ("x", "z")], methods=["ivw"], rule="mutation_z", threshold=2.0).compute()
     ce = local["local_ce"].sel({"method": "ivw"}).isel(locus=slice(1, None))
     np.testing.assert_allclose(ce.sel(pair="x->y"), 2.0, atol=0.1)
     np.testing.assert_allclose(ce.sel(pair="x->z"), -0.5, atol=0.1)
 
 
 def test_local_ce__locus_without_instruments_is_nan_with_reason():
-    local = local_ce(make_effects(), [("x", "y")], METHODS, rule="mutation_z", threshold=2.0).compute()
+    local = local_ce(make_effects(), pairs=[("x", "y")], methods=METHODS, rule="mutation_z", threshold=2.0).compute()
     first = local.sel(locus="l0", pair="x->y")
     assert np.isnan(first["local_ce"].values).all()
     assert (first["n_instruments"].values == 0).all()
@@ -127,7 +127,7 @@ def test_local_ce__pooled_z_uses_global_stats_like_select():
     from deepmr_dist.stages.instruments import count_instruments
 
     ds = make_effects()
-    local = local_ce(ds, [("x", "y")], ["ivw"], rule="pooled_z", threshold=1.0).compute()
+    local = local_ce(ds, pairs=[("x", "y")], methods=["ivw"], rule="pooled_z", threshold=1.0).compute()
     counts = count_instruments(ds, "x", rule="pooled_z", threshold=1.0).values
     np.testing.assert_array_equal(local["n_instruments"].sel({"pair": "x->y", "method": "ivw"}).values, counts)
     x = ds["effect"].sel(task="x").values
@@ -144,7 +144,7 @@ def test_local_ce__kernel_sees_one_block_at_a_time(monkeypatch):
         return real(bx, *args, **kwargs)
 
     monkeypatch.setattr(mr, "estimate", spy)
-    local = local_ce(ds, PAIRS, METHODS, rule="mutation_z", threshold=2.0)
+    local = local_ce(ds, pairs=PAIRS, methods=METHODS, rule="mutation_z", threshold=2.0)
     assert seen == []  # nothing computed while building the graph
     with dask.config.set(scheduler="synchronous"):
         local.compute()
@@ -153,31 +153,31 @@ def test_local_ce__kernel_sees_one_block_at_a_time(monkeypatch):
 
 def test_local_ce__numpy_backed_input_becomes_lazy():
     ds = make_effects().compute()
-    local = local_ce(ds, [("x", "y")], ["ivw"], rule="mutation_z", threshold=2.0)
+    local = local_ce(ds, pairs=[("x", "y")], methods=["ivw"], rule="mutation_z", threshold=2.0)
     assert isinstance(local["local_ce"].data, da.Array)
 
 
 def test_local_ce__bad_arguments():
     ds = make_effects()
     with pytest.raises(InputError, match="unknown MR method.*'nope'; valid: "):
-        local_ce(ds, [("x", "y")], ["nope"], rule="mutation_z", threshold=2.0)
+        local_ce(ds, pairs=[("x", "y")], methods=["nope"], rule="mutation_z", threshold=2.0)
     with pytest.raises(InputError, match="unknown instrument rule 'z'; valid: pooled_z, mutation_z"):
-        local_ce(ds, [("x", "y")], ["ivw"], rule="z", threshold=2.0)
+        local_ce(ds, pairs=[("x", "y")], methods=["ivw"], rule="z", threshold=2.0)
     with pytest.raises(InputError, match="unknown meta-analysis method 'sj'; valid: fe, dl, reml, pm"):
-        global_ce(local_ce(ds, [("x", "y")], ["ivw"], rule="mutation_z", threshold=2.0), meta_method="sj")
+        global_ce(local_ce(ds, pairs=[("x", "y")], methods=["ivw"], rule="mutation_z", threshold=2.0), meta_method="sj")
     with pytest.raises(InputError, match="'w' not in the effects dataset"):
-        local_ce(ds, [("x", "w")], ["ivw"], rule="mutation_z", threshold=2.0)
+        local_ce(ds, pairs=[("x", "w")], methods=["ivw"], rule="mutation_z", threshold=2.0)
     with pytest.raises(ValueError, match="duplicate pair"):
-        local_ce(ds, [("x", "y"), ("x", "y")], ["ivw"], rule="mutation_z", threshold=2.0)
+        local_ce(ds, pairs=[("x", "y"), ("x", "y")], methods=["ivw"], rule="mutation_z", threshold=2.0)
     with pytest.raises(InputError, match="lacks variable 'effect_se'"):
-        local_ce(ds[["effect"]], [("x", "y")], ["ivw"], rule="mutation_z", threshold=2.0)
+        local_ce(ds[["effect"]], pairs=[("x", "y")], methods=["ivw"], rule="mutation_z", threshold=2.0)
 
 
 @pytest.mark.parametrize("meta_method", ["dl", "reml"])
 @pytest.mark.parametrize("hksj", [False, True])
 def test_global_ce__equals_meta_analysis_of_collected_local_estimates(meta_method, hksj):
     ds = make_effects()
-    local = local_ce(ds, PAIRS, METHODS, rule="mutation_z", threshold=2.0)
+    local = local_ce(ds, pairs=PAIRS, methods=METHODS, rule="mutation_z", threshold=2.0)
     glob = global_ce(local, meta_method=meta_method, hksj=hksj)
     assert glob["global_ce"].dims == ("pair", "method")
     computed = local.compute()
@@ -201,7 +201,7 @@ def test_global_ce__equals_meta_analysis_of_collected_local_estimates(meta_metho
 
 def test_global_ce__dilution_summary_is_the_mean_and_share_below_0_9_of_the_local_i2gx():
     ds = make_effects()
-    local = local_ce(ds, PAIRS, ["egger", "ivw"], rule="mutation_z", threshold=2.0).compute()
+    local = local_ce(ds, pairs=PAIRS, methods=["egger", "ivw"], rule="mutation_z", threshold=2.0).compute()
     glob = global_ce(local)
     for p in range(len(PAIRS)):
         i2 = local["i2gx"].values[p, :, 0]  # egger
@@ -217,7 +217,7 @@ def test_global_ce__dilution_summary_is_the_mean_and_share_below_0_9_of_the_loca
 def test_local_ce__zarr_write_stays_lazy(tmp_path):
     import warnings
 
-    local = local_ce(make_effects(), [("x", "y")], ["ivw"], rule="mutation_z", threshold=2.0)
+    local = local_ce(make_effects(), pairs=[("x", "y")], methods=["ivw"], rule="mutation_z", threshold=2.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error", category=xr.SerializationWarning)
         local.to_zarr(tmp_path / "mr.zarr", mode="w", consolidated=False)

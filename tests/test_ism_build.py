@@ -17,7 +17,7 @@ from deepmr_dist.ism.incremental.run import IncrementalRunner
 from deepmr_dist.models.architectures import SimulationCNN
 from deepmr_dist.models.ensemble import freeze_dropout
 from deepmr_dist.models.heads import OutputHead
-from test_ism_run import ATOL, RTOL, check_all_mutants, needs_bpnet, one_hot, set_batchnorm_stats, small_bpnet
+from ism_models import ATOL, RTOL, check_all_mutants, needs_bpnet, one_hot, set_batchnorm_stats, small_bpnet
 
 
 @pytest.fixture(autouse=True)

@@ -8,7 +8,7 @@ from torch import nn
 
 from deepmr_dist.ism.incremental.plan import Kind, Plan, analyse
 from deepmr_dist.ism.incremental.trace import trace
-from test_ism_run import FunctionalNet, MaskedConvNet, check_all_mutants, needs_bpnet, one_hot, small_bpnet
+from ism_models import FunctionalNet, MaskedConvNet, check_all_mutants, needs_bpnet, one_hot, small_bpnet
 
 
 @pytest.fixture(autouse=True)

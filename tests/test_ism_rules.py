@@ -14,7 +14,7 @@ from deepmr_dist.ism.incremental.rules.conv import ConvRule
 from deepmr_dist.ism.incremental.rules.elementwise import ElementwiseRule
 from deepmr_dist.ism.incremental.rules.registry import RULES, Rules
 from deepmr_dist.ism.incremental.trace import trace
-from test_ism_run import check_all_mutants, one_hot, set_batchnorm_stats
+from ism_models import check_all_mutants, one_hot, set_batchnorm_stats
 
 
 @pytest.fixture(autouse=True)

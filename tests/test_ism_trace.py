@@ -11,7 +11,7 @@ from torch import nn
 from deepmr_dist.ism.incremental.trace import node_call, rewrite_leaves, trace
 from deepmr_dist.ism.leaves import MODEL_LEAVES
 from deepmr_dist.models.ensemble import FrozenDropout, freeze_dropout
-from test_ism_run import one_hot
+from ism_models import one_hot
 
 
 @pytest.fixture(autouse=True)

@@ -9,7 +9,7 @@ from torch import nn
 from deepmr_dist.ism.incremental.build import build_incremental_runner
 from deepmr_dist.ism.incremental.run import IncrementalRunner
 from deepmr_dist.ism.incremental.verify import verify
-from test_ism_run import DilatedResidualNet, one_hot, set_batchnorm_stats
+from ism_models import DilatedResidualNet, one_hot, set_batchnorm_stats
 
 
 @pytest.fixture(autouse=True)

@@ -91,7 +91,7 @@ def make_effects(n_loci=4, n_pos=10, seed=7) -> xr.Dataset:
 @pytest.mark.parametrize(("rule", "threshold"), [("mutation_z", 2.0), ("pooled_z", 1.0)])
 def test_mr_scatter__plots_the_mr_instruments_oriented_with_egger_and_ivw_lines(rule, threshold):
     effects = make_effects()
-    local = local_ce(effects, [("x", "y")], ("ivw", "egger"), rule=rule, threshold=threshold).compute()
+    local = local_ce(effects, pairs=[("x", "y")], methods=("ivw", "egger"), rule=rule, threshold=threshold).compute()
     fig = mr_scatter(effects, local, "l1", "x->y", rule=rule, threshold=threshold)
     (ax,) = fig.axes
     at = local.sel({"pair": "x->y", "locus": "l1"})
@@ -119,14 +119,14 @@ def test_mr_scatter__plots_the_mr_instruments_oriented_with_egger_and_ivw_lines(
 
 def test_mr_scatter__without_ivw_draws_only_the_egger_line():
     effects = make_effects()
-    local = local_ce(effects, [("x", "y")], ("egger",), rule="mutation_z", threshold=2.0).compute()
+    local = local_ce(effects, pairs=[("x", "y")], methods=("egger",), rule="mutation_z", threshold=2.0).compute()
     (ax,) = mr_scatter(effects, local, "l0", "x->y", rule="mutation_z", threshold=2.0).axes
     assert by_gid(ax, EGGER_GID) is not None and by_gid(ax, IVW_GID) is None
 
 
 def test_mr_scatter__input_errors():
     effects = make_effects()
-    local = local_ce(effects, [("x", "y")], ("ivw", "egger"), rule="mutation_z", threshold=2.0).compute()
+    local = local_ce(effects, pairs=[("x", "y")], methods=("ivw", "egger"), rule="mutation_z", threshold=2.0).compute()
     with pytest.raises(InputError, match="threshold=2.0.*other instruments"):
         mr_scatter(effects, local, "l1", "x->y", rule="mutation_z", threshold=3.0)
     with pytest.raises(InputError, match="intercept.*'ivw'"):
@@ -149,7 +149,7 @@ def spacing_table():
         dims=("pair", "locus"), coords={"pair": ["A->B", "A->C"], "locus": local["locus"].values},
         attrs={"labels": ["0-35", "35-70", "70-150", ">=150"]},
     )  # fmt: skip
-    return stratified_global_ce(local, bins)
+    return stratified_global_ce(local, spacing_bins=bins)
 
 
 def test_spacing_heatmap__one_cell_per_pair_and_bin():

@@ -41,7 +41,7 @@ def test_schema__names_shared_by_groups_are_looked_up_by_group():
 
 @pytest.mark.filterwarnings("ignore:The data type .* does not have a Zarr V3 specification")
 def test_schema__local_and_global_ce_validate_in_memory_and_read_back_from_zarr(tmp_path):
-    local = local_ce(make_effects(), [("x", "y"), ("x", "z")], ["ivw", "egger"], rule="mutation_z", threshold=2.0)
+    local = local_ce(make_effects(), pairs=[("x", "y"), ("x", "z")], methods=["ivw", "egger"], rule="mutation_z", threshold=2.0)
     glob = global_ce(local)
     assert local["reason"].dtype.kind == "U" and glob["reason"].dtype.kind == "U"
     assert local["local_ce"].attrs["description"] == schema.variable(schema.MR, "local_ce").description
@@ -55,7 +55,7 @@ def test_schema__local_and_global_ce_validate_in_memory_and_read_back_from_zarr(
 
 
 def test_schema__validate_names_the_malformed_mr_or_meta_variable():
-    local = local_ce(make_effects(), [("x", "y")], ["ivw"], rule="mutation_z", threshold=2.0).compute()
+    local = local_ce(make_effects(), pairs=[("x", "y")], methods=["ivw"], rule="mutation_z", threshold=2.0).compute()
     glob = global_ce(local)
     with pytest.raises(StoreError, match="mr/n_instruments has dtype float64, expected int64"):
         schema.validate(local.assign(n_instruments=local["n_instruments"].astype(np.float64)), schema.MR)

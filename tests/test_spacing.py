@@ -209,7 +209,7 @@ def hand_bins() -> xr.DataArray:
 @pytest.mark.parametrize("meta_method", ["dl", "reml"])
 def test_stratified_global_ce__equals_meta_analysis_of_each_bins_loci(meta_method):
     local = make_local()
-    table = stratified_global_ce(local, hand_bins(), meta_method)
+    table = stratified_global_ce(local, spacing_bins=hand_bins(), meta_method=meta_method)
     assert list(table.columns) == list(STRATIFIED_COLUMNS)
     assert len(table) == 2 * 2 * 4
     assert list(table["bin"].cat.categories) == ["0-35", "35-70", "70-150", ">=150"]
@@ -232,7 +232,7 @@ def test_stratified_global_ce__one_bin_equals_global_ce():
     local = make_local()
     coords = {"pair": local["pair"].values, "locus": local["locus"].values}
     bins = xr.DataArray(np.full((2, 6), "all"), dims=("pair", "locus"), coords=coords)
-    table = stratified_global_ce(local, bins, "dl")
+    table = stratified_global_ce(local, spacing_bins=bins, meta_method="dl")
     reference = global_ce(local, meta_method="dl")
     for row in table.itertuples():
         ref = reference.sel({"pair": row.pair, "method": row.method})
@@ -246,15 +246,15 @@ def test_stratified_global_ce__one_bin_equals_global_ce():
 def test_stratified_global_ce__input_errors():
     local = make_local()
     with pytest.raises(InputError, match="'A->D'"):
-        stratified_global_ce(local, hand_bins().assign_coords(pair=["A->B", "A->D"]))
+        stratified_global_ce(local, spacing_bins=hand_bins().assign_coords(pair=["A->B", "A->D"]))
     with pytest.raises(InputError, match="'L9'"):
-        stratified_global_ce(local, hand_bins().assign_coords(locus=["L1", "L2", "L3", "L4", "L9"]))
+        stratified_global_ce(local, spacing_bins=hand_bins().assign_coords(locus=["L1", "L2", "L3", "L4", "L9"]))
     with pytest.raises(InputError, match="dims"):
-        stratified_global_ce(local, hand_bins().isel(pair=0))
+        stratified_global_ce(local, spacing_bins=hand_bins().isel(pair=0))
     with pytest.raises(InputError, match="local_se"):
-        stratified_global_ce(local.drop_vars("local_se"), hand_bins())
+        stratified_global_ce(local.drop_vars("local_se"), spacing_bins=hand_bins())
     with pytest.raises(InputError, match="unknown meta-analysis method 'bogus'; valid: fe, dl, reml, pm"):
-        stratified_global_ce(local, hand_bins(), "bogus")
+        stratified_global_ce(local, spacing_bins=hand_bins(), meta_method="bogus")
 
 
 def test_locus_spacing__matches_brute_force_on_random_overlapping_loci():

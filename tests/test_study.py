@@ -1,4 +1,4 @@
-"""The simulation study driver: config validation, one round end to end, resume, the CLI."""
+"""The simulation study: one round end to end through the runner, resume and rescore, the CLI."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 import xarray as xr
 
 from deepmr_dist.cli import main
-from deepmr_dist.pipeline.config_types import load_config, parse_config
-from deepmr_dist.errors import InputError, StoreError
+from deepmr_dist.pipeline.config_types import parse_config
+from deepmr_dist.errors import StoreError
 from deepmr_dist.pipeline.config import StudyConfig
-from deepmr_dist.pipeline.study import member_seeds, round_directory, run_round, run_study
+from deepmr_dist.pipeline.study import member_seeds, round_config, round_directory, run_round, run_study
 
 # Small enough for CI, large enough that the ensemble learns the motifs (unconfounded scenario).
 TINY = {
@@ -34,48 +34,23 @@ def _config(**changes) -> StudyConfig:
 # ----------------------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize(
-    ("change", "path", "expected"),
-    [
-        ({"training": {"epochs": 0}}, "training", "epochs=0"),
-        ({"analysis": {"methods": ["egger_paper", "wald_mean", "egger_robust"]}}, "analysis.methods", "egger_robust"),
-        ({"analysis": {"methods": ["ivw"]}}, "analysis.methods", "egger_paper"),
-        ({"scenarios": ["unconfounded", "confounded"]}, "scenarios", "confounded"),
-        ({"generator": {"n_tests": 10}}, "generator.n_tests", "nexpected keyword"),
-        ({"members": 1}, "members", "greater than or equal to 2"),
-        ({"analysis": {"instrument_rule": "pooled"}}, "analysis.instrument_rule", "pooled_z"),
-        ({"motif": {"exposure": "MA0035.3"}}, "motif", "xtra"),
-    ],
-)
-def test_study_config__bad_field_is_named_by_its_yaml_path(change, path, expected):
-    with pytest.raises(InputError) as err:
-        _config(**change)
-    message = str(err.value)
-    assert f"test: {path}:" in message, message
-    assert expected in message, message
-
-
-def test_load_config__missing_file_and_bad_yaml_name_the_file(tmp_path):
-    with pytest.raises(InputError, match="cannot read config .*nope.yaml"):
-        load_config(tmp_path / "nope.yaml", StudyConfig)
-    bad = tmp_path / "bad.yaml"
-    bad.write_text("rounds: [1,\n")
-    with pytest.raises(InputError, match="bad.yaml is not valid YAML"):
-        load_config(bad, StudyConfig)
-
-
-def test_study_config__pipelines_in_the_repository_are_valid():
-    paper = load_config("pipelines/paper_simulation.yaml", StudyConfig)
-    assert (paper.rounds, paper.members, paper.scenarios) == (50, 5, [1, 2, 3, 4])
-    assert (paper.generator.n_train, paper.generator.n_test) == (10_000, 1_000)
-    assert paper.analysis.meta_method == "dl"
-    load_config("pipelines/simulation_reduced.yaml", StudyConfig)
-
-
 def test_member_seeds__distinct_per_member_round_and_scenario():
     seeds = {s for scenario in (1, 2) for r in range(3) for s in member_seeds(0, scenario, r, 5)}
     assert len(seeds) == 2 * 3 * 5
     assert member_seeds(0, 1, 0, 5) == member_seeds(0, 1, 0, 5)
+
+
+def test_round_config__is_a_pipeline_with_the_studys_settings_and_the_rounds_seeds(tmp_path):
+    config = _config(analysis={**TINY["analysis"], "calibration": True, "meta_method": "reml"})
+    pipeline = round_config(config, 1, 2, tmp_path / "r")
+    simulation = pipeline.sequences.simulation
+    assert (simulation.scenario, simulation.round, simulation.seed) == (1, 2, config.seed)
+    assert simulation.generator == config.generator and pipeline.model.training == config.training
+    assert pipeline.model.train_simulation and pipeline.model.seeds == member_seeds(config.seed, 1, 2, config.members)
+    assert pipeline.pairs == [("exposure", "outcome")] and pipeline.ism.chunk_loci == 20
+    assert (pipeline.effects.calibration, pipeline.meta.method, pipeline.mr.seed) == (True, "reml", config.seed)
+    assert pipeline.mr.methods == ["egger_paper", "wald_mean"]
+    assert (pipeline.store, pipeline.outputs, pipeline.report) == (str(tmp_path / "r" / "run.zarr"), str(tmp_path / "r"), False)
 
 
 # ----------------------------------------------------------------------------- one round

@@ -202,7 +202,7 @@ def _mr(run: Run) -> xr.Dataset:
     config = run.config
     pairs = resolve_pairs(config, [str(t) for t in run.results["ism"]["task"].values])
     return local_ce(
-        run.results["effects"], pairs, config.mr.methods, rule=config.instruments.rule,
+        run.results["effects"], pairs=pairs, methods=config.mr.methods, rule=config.instruments.rule,
         threshold=config.instruments.threshold, ddof=config.effects.ddof, n_boot=config.mr.n_boot, seed=config.mr.seed,
     )  # fmt: skip
 
@@ -240,7 +240,7 @@ def _spacing_table(config: PipelineConfig, local: xr.Dataset) -> pd.DataFrame:
     pairs = [(str(e), str(o)) for e, o in zip(local["exposure"].values, local["outcome"].values)]
     distance = locus_spacing(motif_instances(config.spacing.motifs_bed), local, pairs, motif_names=config.spacing.motif_names)
     bins = spacing_bins(distance, config.spacing.edges)
-    return stratified_global_ce(local, bins, config.meta.method, hksj=config.meta.hksj)
+    return stratified_global_ce(local, spacing_bins=bins, meta_method=config.meta.method, hksj=config.meta.hksj)
 
 
 def _trains(config: PipelineConfig) -> bool:

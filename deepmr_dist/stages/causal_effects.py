@@ -191,9 +191,9 @@ def _template(effects: xr.Dataset, n_pairs: int, n_methods: int) -> xr.Dataset:
 
 def local_ce(
     effects: xr.Dataset,
+    *,
     pairs: Sequence[tuple[str, str]],
     methods: Sequence[str],
-    *,
     rule: str = "pooled_z",
     threshold: float,
     ddof: int = 0,

@@ -428,8 +428,8 @@ def _bin_order(bins: xr.DataArray) -> list[str]:
 def stratified_global_ce(
     local: xr.Dataset,
     spacing_bins: xr.DataArray,
-    meta_method: str = "dl",
     *,
+    meta_method: str = "dl",
     hksj: bool = False,
     hksj_adhoc: bool = False,
     alpha: float = 0.05,
