@@ -59,6 +59,8 @@ class Variable:
 
 TEXT = "str"
 """``Variable.dtype`` of text variables."""
+FLOAT = "float"
+"""``Variable.dtype`` of variables stored as float32 or float64 (the user's choice)."""
 
 _LOCAL = ("pair", "locus", "method")
 _GLOBAL = ("pair", "method")
@@ -91,14 +93,14 @@ REGISTRY: tuple[Variable, ...] = (
         "effect",
         EFFECTS,
         ("locus", "position", "allele", "task"),
-        "float64",
-        "Mean over members of mut_pred - ref_pred.",
+        FLOAT,
+        "Mean over members of mut_pred - ref_pred (computed in float64; stored as float32 unless asked otherwise).",
     ),
     Variable(
         "effect_se",
         EFFECTS,
         ("locus", "position", "allele", "task"),
-        "float64",
+        FLOAT,
         "SD over members of mut_pred - ref_pred = sqrt(var(mut) + var(ref) - 2 cov(mut, ref)); ddof in attrs.",
     ),
     # mr: local causal effects, one MR fit per (exposure -> outcome pair, locus, method)
@@ -332,6 +334,8 @@ def table_columns(group: str) -> dict[str, str]:
 def _dtype_ok(dtype: np.dtype, expected: str) -> bool:
     if expected == TEXT:
         return dtype.kind in "UOT"  # fixed-width, object (read back from Zarr) or numpy StringDType
+    if expected == FLOAT:
+        return dtype in (np.dtype("float32"), np.dtype("float64"))
     return dtype == np.dtype(expected)
 
 

@@ -212,8 +212,8 @@ def _ism(seed: int, n_loci: int = 6, n_members: int = 5, length: int = 7, chunk:
 def test_compute_effects__calibration_multiplies_effect_se_per_task_lazily(under_dispersed):
     calibration = fit_calibration(*under_dispersed)
     ism = _ism(7)
-    plain = compute_effects(ism)
-    calibrated = compute_effects(ism, calibration=calibration)
+    plain = compute_effects(ism, dtype="float64")
+    calibrated = compute_effects(ism, calibration=calibration, dtype="float64")
     assert calibrated["effect_se"].chunks[0] == (2, 2, 2)  # still blockwise along locus, nothing computed
     xr.testing.assert_identical(calibrated["effect"], plain["effect"])
     for task, factor in zip(TASKS, calibration.factor):
@@ -222,7 +222,7 @@ def test_compute_effects__calibration_multiplies_effect_se_per_task_lazily(under
         )
     assert calibrated.attrs["calibration"]["factor"] == dict(zip(TASKS, calibration.factor))
     assert calibrated.attrs["calibration"]["n_loci"] == 4000 and "calibration" not in plain.attrs
-    reversed_tasks = compute_effects(ism.isel(task=[1, 0]), calibration=calibration)
+    reversed_tasks = compute_effects(ism.isel(task=[1, 0]), calibration=calibration, dtype="float64")
     np.testing.assert_array_equal(reversed_tasks["effect_se"].sel(task="outcome").values,
                                   calibrated["effect_se"].sel(task="outcome").values)
 
@@ -257,8 +257,8 @@ def test_written_effects__store_calibrated_se_and_the_calibration_summary(under_
     for start, stop in store.chunk_bounds(6, 2):
         store.write_ism_chunk(path, start, ism["ref_pred"].values[start:stop].astype(np.float32),
                               ism["mut_pred"].values[start:stop].astype(np.float32))
-    written = store.write_group(path, compute_effects(store.open_run(path)["ism"], calibration=calibration), "effects")
-    expected = compute_effects(ism, calibration=calibration)
+    written = store.write_group(path, compute_effects(store.open_run(path)["ism"], calibration=calibration, dtype="float64"), "effects")
+    expected = compute_effects(ism, calibration=calibration, dtype="float64")
     np.testing.assert_allclose(written["effect_se"].values, expected["effect_se"].values, rtol=1e-12)
     reopened = store.open_run(path)["effects"]
     assert reopened.attrs["calibration"]["factor"] == dict(zip(TASKS, calibration.factor))

@@ -230,3 +230,16 @@ def test_compact_instruments__moves_instruments_first_in_order():
     vals = np.arange(8.0).reshape(2, 4)
     (out,) = compact_instruments(mask, vals)
     np.testing.assert_array_equal(out, [[1.0, 3.0], [np.nan, np.nan]])
+
+
+def test_local_ce__pairs_sharing_an_exposure_reuse_its_selection_with_results_as_alone():
+    """The exposure's instruments are selected once per block; every method, for each pair, equals its run alone."""
+    from deepmr_dist.mr import METHODS
+
+    ds = make_effects()
+    pairs = [("x", "y"), ("x", "z"), ("y", "x")]
+    together = local_ce(ds, pairs=pairs, methods=list(METHODS), rule="mutation_z", threshold=2.0, n_boot=20).compute()
+    for index, pair in enumerate(pairs):
+        alone = local_ce(ds, pairs=[pair], methods=list(METHODS), rule="mutation_z", threshold=2.0, n_boot=20).compute()
+        for name in ("local_ce", "local_se", "intercept", "q", "n_instruments"):
+            np.testing.assert_array_equal(together[name].isel(pair=index).values, alone[name].isel(pair=0).values)

@@ -65,21 +65,25 @@ def _numpy_effects(ref: np.ndarray, mut: np.ndarray, ddof: int) -> tuple[np.ndar
 # ----------------------------------------------------------------------------- 6. values
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
 @pytest.mark.parametrize("ddof", [0, 1])
-def test_compute_effects__written_store_equals_numpy_mean_and_covariance_se(tmp_path, ddof):
+def test_compute_effects__written_store_equals_numpy_mean_and_covariance_se(tmp_path, ddof, dtype):
     codes, ref, mut = _raw(seed=11)
     path = str(tmp_path / "run.zarr")
     _write_raw_ism(path, codes, ref, mut, chunk_loci=4)  # chunks 0:4 and the partial 4:6
-    effects = store.write_group(path, compute_effects(store.open_run(path)["ism"], ddof=ddof), "effects")
+    effects = compute_effects(store.open_run(path)["ism"], ddof=ddof, dtype=dtype)
+    effects = store.write_group(path, effects, "effects")
 
     expected_effect, expected_se = _numpy_effects(ref, mut, ddof)
     assert effects["effect"].dims == ("locus", "position", "allele", "task")
-    assert effects["effect"].dtype == effects["effect_se"].dtype == np.float64
+    assert effects["effect"].dtype == effects["effect_se"].dtype == np.dtype(dtype)
     assert effects.attrs["ddof"] == ddof
     reopened = store.open_run(path)["effects"]  # persisted, readable lazily
     assert reopened["effect"].data.chunksize[0] == 4
-    np.testing.assert_allclose(reopened["effect"].values, expected_effect, rtol=1e-13, atol=1e-15)
-    np.testing.assert_allclose(reopened["effect_se"].values, expected_se, rtol=1e-9, atol=1e-12)
+    # float64 to its own round-off; float32 is the float64 result rounded once (half an ulp, 2**-24 relative)
+    rtol = (1e-13, 1e-9) if dtype == "float64" else (2.0**-24 * 1.01, 2.0**-24 * 1.01)
+    np.testing.assert_allclose(reopened["effect"].values, expected_effect, rtol=rtol[0], atol=1e-15)
+    np.testing.assert_allclose(reopened["effect_se"].values, expected_se, rtol=rtol[1], atol=1e-12)
     nan_where = np.broadcast_to(_identity(codes)[..., None], expected_effect.shape)
     for name in ("effect", "effect_se"):
         np.testing.assert_array_equal(np.isnan(reopened[name].values), nan_where, err_msg=name)
@@ -95,7 +99,7 @@ def test_compute_effects__identical_members_give_se_exactly_zero(ddof):
             "mut_pred": (("locus", "member", "position", "allele", "task"), mut),
         }
     )
-    effects = compute_effects(ism, ddof=ddof)
+    effects = compute_effects(ism, ddof=ddof, dtype="float64")
     identity = np.broadcast_to(_identity(codes)[..., None], effects["effect_se"].shape)
     se = effects["effect_se"].values
     np.testing.assert_array_equal(se[~identity], 0.0)

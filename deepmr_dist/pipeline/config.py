@@ -213,6 +213,7 @@ class ISM(Section):
 
 class Effects(Section):
     ddof: Literal[0, 1] = 0
+    dtype: Literal["float32", "float64"] = Field("float32", description="stored precision (computed in float64)")
     calibration: bool = Field(False, description="isotonic SE calibration on held-out labelled loci (simulation only)")
 
 

@@ -195,7 +195,8 @@ def _effects(run: Run) -> xr.Dataset:
     calibration = None
     if "calibration" in run.results:
         calibration = Calibration.from_dataset(run.results["calibration"].load())
-    return compute_effects(run.results["ism"], ddof=run.config.effects.ddof, calibration=calibration)
+    effects = run.config.effects
+    return compute_effects(run.results["ism"], ddof=effects.ddof, calibration=calibration, dtype=effects.dtype)
 
 
 def _mr(run: Run) -> xr.Dataset:

@@ -66,17 +66,35 @@ def compact_instruments(mask: np.ndarray, *arrays: np.ndarray) -> list[np.ndarra
     list of ndarray, each float64 of shape ``(n, max(1, max_k))``; instruments
     keep their order within the row.
     """
-    counts = mask.sum(axis=1)
-    width = max(int(counts.max(initial=0)), 1)
-    order = np.argsort(~mask, axis=1, kind="stable")[:, :width]
-    keep = np.take_along_axis(mask, order, axis=1)
-    out = []
-    for arr in arrays:
-        picked = np.take_along_axis(np.asarray(arr, dtype=np.float64), order, axis=1)
-        out.append(np.where(keep, picked, np.nan))
-    if mask.shape[1] == 0:  # no candidates at all: one all-NaN column
-        out = [np.full((mask.shape[0], 1), np.nan) for _ in arrays]
-    return out
+    selection = InstrumentSelection(mask)
+    return [selection.take(arr) for arr in arrays]
+
+
+class InstrumentSelection:
+    """Where each row's instruments are, computed once and applied to any array of the mask's shape.
+
+    One exposure's selection serves every outcome paired with it (and every
+    MR method): only the outcome's effects are gathered again.
+
+    Parameters
+    ----------
+    mask : ndarray of bool, shape (n, m)
+        True for instruments.
+    """
+
+    def __init__(self, mask: np.ndarray) -> None:
+        counts = mask.sum(axis=1)
+        self.width = max(int(counts.max(initial=0)), 1)
+        self.empty = mask.shape[1] == 0
+        self.order = np.argsort(~mask, axis=1, kind="stable")[:, : self.width]
+        self.keep = np.take_along_axis(mask, self.order, axis=1)
+
+    def take(self, arr: np.ndarray) -> np.ndarray:
+        """``arr``'s instruments of each row moved to the front, NaN-padded: float64 ``(n, max(1, max_k))``."""
+        if self.empty:  # no candidates at all: one all-NaN column
+            return np.full((self.order.shape[0], 1), np.nan)
+        picked = np.take_along_axis(np.asarray(arr, dtype=np.float64), self.order, axis=1)
+        return np.where(self.keep, picked, np.nan)
 
 
 def _described(ds: xr.Dataset, group: str) -> xr.Dataset:
@@ -156,13 +174,17 @@ def _block_local_ce(
     out = {name: np.full(shape, np.nan) for name in LOCAL_VARIABLES}
     n_inst = np.zeros(shape, dtype=np.int64)
     codes = {field: np.full(shape, "", dtype=_code_dtype(field)) for field in _CODE_FIELDS}
+    selected: dict[str, tuple[InstrumentSelection, np.ndarray, np.ndarray]] = {}
     for p, (exposure, outcome) in enumerate(pairs):
         ie, io = tasks.index(exposure), tasks.index(outcome)
-        center, scale = stats.get(exposure, (np.nan, np.nan))
-        mask = instruments.instrument_mask(eff[:, :, ie], ses[:, :, ie], rule, threshold, center, scale)
-        bx, bxse, by, byse = compact_instruments(
-            mask, eff[:, :, ie], ses[:, :, ie], eff[:, :, io], ses[:, :, io]
-        )
+        if exposure not in selected:  # one selection per exposure, shared by its outcomes and methods
+            center, scale = stats.get(exposure, (np.nan, np.nan))
+            selection = InstrumentSelection(
+                instruments.instrument_mask(eff[:, :, ie], ses[:, :, ie], rule, threshold, center, scale)
+            )
+            selected[exposure] = (selection, selection.take(eff[:, :, ie]), selection.take(ses[:, :, ie]))
+        selection, bx, bxse = selected[exposure]
+        by, byse = selection.take(eff[:, :, io]), selection.take(ses[:, :, io])
         results = estimate(bx, bxse, by, byse, methods=tuple(methods), **mr_options)
         for m, method in enumerate(methods):
             res = results[method]

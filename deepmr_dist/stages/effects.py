@@ -22,10 +22,16 @@ import xarray as xr
 
 from deepmr_dist import schema
 from deepmr_dist.stages.calibration import Calibration
-from deepmr_dist.errors import DeepMRError, StoreError
+from deepmr_dist.errors import DeepMRError, InputError, StoreError
 
 
-def compute_effects(ism: xr.Dataset, *, ddof: int = 0, calibration: Calibration | None = None) -> xr.Dataset:
+EFFECT_DTYPES = ("float32", "float64")
+"""How effects may be stored; they are always computed in float64."""
+
+
+def compute_effects(
+    ism: xr.Dataset, *, ddof: int = 0, calibration: Calibration | None = None, dtype: str = "float32"
+) -> xr.Dataset:
     """Mutation effects and their standard errors from an ``ism`` Dataset (lazy if ``ism`` is).
 
     Parameters
@@ -41,11 +47,15 @@ def compute_effects(ism: xr.Dataset, *, ddof: int = 0, calibration: Calibration 
         multiplied by ``calibration``'s factor for it. It must cover every task
         of ``ism``, match its ensemble size and ``ddof``, and share no locus id
         with ``ism``.
+    dtype
+        ``"float32"`` (default: half the bytes, and the precision of the
+        predictions they come from) or ``"float64"``. The arithmetic is float64
+        either way, inside the same blockwise task as the cast.
 
     Returns
     -------
     xr.Dataset
-        ``effect`` and ``effect_se`` (locus, position, allele, task), float64,
+        ``effect`` and ``effect_se`` (locus, position, allele, task) of ``dtype``,
         NaN at each position's reference allele. Attrs ``ddof``, ``n_members``
         and, when calibrated, ``calibration`` (:meth:`Calibration.summary`).
         Write it with :func:`deepmr_dist.io.store.write_group` (the pipeline's
@@ -64,6 +74,8 @@ def compute_effects(ism: xr.Dataset, *, ddof: int = 0, calibration: Calibration 
                 f"{missing.size} loci have no ISM predictions yet (first: {missing[0]!r}); "
                 "run `deepmr predict` on this store first"
             )
+    if dtype not in EFFECT_DTYPES:
+        raise InputError(f"effects dtype must be one of {', '.join(EFFECT_DTYPES)}, got {dtype!r}")
     if ddof not in (0, 1):
         raise DeepMRError(f"ddof must be 0 or 1, got {ddof}")
     n_members = ism.sizes["member"]
@@ -77,8 +89,8 @@ def compute_effects(ism: xr.Dataset, *, ddof: int = 0, calibration: Calibration 
         effect_se = effect_se * calibration.se_factor(ism, ddof)
     out = xr.Dataset(
         {
-            "effect": effect.transpose(*schema.VARIABLES["effect"].dims),
-            "effect_se": effect_se.transpose(*schema.VARIABLES["effect_se"].dims),
+            "effect": effect.transpose(*schema.VARIABLES["effect"].dims).astype(dtype),
+            "effect_se": effect_se.transpose(*schema.VARIABLES["effect_se"].dims).astype(dtype),
         }
     )
     for name in ("effect", "effect_se"):
