@@ -15,7 +15,7 @@ from deepmr_dist.pipeline.runner import run_pipeline
 from deepmr_dist.pipeline.config import PipelineConfig
 from deepmr_dist.stages.predict import ISMSettings, predict
 from deepmr_dist.models.ensemble import ModelSpec
-from deepmr_dist.pipeline.report import write_report
+from deepmr_dist.pipeline.report import TOP_LOCI, write_report
 from deepmr_dist.io.sequence import read_fasta
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -40,17 +40,19 @@ def test_report__embeds_every_figure_and_lists_config_versions_sizes_timings(tmp
     report = result.outputs / "report.html"
     text = report.read_text()
     images = _images(text)
-    assert len(images) == 2 + 2  # a forest plot per method, an MR scatter per pair (egger)
+    # a forest plot per method, an MR scatter per pair (egger), the instrument histogram, and per pair
+    # a heatmap and a logo of each of its top loci
+    assert len(images) == 2 + 2 + 1 + 2 * 2 * TOP_LOCI
     assert all(image.startswith(PNG) for image in images)
     assert "src='http" not in text and "<script" not in text  # self-contained
-    for needle in ("Global causal effects", "task0-&gt;task1", "Pipeline config", "mr:", "Timings", "ism",
+    for needle in ("Global causal effects", "task0-&gt;task1", "Loci", "instruments circled", "no estimate", "Pipeline config", "mr:", "Timings", "ism",
                    "on disk (MiB)", "torch", "xarray", "model_fingerprint"):
         assert needle in text, needle
 
     out = tmp_path / "elsewhere" / "r.html"
     assert main(["report", "--store", str(tmp_path / "run.zarr"), "--out", str(out)]) == 0
     assert str(out) in capsys.readouterr().out
-    assert len(_images(out.read_text())) == 4
+    assert len(_images(out.read_text())) == len(images)
 
 
 def test_report__store_without_mr_results_is_refused(tmp_path, client):

@@ -38,9 +38,12 @@ __all__ = [
     "INSTRUMENTS_GID",
     "IVW_GID",
     "IVW_METHODS",
+    "check_value",
     "figure_to_base64_png",
     "forest_plot",
     "mr_scatter",
+    "new_figure",
+    "recorded_pooled_stats",
     "save_figure",
     "spacing_heatmap",
 ]
@@ -64,7 +67,8 @@ IVW_METHODS: tuple[str, ...] = ("ivw", "ivw_random", "ivw_fixed")
 """IVW methods of the scatter's line through the origin, in order of preference (same slope)."""
 
 
-def _figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
+    """A figure of ``width`` x ``height`` inches on its own Agg canvas (no pyplot state), constrained layout."""
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -81,7 +85,7 @@ def _require(ds: xr.Dataset, what: str, names: tuple[str, ...]) -> None:
         raise InputError(f"{what} lacks {', '.join(map(repr, missing))}")
 
 
-def _check_value(ds: xr.Dataset, what: str, dim: str, value: str) -> None:
+def check_value(ds: xr.Dataset, what: str, dim: str, value: str) -> None:
     """Raise an :class:`InputError` listing the valid values when ``value`` is not in ``ds[dim]``."""
     known = [str(v) for v in ds[dim].values]
     if value not in known:
@@ -89,8 +93,8 @@ def _check_value(ds: xr.Dataset, what: str, dim: str, value: str) -> None:
 
 
 def _pick(ds: xr.Dataset, what: str, dim: str, value: str) -> xr.Dataset:
-    """``ds.sel({dim: value})`` after :func:`_check_value`."""
-    _check_value(ds, what, dim, value)
+    """``ds.sel({dim: value})`` after :func:`check_value`."""
+    check_value(ds, what, dim, value)
     return ds.sel({dim: value})
 
 
@@ -127,7 +131,7 @@ def forest_plot(global_: xr.Dataset, method: str) -> Figure:
     k = np.asarray(part["k"].values)
     rows = np.arange(len(labels))[::-1].astype(np.float64)  # first pair on top
     shown = np.isfinite(est)
-    fig = _figure(6.4, 1.2 + 0.4 * len(labels))
+    fig = new_figure(6.4, 1.2 + 0.4 * len(labels))
     ax = fig.subplots()
     ax.errorbar(est[shown], rows[shown], xerr=_bar(2 * tau[shown]), fmt="none", ecolor="tab:orange",
                 elinewidth=5, alpha=0.35, label="±2 τ")
@@ -158,7 +162,7 @@ def _check_selection(local: xr.Dataset, rule: str, threshold: float) -> None:
         )
 
 
-def _pooled_stats(effects: xr.Dataset, local: xr.Dataset, exposure: str) -> dict[str, tuple[float, float]]:
+def recorded_pooled_stats(effects: xr.Dataset, local: xr.Dataset, exposure: str) -> dict[str, tuple[float, float]]:
     """The exposure's pooled mean and SD: as recorded by ``local_ce``, else recomputed over ``effects``."""
     recorded = local.attrs.get("pooled_stats", {})
     if exposure in recorded:
@@ -225,9 +229,9 @@ def mr_scatter(
     at = _pick(_pick(local, "local CE dataset", "pair", pair), "local CE dataset", "locus", locus)
     fit = _pick(at, "local CE dataset", "method", method)
     exposure, outcome = str(at["exposure"].values), str(at["outcome"].values)
-    _check_value(effects, "effects dataset", "locus", locus)
+    check_value(effects, "effects dataset", "locus", locus)
     one = effects.sel(locus=[locus])
-    stats = _pooled_stats(effects, local, exposure) if rule == "pooled_z" else None
+    stats = recorded_pooled_stats(effects, local, exposure) if rule == "pooled_z" else None
     mask = instruments.select(one, exposure, rule=rule, threshold=float(threshold), stats=stats).values.ravel()
     values = {
         name: np.asarray(one[var].sel(task=task).transpose("locus", "position", "allele").values,
@@ -236,7 +240,7 @@ def mr_scatter(
                                 ("by", "effect", outcome), ("byse", "effect_se", outcome))
     }  # fmt: skip
     x, y = np.abs(values["bx"]), np.sign(values["bx"]) * values["by"]
-    fig = _figure(5.0, 4.4)
+    fig = new_figure(5.0, 4.4)
     ax = fig.subplots()
     points = ax.errorbar(x, y, xerr=values["bxse"], yerr=values["byse"], fmt="o", markersize=3,
                          color="tab:blue", ecolor="0.6", elinewidth=0.8, label="instrument ±1 SE")
@@ -304,7 +308,7 @@ def spacing_heatmap(table: pd.DataFrame, *, method: str | None = None) -> Figure
     k = table.pivot(index="pair", columns="bin", values="k").reindex(index=pairs, columns=bins).fillna(0)
     values = est.to_numpy(dtype=np.float64)
     limit = float(np.nanmax(np.abs(values), initial=0.0)) or 1.0
-    fig = _figure(1.6 + 1.1 * len(bins), 1.4 + 0.45 * len(pairs))
+    fig = new_figure(1.6 + 1.1 * len(bins), 1.4 + 0.45 * len(pairs))
     ax = fig.subplots()
     image = ax.imshow(np.ma.masked_invalid(values), cmap="RdBu_r", vmin=-limit, vmax=limit, aspect="auto")
     for i in range(len(pairs)):

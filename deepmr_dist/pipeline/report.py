@@ -6,6 +6,11 @@ lists the run's config, the software versions, what each store group holds
 table. Figures: the forest plot of each MR method, the MR scatter of the locus
 with the most instruments for each pair (for the Egger-type methods run), and
 the motif-spacing heatmap when the run has one (``spacing.csv`` beside the store).
+Loci: for the top loci by instrument count of each pair, the position x allele
+heatmaps of the exposure and outcome effects with the instruments marked, and
+the logo of the reference bases weighted by mean |effect|; the histogram of
+instruments per locus and the share of loci where each method is undefined,
+with the reasons.
 """
 
 from __future__ import annotations
@@ -25,10 +30,14 @@ import zarr
 from deepmr_dist import schema
 from deepmr_dist.errors import StoreError
 from deepmr_dist.pipeline.outputs import global_table_from
+from deepmr_dist.pipeline.locus_plots import effect_heatmap, effect_logo, instrument_histogram, top_loci, undefined_table
 from deepmr_dist.pipeline.plots import EGGER_METHODS, figure_to_base64_png, forest_plot, mr_scatter, spacing_heatmap
 from deepmr_dist.io.store import FINGERPRINT_ATTR, open_run
 
-__all__ = ["PACKAGES", "write_report"]
+__all__ = ["PACKAGES", "TOP_LOCI", "write_report"]
+
+TOP_LOCI = 3
+"""Loci per pair shown with their effect heatmaps and logos (those with the most instruments)."""
 
 PACKAGES = ("deepmr-dist", "torch", "dask", "distributed", "xarray", "zarr", "numpy", "scipy", "pandas")
 
@@ -64,6 +73,7 @@ def write_report(store_path: str, out: str | Path | None = None, *, outputs: str
     sections = [
         _section("Global causal effects", _global_table(groups[schema.META], store_path)),
         _section("Figures", _figures(groups, outputs)),
+        _section("Loci", _loci(groups)),
         _section("Store contents", _contents(store_path, groups)),
         _section("Run", _run_facts(groups[schema.ISM], outputs)),
         _section("Software", _versions(groups[schema.ISM])),
@@ -114,6 +124,26 @@ def _figures(groups: dict[str, xr.Dataset], outputs: Path) -> str:
         table = pd.read_csv(spacing)
         method = str(table["method"].iloc[0]) if "method" in table else None
         parts.append(_img(spacing_heatmap(table, method=method), "Global CE by motif spacing"))
+    return "".join(parts)
+
+
+def _loci(groups: dict[str, xr.Dataset]) -> str:
+    """Heatmaps and logos of the top loci of each pair, the instrument histogram, the undefined shares."""
+    local = groups[schema.MR]
+    parts = [_img(instrument_histogram(local.load()), "Instruments per locus, per pair")]
+    table = undefined_table(local)
+    parts.append("<p>Share of loci where each method has no estimate, and why:</p>"
+                 + table.to_html(index=False, float_format=lambda v: f"{v:.3f}", border=0))  # fmt: skip
+    if schema.EFFECTS not in groups:
+        return "".join(parts)
+    effects, method = groups[schema.EFFECTS], str(local["method"].values[0])
+    rule, threshold = local.attrs["instrument_rule"], local.attrs["instrument_threshold"]
+    for pair in map(str, local["pair"].values):
+        exposure = str(local["exposure"].sel(pair=pair).values)
+        for locus in top_loci(local, pair, method, TOP_LOCI):
+            parts.append(_img(effect_heatmap(effects, local, locus, pair, rule=rule, threshold=threshold),
+                              f"{pair}, locus {locus}: effects of every mutation, instruments circled"))  # fmt: skip
+            parts.append(_img(effect_logo(effects, locus, exposure), f"{locus}: reference weighted by mean |effect| on {exposure}"))
     return "".join(parts)
 
 
