@@ -51,6 +51,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "run (or resume) a simulation study: train, mutate, analyse and score every round; write Table 1",
     ),
     "report": ("deepmr_dist.cli.report", "write a self-contained HTML report of a run store"),
+    "export": (
+        "deepmr_dist.cli.export",
+        "write effects, instruments or local CEs of a run store as TSV, Parquet, VCF or bedGraph",
+    ),
 }
 """Subcommand name -> (module, one-line help), in the order ``deepmr --help`` lists them."""
 
