@@ -221,3 +221,24 @@ def test_effects__written_out_of_core_on_a_worker_with_400MiB(tmp_path, n_chunks
         expected_effect, expected_se = _numpy_effects(ref[few], mut[few], ddof=0)
         np.testing.assert_allclose(got["effect"].values[few], expected_effect, rtol=1e-13, atol=1e-15)
         np.testing.assert_allclose(got["effect_se"].values[few], expected_se, rtol=1e-9, atol=1e-12)
+
+
+def test_compute_effects__carries_ref_alt_and_1_based_genome_positions_lazily():
+    codes = np.array([[0, 1, 2, 4], [3, 3, 0, 1]], dtype=np.int8)  # ACGN, TTAC
+    rng = np.random.default_rng(3)
+    ism = xr.Dataset(
+        {
+            "sequence": (("locus", "position"), codes),
+            "ref_pred": (("locus", "member", "task"), rng.normal(size=(2, 3, 1)).astype(np.float32)),
+            "mut_pred": (("locus", "member", "position", "allele", "task"), rng.normal(size=(2, 3, 4, 4, 1)).astype(np.float32)),
+        },
+        coords={"locus": ["a", "b"], "position": np.arange(4), "allele": list("ACGT"), "task": ["t"],
+                "chrom": ("locus", ["chr1", "chrX"]), "start": ("locus", [999, 0])},
+    ).chunk({"locus": 1})  # fmt: skip
+    effects = compute_effects(ism)
+    assert effects["variant_position"].chunks is not None  # lazy, chunked along locus
+    np.testing.assert_array_equal(effects["variant_position"].values, [[1000, 1001, 1002, 1003], [1, 2, 3, 4]])
+    assert ["".join(row) for row in effects["ref"].values] == ["ACGN", "TTAC"]
+    assert list(effects["alt"].values) == list("ACGT") and list(effects["variant_chrom"].values) == ["chr1", "chrX"]
+    plain = compute_effects(ism.drop_vars(["chrom", "start"]))
+    assert "variant_position" not in plain.coords and "ref" in plain.coords

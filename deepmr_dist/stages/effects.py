@@ -25,6 +25,9 @@ from deepmr_dist.stages.calibration import Calibration
 from deepmr_dist.errors import DeepMRError, InputError, StoreError
 
 
+BASES = np.array(list("ACGTN"))
+"""Letter of each base code."""
+
 EFFECT_DTYPES = ("float32", "float64")
 """How effects may be stored; they are always computed in float64."""
 
@@ -93,6 +96,7 @@ def compute_effects(
             "effect_se": effect_se.transpose(*schema.VARIABLES["effect_se"].dims).astype(dtype),
         }
     )
+    out = out.assign_coords(_variant_coords(ism))
     for name in ("effect", "effect_se"):
         out[name].attrs["description"] = schema.VARIABLES[name].description
     out.attrs["ddof"] = ddof
@@ -100,3 +104,31 @@ def compute_effects(
     if calibration is not None:
         out.attrs["calibration"] = calibration.summary()
     return schema.validate(out, schema.EFFECTS)
+
+
+def _variant_coords(ism: xr.Dataset) -> dict[str, xr.DataArray]:
+    """Genomic coordinates of every mutation, lazily and chunked like ``ism`` along ``locus``.
+
+    ``ref`` (locus, position): the reference base letter (``N`` for an
+    unknown base); ``alt`` (allele): the alternative base. For loci with
+    genome intervals (BED input: ``chrom`` and ``start`` coordinates):
+    ``variant_chrom`` (locus) and ``variant_position`` (locus, position), the
+    1-based position as VCF writes it. A variant id ``chrom:pos:ref>alt`` is
+    ``deepmr export``'s to build (a string per mutation would outweigh the effects).
+    """
+    coords: dict[str, xr.DataArray] = {}
+    if "sequence" in ism:
+        codes = ism["sequence"].data if hasattr(ism["sequence"].data, "map_blocks") else None
+        letters = (codes.map_blocks(lambda block: BASES[np.minimum(block, 4)], dtype="<U1") if codes is not None
+                   else BASES[np.minimum(ism["sequence"].values, 4)])  # fmt: skip
+        coords["ref"] = xr.DataArray(letters, dims=("locus", "position"))
+    coords["alt"] = xr.DataArray(np.asarray(ism["allele"].values, dtype="<U1"), dims=("allele",))
+    if "chrom" in ism.coords and "start" in ism.coords:
+        import dask.array as da
+
+        chunks = ism["mut_pred"].data.chunks[0] if hasattr(ism["mut_pred"].data, "chunks") else (ism.sizes["locus"],)
+        start = da.from_array(np.asarray(ism["start"].values, dtype=np.int64), chunks=(chunks,))
+        position = np.asarray(ism["position"].values, dtype=np.int64)
+        coords["variant_chrom"] = xr.DataArray(np.asarray(ism["chrom"].values).astype(object), dims=("locus",))
+        coords["variant_position"] = xr.DataArray(start[:, None] + position[None, :] + 1, dims=("locus", "position"))
+    return coords
