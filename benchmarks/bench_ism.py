@@ -1,10 +1,16 @@
 """Benchmark: saturation-mutagenesis throughput of the ISM engine vs tangermeme, in one run.
 
 For each model (the paper's simulation CNN at 100 bp, bpnet-lite's BPNet at
-1 kb) an ensemble of randomly initialised members is run on the same one-hot
-sequences by:
+1 kb, and, for GPUs, a ChromBPNet-sized BPNet: 512 filters, 8 dilated layers,
+2,114 bp) an ensemble of randomly initialised members is run on the same
+one-hot sequences by:
 
-(a) this engine, ``saturation_mutagenesis`` with ``make_runner(incremental=True)``
+(f) this engine's ``make_ensemble_runners(fuse=True)`` (the default on GPUs):
+    the members fused into one network, recomputed incrementally (runner
+    construction, with the fusion's and the incremental engine's build-time
+    checks, inside the timing), at each ``--precisions`` entry, with its
+    largest absolute difference to the fp32 row;
+(a) this engine member by member, ``saturation_mutagenesis`` with ``make_runner(incremental=True)``
     (runner construction, with its build-time check, is inside the timing);
 (a') the same with ``build_incremental_runner(..., outputs=(i,))`` for a head
     reading output ``i`` of a tuple (BPNet counts): unused outputs are skipped;
@@ -23,20 +29,26 @@ sequences by:
     the 3L mutants (the cost of full recomputation without any overhead).
 
 Throughput is mutant predictions per second, loci x members x 3L divided by
-wall time; ratios are against (c) and (c'). Rows run interleaved and each keeps its
-best time over the repeats, which evens out load from other processes. Not
-part of the test suite. Usage::
+wall time; ratios are against (c) and (c') at the same precision (tangermeme
+runs inside the same autocast and TF32 settings). Rows run interleaved and each keeps its
+best time over the repeats, which evens out load from other processes. Every
+table names the CPU (``lscpu``'s model name) or GPU and the torch thread
+count; ``--tsv`` also writes every row with them. Not part of the test suite. Usage::
 
-    python benchmarks/bench_ism.py [--models simulation bpnet] [--threads 2]
+    python benchmarks/bench_ism.py [--models simulation bpnet chrombpnet] [--threads 2]
+        [--device cpu|cuda] [--precisions fp32 bf16 ...] [--tsv rows.tsv]
         [--sim-loci 200] [--sim-members 5] [--sim-batch 4096]
-        [--bpnet-loci 1] [--bpnet-members 5] [--bpnet-length 1000]
-        [--bpnet-trimming 0] [--bpnet-batch 512] [--sim-repeats 3]
-        [--bpnet-repeats 1] [--peers full steady deepmr ceiling] [--seed 0]
+        [--bpnet-loci 1] [--bpnet-members 5] [--bpnet-length 1000] [--bpnet-filters 64] [--bpnet-layers 8]
+        [--bpnet-trimming 0] [--bpnet-batch 512] [--sim-repeats 3] [--bpnet-repeats 1]
+        [--chrom-loci 1] [--chrom-members 5] [--chrom-length 2114] [--chrom-filters 512] [--chrom-layers 8]
+        [--chrom-batch 128] [--peers full steady deepmr ceiling] [--seed 0]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import subprocess
 import time
 import warnings
 from collections.abc import Callable
@@ -47,9 +59,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepmr_dist.ism.engine import make_runner, saturation_mutagenesis
+from deepmr_dist.ism.engine import make_ensemble_runners, make_runner, saturation_mutagenesis
 from deepmr_dist.ism.mutants import mutation_list
 from deepmr_dist.ism.incremental.build import build_incremental_runner
+from deepmr_dist.ism.precision import precision_context
 from deepmr_dist.models.architectures import SimulationCNN
 from deepmr_dist.models.heads import OutputHead
 
@@ -79,9 +92,9 @@ class Case:
 # ----------------------------------------------------------------------------- models
 
 
-def one_hot(n: int, length: int, seed: int) -> torch.Tensor:
+def one_hot(n: int, length: int, seed: int, device: str = "cpu") -> torch.Tensor:
     codes = torch.randint(0, 4, (n, length), generator=torch.Generator().manual_seed(seed))
-    return nn.functional.one_hot(codes, 4).transpose(1, 2).float().contiguous()
+    return nn.functional.one_hot(codes, 4).transpose(1, 2).float().contiguous().to(device)
 
 
 def simulation_case(args: argparse.Namespace) -> Case:
@@ -93,27 +106,44 @@ def simulation_case(args: argparse.Namespace) -> Case:
             if isinstance(m, nn.BatchNorm1d):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
-        members.append(model.eval())
-    x = one_hot(args.sim_loci, 100, args.seed)
+        members.append(model.eval().to(args.device))
+    x = one_hot(args.sim_loci, 100, args.seed, args.device)
     return Case("simulation CNN (100 bp)", members, x, OutputHead(), args.sim_batch)
 
 
 def bpnet_case(args: argparse.Namespace) -> Case:
+    return _bpnet(args, "bpnet", f"BPNet {args.bpnet_filters}x{args.bpnet_layers}")
+
+
+def chrombpnet_case(args: argparse.Namespace) -> Case:
+    return _bpnet(args, "chrom", f"ChromBPNet-sized BPNet {args.chrom_filters}x{args.chrom_layers}")
+
+
+def _bpnet(args: argparse.Namespace, prefix: str, title: str) -> Case:
+    """bpnet-lite BPNets of ``--{prefix}-filters`` x ``--{prefix}-layers``, read through the counts head."""
     from bpnetlite import BPNet
 
+    option = lambda name: getattr(args, f"{prefix}_{name}")  # noqa: E731
     members = []
-    for i in range(args.bpnet_members):
+    for i in range(option("members")):
         torch.manual_seed(args.seed + i)
         model = BPNet(
-            n_filters=64, n_layers=8, n_outputs=2, n_control_tracks=0, trimming=args.bpnet_trimming, verbose=False
-        )
-        members.append(model.eval())
-    x = one_hot(args.bpnet_loci, args.bpnet_length, args.seed)
-    name = f"BPNet 64x8 ({args.bpnet_length} bp, trimming {args.bpnet_trimming}), counts head"
-    return Case(name, members, x, OutputHead(output_index=1), args.bpnet_batch)
+            n_filters=option("filters"), n_layers=option("layers"), n_outputs=2, n_control_tracks=0,
+            trimming=option("trimming"), verbose=False,
+        )  # fmt: skip
+        members.append(model.eval().to(args.device))
+    x = one_hot(option("loci"), option("length"), args.seed, args.device)
+    name = f"{title} ({option('length')} bp, trimming {option('trimming')}), counts head"
+    return Case(name, members, x, OutputHead(output_index=1), option("batch"))
 
 
 # ----------------------------------------------------------------------------- methods
+
+
+def run_fused(case: Case, precision: str) -> torch.Tensor:
+    """The ensemble fused into one network (``fuse=True``), incremental where it can be."""
+    runners = make_ensemble_runners(case.members, case.x.shape[2], head=case.head, fuse=True)
+    return saturation_mutagenesis(runners, case.head, case.x, mutant_batch=case.batch, precision=precision)[1]
 
 
 def run_engine(case: Case, incremental: bool) -> torch.Tensor:
@@ -131,7 +161,8 @@ def run_pruned(case: Case) -> torch.Tensor:
     return saturation_mutagenesis(runners, case.head, case.x, mutant_batch=case.batch)[1]
 
 
-def run_tangermeme(case: Case, report: dict[str, Any]) -> None:
+def run_tangermeme(case: Case, report: dict[str, Any], precision: str = "fp32") -> None:
+    """tangermeme's default call per member, inside the same autocast / TF32 settings as ours."""
     import tangermeme.saturation_mutagenesis as tsm
 
     used: list[bool] = []
@@ -144,7 +175,7 @@ def run_tangermeme(case: Case, report: dict[str, Any]) -> None:
 
     tsm._fast_path = spy
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), precision_context(precision, case.x.device), torch.no_grad():
             warnings.simplefilter("ignore")
             for member in case.members:
                 tsm.saturation_mutagenesis(
@@ -169,8 +200,10 @@ def run_tangermeme_steady(case: Case) -> float:
             for i in range(x.shape[0]):
                 _, chars, positions = tsm._single_edits(x[i], 0, length)
                 fast._set_example(i)
+                synchronize(case.x.device)
                 start = time.perf_counter()
                 fast.predict_edits(i, chars, positions, case.batch, case.apply_head)
+                synchronize(case.x.device)
                 seconds += time.perf_counter() - start
     return seconds
 
@@ -184,7 +217,7 @@ def run_deepmr(case: Case) -> None:
         copies = np.repeat(sequences[i][None], alphabet * length, axis=0)
         for p in range(length):
             copies[p * alphabet : (p + 1) * alphabet, :, p] = eye
-        batch = torch.from_numpy(copies)
+        batch = torch.from_numpy(copies).to(case.x.device)
         with torch.inference_mode():
             for member in case.members:
                 for start in range(0, batch.shape[0], case.batch):
@@ -198,65 +231,128 @@ def forward_ceiling(case: Case) -> float:
     rows = torch.arange(locus.shape[0])
     mutants[rows, :, position] = 0
     mutants[rows, base, position] = 1
+    synchronize(case.x.device)
     start = time.perf_counter()
     with torch.inference_mode():
         for member in case.members:
             for s in range(0, mutants.shape[0], case.batch):
                 case.apply_head(member(mutants[s : s + case.batch]))
+    synchronize(case.x.device)
     return time.perf_counter() - start
 
 
 # ----------------------------------------------------------------------------- driver
 
 
-def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device = torch.device("cpu")) -> tuple[float, Any]:
+    synchronize(device)
     start = time.perf_counter()
     out = fn()
+    synchronize(device)
     return time.perf_counter() - start, out
 
 
-def methods(case: Case, peers: set[str], report: dict[str, Any]) -> dict[str, Callable[[], float]]:
-    """The timed rows, each returning its seconds."""
+def methods(
+    case: Case, peers: set[str], precisions: list[str], report: dict[str, Any]
+) -> dict[str, tuple[str, Callable[[], float]]]:
+    """The timed rows: name -> (precision, run returning its seconds)."""
+    device = case.x.device
+
     def engine(incremental: bool) -> float:
-        seconds, report["incremental" if incremental else "full"] = timed(lambda: run_engine(case, incremental))
+        key = "incremental" if incremental else "full"
+        seconds, report[key] = timed(lambda: run_engine(case, incremental), device)
         return seconds
 
-    rows: dict[str, Callable[[], float]] = {"(a) deepmr-dist, incremental": lambda: engine(True)}
+    def fused(precision: str) -> float:
+        seconds, report[f"fused {precision}"] = timed(lambda: run_fused(case, precision), device)
+        return seconds
+
+    def tangermeme(precision: str) -> float:
+        return timed(lambda: run_tangermeme(case, report, precision), device)[0]
+
+    rows: dict[str, tuple[str, Callable[[], float]]] = {}
+    for precision in precisions:
+        rows[f"(f) deepmr-dist, fused ensemble, {precision}"] = (precision, lambda p=precision: fused(p))
+    rows["(a) deepmr-dist, incremental, member by member"] = ("fp32", lambda: engine(True))
     if case.head.output_index is not None:
-        rows["(a') deepmr-dist, incremental, head's output only"] = lambda: timed(lambda: run_pruned(case))[0]
+        rows["(a') the same, head's output only"] = ("fp32", lambda: timed(lambda: run_pruned(case), device)[0])
     if "full" in peers:
-        rows["(b) deepmr-dist, full recompute"] = lambda: engine(False)
-    rows["(c) tangermeme"] = lambda: timed(lambda: run_tangermeme(case, report))[0]
+        rows["(b) deepmr-dist, full recompute"] = ("fp32", lambda: engine(False))
+    for precision in precisions:
+        rows[f"(c) tangermeme, {precision}"] = (precision, lambda p=precision: tangermeme(p))
     if "steady" in peers:
-        rows["(c') tangermeme fastISM, setup excluded"] = lambda: run_tangermeme_steady(case)
+        rows["(c') tangermeme fastISM, setup excluded, fp32"] = ("fp32", lambda: run_tangermeme_steady(case))
     if "deepmr" in peers:
-        rows["(d) original DeepMR (4L copies on host)"] = lambda: timed(lambda: run_deepmr(case))[0]
+        rows["(d) original DeepMR (4L copies on host)"] = ("fp32", lambda: timed(lambda: run_deepmr(case), device)[0])
     if "ceiling" in peers:
-        rows["(e) forward ceiling (pre-built mutants)"] = lambda: forward_ceiling(case)
+        rows["(e) forward ceiling (pre-built mutants)"] = ("fp32", lambda: forward_ceiling(case))
     return rows
 
 
-def bench(case: Case, peers: set[str], repeats: int) -> None:
+def processor(device: torch.device) -> str:
+    """The GPU's name, or the CPU model string as ``lscpu`` prints it."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return "unknown CPU"
+
+
+def bench(case: Case, peers: set[str], precisions: list[str], repeats: int, tsv: csv.writer | None) -> None:
     n, _, length = case.x.shape
+    device = case.x.device
+    where = f"{processor(device)}, {torch.get_num_threads()} torch threads, device {device.type}"
     print(f"\n== {case.name}: {n} loci x {len(case.members)} members x 3L = {case.predictions} mutant predictions")
+    print(f"   {where}")
     print(f"   mutant batch {case.batch} (ours and tangermeme's batch_size); best of {repeats}, methods interleaved")
     report: dict[str, Any] = {}
-    rows = methods(case, peers, report)
+    rows = methods(case, peers, precisions, report)
     best = {name: float("inf") for name in rows}
+    failed: dict[str, str] = {}
     for _ in range(repeats):
-        for name, run in rows.items():
-            best[name] = min(best[name], run())
-    if "full" in report:
+        for name, (_, run) in rows.items():
+            if name in failed:
+                continue
+            try:
+                best[name] = min(best[name], run())
+            except Exception as err:  # noqa: BLE001 - a peer that cannot run a precision is reported, not fatal
+                failed[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:80]}"
+    reference = report.get("fused fp32", report.get("incremental"))
+    if "full" in report and "incremental" in report:
         diff = (report["incremental"] - report["full"]).nan_to_num().abs().max().item()
         print(f"   max |(a) - (b)| over all mutant predictions = {diff:.3g}")
-    path = "its fastISM" if report["fast"] else "full passes"
-    print(f"   (c) is tangermeme {_tangermeme_version()} with its default fast=True; it used {path}")
-    peers_seconds = {k: v for k, v in best.items() if k.startswith(("(c)", "(c')"))}
-    header = "".join(f" {'vs ' + k.split()[0]:>8s}" for k in peers_seconds)
-    print(f"   {'method':50s} {'seconds':>9s} {'mutants/s':>11s}{header}")
+    errors = {}
+    for precision in precisions:
+        key = f"fused {precision}"
+        if key in report and reference is not None:
+            errors[precision] = (report[key] - reference).nan_to_num().abs().max().item()
+    print(f"   (c) is tangermeme {_tangermeme_version()} with its default fast=True; it used "
+          f"{'its fastISM' if report.get('fast') else 'full passes'}")  # fmt: skip
+    print(f"   {'method':56s} {'seconds':>9s} {'mutants/s':>11s} {'vs (c)':>8s} {'vs (c)':>8s} {'max|err| vs fp32':>16s}"
+          .replace("vs (c)   vs (c)", "vs (c)  vs (c')"))  # fmt: skip
+    steady = best.get("(c') tangermeme fastISM, setup excluded, fp32", float("nan"))
     for name, seconds in best.items():
-        ratios = "".join(f" {peer / seconds:7.2f}x" for peer in peers_seconds.values())
-        print(f"   {name:50s} {seconds:9.2f} {case.predictions / seconds:11.0f}{ratios}")
+        precision = rows[name][0]
+        if name in failed:
+            print(f"   {name:56s} failed: {failed[name]}")
+            continue
+        peer = best.get(f"(c) tangermeme, {precision}", float("nan"))
+        error = errors.get(precision) if name.startswith("(f)") else None
+        shown = "" if error is None else f"{error:.3g}"
+        print(f"   {name:56s} {seconds:9.2f} {case.predictions / seconds:11.0f} {peer / seconds:7.2f}x "
+              f"{steady / seconds:7.2f}x {shown:>16s}")  # fmt: skip
+        if tsv is not None:
+            tsv.writerow([case.name, name, precision, processor(device), torch.get_num_threads(), device.type,
+                          f"{seconds:.4f}", f"{case.predictions / seconds:.1f}", f"{peer / seconds:.3f}",
+                          f"{steady / seconds:.3f}", shown])  # fmt: skip
 
 
 def _tangermeme_version() -> str:
@@ -267,36 +363,54 @@ def _tangermeme_version() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["simulation", "bpnet"], choices=["simulation", "bpnet"])
+    parser.add_argument("--models", nargs="+", default=["simulation", "bpnet"], choices=["simulation", "bpnet", "chrombpnet"])
     parser.add_argument(
         "--peers",
         nargs="*",
         default=["full", "steady", "deepmr", "ceiling"],
         choices=["full", "steady", "deepmr", "ceiling"],
-        help="rows besides (a) and (c) to run",
+        help="rows besides (f), (a) and (c) to run",
     )
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "tf32", "bf16", "fp16"])
+    parser.add_argument("--tsv", help="also write every row (with processor and threads) to this TSV file")
     parser.add_argument("--sim-repeats", type=int, default=3, help="best of this many interleaved runs")
-    parser.add_argument("--bpnet-repeats", type=int, default=1, help="best of this many interleaved runs")
+    parser.add_argument("--bpnet-repeats", type=int, default=1, help="best of this many interleaved runs (both BPNets)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--sim-loci", type=int, default=200)
     parser.add_argument("--sim-members", type=int, default=5)
     parser.add_argument("--sim-batch", type=int, default=4096)
-    parser.add_argument("--bpnet-loci", type=int, default=1)
-    parser.add_argument("--bpnet-members", type=int, default=5)
-    parser.add_argument("--bpnet-length", type=int, default=1000)
-    parser.add_argument("--bpnet-trimming", type=int, default=0, help="BPNet trimming (0: 1 kb in, 1 kb profile out)")
-    parser.add_argument("--bpnet-batch", type=int, default=512)
+    for prefix, loci, length, filters, layers, trimming, batch in (
+        ("bpnet", 1, 1000, 64, 8, 0, 512), ("chrom", 1, 2114, 512, 8, 557, 128)
+    ):  # fmt: skip
+        parser.add_argument(f"--{prefix}-loci", type=int, default=loci)
+        parser.add_argument(f"--{prefix}-members", type=int, default=5)
+        parser.add_argument(f"--{prefix}-length", type=int, default=length)
+        parser.add_argument(f"--{prefix}-filters", type=int, default=filters)
+        parser.add_argument(f"--{prefix}-layers", type=int, default=layers)
+        parser.add_argument(f"--{prefix}-trimming", type=int, default=trimming, help="BPNet trimming of each end")
+        parser.add_argument(f"--{prefix}-batch", type=int, default=batch)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device cpu")
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}: {processor(device)}")
     peers = set(args.peers)
-    for model in args.models:
-        if model == "simulation":
-            bench(simulation_case(args), peers, args.sim_repeats)
-        else:
-            bench(bpnet_case(args), peers, args.bpnet_repeats)
+    out = open(args.tsv, "w", newline="") if args.tsv else None  # noqa: SIM115 - closed below
+    tsv = csv.writer(out, delimiter="\t") if out else None
+    if tsv is not None:
+        tsv.writerow(["model", "method", "precision", "processor", "threads", "device", "seconds", "mutants_per_s",
+                      "vs_c", "vs_c_steady", "max_abs_err_vs_fp32"])  # fmt: skip
+    cases = {"simulation": (simulation_case, args.sim_repeats), "bpnet": (bpnet_case, args.bpnet_repeats),
+             "chrombpnet": (chrombpnet_case, args.bpnet_repeats)}  # fmt: skip
+    try:
+        for model in args.models:
+            build, repeats = cases[model]
+            bench(build(args), peers, args.precisions, repeats, tsv)
+    finally:
+        if out is not None:
+            out.close()
 
 
 if __name__ == "__main__":

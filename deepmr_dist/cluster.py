@@ -1,50 +1,271 @@
-"""Dask clusters: create or connect, GPU pinning, and the per-worker model cache.
+"""Dask clusters: create or connect, TLS, GPU pinning, and the per-worker model cache.
 
-``connect("local")`` starts an embedded cluster: dask-cuda's
-``LocalCUDACluster`` (one worker per GPU, each pinned through
-``CUDA_VISIBLE_DEVICES`` and declaring the resource ``GPU=1``) when GPUs and
-dask-cuda are present, else a ``LocalCluster`` of single-threaded worker
-processes. Any other value is the address of a running scheduler. ISM tasks
-request ``GPU=1`` exactly when the cluster's workers declare it, so a CPU-only
-cluster runs the same code path.
+:func:`connect` yields a client of one of four kinds of cluster:
+
+- ``"local"``: an embedded cluster bound to ``host`` (127.0.0.1 by default: scheduler, workers and
+  dashboard): dask-cuda's ``LocalCUDACluster`` (one worker per GPU, each pinned through
+  ``CUDA_VISIBLE_DEVICES`` and declaring the resource ``GPU=1``) when GPUs and dask-cuda are present,
+  else a ``LocalCluster`` of single-threaded worker processes;
+- ``"slurm"``: dask-jobqueue's ``SLURMCluster`` of :class:`SlurmOptions` (one worker per job, the
+  scheduler in this process), see :func:`make_slurm_cluster`;
+- ``scheduler_file=``: the scheduler a site started with ``dask scheduler --scheduler-file``;
+- any other address: a running scheduler (``tcp://HOST:PORT``, ``tls://HOST:PORT``).
+
+:class:`TLSFiles` (a CA, a certificate and its key, as ``dask scheduler --tls-*`` takes them) give
+the client a ``distributed.Security``; without them Dask's own config and environment apply.
+
+Whether ISM tasks request ``GPU=1`` (:func:`task_resources`) is decided once, when the client is
+made (:func:`gpu_decision`): an explicit ``gpu=True/False``, else the cluster's kind (an embedded
+cluster on a machine with CUDA, SLURM jobs with ``gpus_per_job``), else, for an existing scheduler,
+whether its workers declare ``GPU`` once ``min_workers`` of them have joined. Workers that join
+later cannot change it.
+
+Bad settings fail before anything starts, in one line: a worker or thread count
+below 1, more local workers than :data:`MAX_WORKERS_PER_CORE` per core, a
+malformed address or an unknown protocol, TLS files that are missing or incomplete.
+A scheduler that does not answer within ``connect_timeout`` seconds
+(:data:`DEFAULT_CONNECT_TIMEOUT`) is named with its address.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dask
 import torch
-from distributed import Client, LocalCluster
+from distributed import Client, LocalCluster, Security
+
+from deepmr_dist.errors import InputError
 
 GPU_RESOURCE = "GPU"
+DEFAULT_CONNECT_TIMEOUT = 10.0
+"""Seconds :func:`connect` waits for an existing scheduler to answer."""
+MAX_WORKERS_PER_CORE = 4
+"""Local worker processes allowed per CPU core; more is taken for a typo (each worker is a process with its own model)."""
 
 log = logging.getLogger(__name__)
 
 
-def _local_cluster(n_workers: int | None, threads_per_worker: int, memory_limit: str | float | None) -> Any:
+IGNORE_SIGINT = "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN)"
+"""Worker preload (distributed runs a preload holding a space as the text of a script) run by each embedded worker.
+
+A terminal's Ctrl-C sends SIGINT to the whole process group; the embedded workers ignore it, so that only the
+client stops (closing the cluster ends the workers), without a traceback from each worker process."""
+
+
+DEFAULT_HOST = "127.0.0.1"
+"""Interface the embedded cluster's scheduler, workers and dashboard bind to unless ``host`` says otherwise."""
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """A CA certificate, a certificate and its private key (PEM files), as ``dask scheduler --tls-*`` takes them."""
+
+    ca_file: str
+    cert: str
+    key: str
+
+    @classmethod
+    def of(cls, ca_file: str | None, cert: str | None, key: str | None) -> TLSFiles | None:
+        """The three files, or None when none is given.
+
+        Raises
+        ------
+        InputError
+            If only some are given, or one is not a file.
+        """
+        given = {"--tls-ca-file": ca_file, "--tls-cert": cert, "--tls-key": key}
+        if not any(given.values()):
+            return None
+        missing = [name for name, value in given.items() if not value]
+        if missing:
+            raise InputError(f"--tls-ca-file, --tls-cert and --tls-key go together; missing {', '.join(missing)}")
+        for name, value in given.items():
+            if not Path(value).is_file():
+                raise InputError(f"{name} {value}: no such file")
+        return cls(ca_file, cert, key)
+
+    def security(self, *, cluster: bool = False) -> Security:
+        """The client's ``Security`` (and, with ``cluster``, the scheduler's and the workers' too), encryption required."""
+        roles = ("client", "scheduler", "worker") if cluster else ("client",)
+        files = {}
+        for role in roles:
+            files[f"tls_{role}_cert"] = self.cert
+            files[f"tls_{role}_key"] = self.key
+        return Security(tls_ca_file=self.ca_file, require_encryption=True, **files)
+
+
+@dataclass(frozen=True)
+class SlurmOptions:
+    """Dask workers as SLURM jobs (dask-jobqueue ``SLURMCluster``): one worker process per job.
+
+    ``gpus_per_job`` > 0 asks each job for ``--gres=gpu:N`` and starts its worker with
+    ``--resources GPU=N``; ``job_script_prologue`` lines (``module load``, ``source venv/bin/activate``)
+    run before the worker; ``interface`` (e.g. ``ib0``, ``lo`` on one machine) is the network
+    interface of the workers and of the scheduler, which runs in the calling process.
+    """
+
+    jobs: int = 1
+    queue: str | None = None
+    account: str | None = None
+    walltime: str = "01:00:00"
+    memory: str = "8GB"
+    cores: int = 1
+    gpus_per_job: int = 0
+    job_script_prologue: tuple[str, ...] = ()
+    job_directives: tuple[str, ...] = ()
+    interface: str | None = None
+    local_directory: str | None = None
+    log_directory: str | None = None
+    python: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("jobs", "cores"):
+            if getattr(self, name) < 1:
+                raise InputError(f"slurm {name} must be >= 1, got {getattr(self, name)}")
+        if self.gpus_per_job < 0:
+            raise InputError(f"slurm gpus_per_job must be >= 0, got {self.gpus_per_job}")
+
+
+def make_slurm_cluster(options: SlurmOptions, tls: TLSFiles | None = None) -> Any:
+    """The ``SLURMCluster`` of ``options`` (its scheduler starts in this process; no job is submitted yet).
+
+    Raises
+    ------
+    InputError
+        If dask-jobqueue (the ``slurm`` extra) is not installed.
+    """
+    try:
+        from dask_jobqueue import SLURMCluster
+    except ImportError:
+        raise InputError("--cluster slurm needs dask-jobqueue: pip install 'deepmr-dist[slurm]'") from None
+    gpus = options.gpus_per_job
+    return SLURMCluster(
+        queue=options.queue,
+        account=options.account,
+        walltime=options.walltime,
+        cores=options.cores,
+        processes=1,
+        memory=options.memory,
+        job_extra_directives=[*([f"--gres=gpu:{gpus}"] if gpus else []), *options.job_directives],
+        worker_extra_args=["--resources", f"{GPU_RESOURCE}={gpus}"] if gpus else [],
+        job_script_prologue=list(options.job_script_prologue),
+        python=options.python,
+        interface=options.interface,
+        local_directory=options.local_directory,
+        log_directory=options.log_directory,
+        security=tls.security(cluster=True) if tls else None,
+        protocol="tls://" if tls else None,
+    )
+
+
+def _local_cluster(
+    n_workers: int | None, threads_per_worker: int, memory_limit: str | float | None, host: str, tls: TLSFiles | None
+) -> Any:
+    common: dict[str, Any] = {"host": host, "dashboard_address": f"{host}:8787", "memory_limit": memory_limit}
+    if tls:
+        common.update(protocol="tls://", security=tls.security(cluster=True))
     # Dask's nannies set MALLOC_TRIM_THRESHOLD_=65536 in workers, which halves torch's CPU speed
     # (measured with benchmarks/bench_simulation.py); the nanny reads this when it is created.
     with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
         if not torch.cuda.is_available():
             workers = n_workers or max(1, min(4, os.cpu_count() or 1))
             return LocalCluster(
-                n_workers=workers, threads_per_worker=threads_per_worker, processes=True, memory_limit=memory_limit
+                n_workers=workers, threads_per_worker=threads_per_worker, processes=True, preload=[IGNORE_SIGINT],
+                **common,
             )
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError:
             log.warning("GPUs found but dask-cuda is not installed; using one GPU worker")
             return LocalCluster(
-                n_workers=1, threads_per_worker=1, processes=True, resources={GPU_RESOURCE: 1}, memory_limit=memory_limit
+                n_workers=1, threads_per_worker=1, processes=True, resources={GPU_RESOURCE: 1}, preload=[IGNORE_SIGINT],
+                **common,
             )
-        return LocalCUDACluster(threads_per_worker=1, resources={GPU_RESOURCE: 1}, memory_limit=memory_limit)
+        return LocalCUDACluster(threads_per_worker=1, resources={GPU_RESOURCE: 1}, **common)
+
+
+def check_local_settings(n_workers: int | None, threads_per_worker: int) -> None:
+    """Refuse worker and thread counts of the embedded cluster below 1, or above :data:`MAX_WORKERS_PER_CORE` per core.
+
+    Raises
+    ------
+    InputError
+        Naming the setting, its value and the allowed range.
+    """
+    cores = os.cpu_count() or 1
+    most = MAX_WORKERS_PER_CORE * cores
+    if n_workers is not None and not 1 <= n_workers <= most:
+        raise InputError(
+            f"--n-workers must be between 1 and {most} ({MAX_WORKERS_PER_CORE} worker processes per core, "
+            f"{cores} core(s) here), got {n_workers}"
+        )
+    if threads_per_worker < 1:
+        raise InputError(f"threads per worker must be >= 1, got {threads_per_worker}")
+
+
+def _scheduler_client(
+    address: str | None, connect_timeout: float, security: Security | None, scheduler_file: str | None = None
+) -> Client:
+    """A client of the scheduler at ``address`` (or named in ``scheduler_file``), or one line saying why there is none."""
+    if connect_timeout <= 0:
+        raise InputError(f"the connect timeout must be positive, got {connect_timeout:g} s")
+    where = f"the scheduler file {scheduler_file}" if scheduler_file else address
+    if scheduler_file and not Path(scheduler_file).is_file():
+        raise InputError(f"--scheduler-file {scheduler_file}: no such file (is the scheduler started with it?)")
+    try:
+        if scheduler_file:
+            return Client(scheduler_file=scheduler_file, timeout=connect_timeout, security=security)
+        return Client(address, timeout=connect_timeout, security=security)
+    except ValueError as exc:  # distributed's parse of the address: no port, unknown scheme, ...
+        raise InputError(
+            f"--cluster {address!r} is not a scheduler address: {exc} (expected 'local', 'slurm' or e.g. tcp://HOST:PORT)"
+        ) from None
+    except TypeError as exc:  # distributed: a tls:// address without TLS certificates
+        raise InputError(
+            f"cannot connect to {where} without TLS certificates ({str(exc).splitlines()[0]}); "
+            "give --tls-ca-file, --tls-cert and --tls-key"
+        ) from None
+    except (OSError, asyncio.TimeoutError) as exc:  # distributed: OSError("Timed out trying to connect ...")
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise InputError(
+            f"cannot reach a Dask scheduler at {where} (waited {connect_timeout:g} s): {reason}; is it running, "
+            f"is the address right, and does it need (or refuse) TLS certificates?"
+        ) from None
+
+
+_GPU_TASKS: weakref.WeakKeyDictionary[Client, bool] = weakref.WeakKeyDictionary()
+"""Whether ISM tasks of a client made by :func:`connect` request ``GPU=1``, decided when it was made."""
+
+
+def gpu_decision(gpu: bool | None, kind: str, client: Client, slurm: SlurmOptions | None = None) -> bool:
+    """Whether ISM tasks request ``GPU=1``: ``gpu`` when given, else from the cluster's kind.
+
+    ``kind`` is ``"local"`` (GPU workers exactly when this machine has CUDA), ``"slurm"``
+    (``gpus_per_job`` > 0) or ``"scheduler"`` (an existing one: whether a worker connected now
+    declares ``GPU``; :func:`connect` first waits for ``min_workers``).
+    """
+    if gpu is not None:
+        return gpu
+    if kind == "local":
+        return torch.cuda.is_available()
+    if kind == "slurm":
+        return bool(slurm and slurm.gpus_per_job)
+    declared = gpu_resources_declared(client)
+    if not declared:
+        log.info("no connected worker declares %s; ISM tasks run on any worker (--gpu makes them wait for GPU workers)",
+                 GPU_RESOURCE)
+    return declared
 
 
 @contextmanager
@@ -55,28 +276,80 @@ def connect(
     threads_per_worker: int = 1,
     memory_limit: str | float | None = "auto",
     verbose: bool = True,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+    tls: TLSFiles | None = None,
+    host: str = DEFAULT_HOST,
+    gpu: bool | None = None,
+    min_workers: int | None = None,
+    wait_timeout: float | None = None,
+    slurm: SlurmOptions | None = None,
+    scheduler_file: str | None = None,
 ) -> Iterator[Client]:
     """A Dask client for the duration of a ``with`` block.
 
     Parameters
     ----------
     address
-        ``"local"`` for an embedded cluster, or a scheduler address such as ``tcp://127.0.0.1:8786``.
+        ``"local"`` for an embedded cluster, ``"slurm"`` for SLURM jobs (``slurm``), or a scheduler
+        address such as ``tcp://127.0.0.1:8786``; ignored with ``scheduler_file``.
     n_workers, threads_per_worker, memory_limit
-        Settings of the embedded CPU cluster (ignored for an existing scheduler; GPU clusters get one worker per GPU).
+        Settings of the embedded CPU cluster (ignored otherwise; GPU clusters get one worker
+        per GPU), checked by :func:`check_local_settings`.
     verbose
         Log the dashboard address at INFO (at DEBUG when False).
+    connect_timeout
+        Seconds to wait for an existing scheduler to answer.
+    tls
+        Certificates of the client (and of the embedded or SLURM cluster); default Dask's config.
+    host
+        Interface of the embedded cluster's scheduler, workers and dashboard.
+    gpu
+        Whether ISM tasks request ``GPU=1``; default from the kind of cluster (:func:`gpu_decision`).
+    min_workers, wait_timeout
+        Workers to wait for (at most ``wait_timeout`` seconds; default as long as it takes) before the block
+        starts; SLURM's default is ``slurm.jobs``.
+    slurm
+        The SLURM jobs of ``address="slurm"`` (default :class:`SlurmOptions`).
+    scheduler_file
+        JSON file a scheduler wrote (``dask scheduler --scheduler-file``).
+
+    Raises
+    ------
+    InputError
+        For bad local settings, a malformed address or unknown protocol, incomplete TLS files, ``gpu=True``
+        on an embedded cluster without CUDA, or a scheduler that does not answer within ``connect_timeout``;
+        before any cluster starts.
     """
-    if address == "local":
-        cluster = _local_cluster(n_workers, threads_per_worker, memory_limit)
-        client = Client(cluster)
-        log.debug("embedded %s of %d worker(s)", type(cluster).__name__, len(cluster.workers))
+    if min_workers is not None and min_workers < 1:
+        raise InputError(f"--min-workers must be >= 1, got {min_workers}")
+    cluster: Any = None
+    if scheduler_file is None and address == "local":
+        check_local_settings(n_workers, threads_per_worker)
+        if gpu and not torch.cuda.is_available():
+            raise InputError("--gpu: this machine has no CUDA GPU for the embedded cluster (use --cluster ADDRESS)")
+        cluster = _local_cluster(n_workers, threads_per_worker, memory_limit, host, tls)
+        client, kind = Client(cluster), "local"
+        log.debug("embedded %s of %d worker(s) on %s", type(cluster).__name__, len(cluster.workers), host)
+    elif scheduler_file is None and address == "slurm":
+        slurm = slurm or SlurmOptions()
+        cluster = make_slurm_cluster(slurm, tls)
+        cluster.scale(jobs=slurm.jobs)
+        client, kind = Client(cluster), "slurm"
+        min_workers = slurm.jobs if min_workers is None else min_workers
+        log.info("submitted %d SLURM job(s); scheduler at %s", slurm.jobs, cluster.scheduler_address)
     else:
-        cluster = None
-        client = Client(address, timeout="30s")
-        log.debug("connected to the scheduler at %s", address)
-    log.log(logging.INFO if verbose else logging.DEBUG, "Dask dashboard at %s", client.dashboard_link)
+        client = _scheduler_client(address, connect_timeout, tls.security() if tls else None, scheduler_file)
+        kind = "scheduler"
+        log.debug("connected to the scheduler at %s", client.scheduler.address)
     try:
+        if min_workers:
+            log.info("waiting for %d worker(s)", min_workers)
+            try:
+                client.wait_for_workers(min_workers, timeout=wait_timeout)
+            except TimeoutError:
+                raise InputError(f"fewer than {min_workers} worker(s) joined within {wait_timeout:g} s") from None
+        _GPU_TASKS[client] = gpu_decision(gpu, kind, client, slurm)
+        log.log(logging.INFO if verbose else logging.DEBUG, "Dask dashboard at %s", client.dashboard_link)
         yield client
     finally:
         client.close()
@@ -85,14 +358,20 @@ def connect(
 
 
 def gpu_resources_declared(client: Client) -> bool:
-    """Whether any worker of the cluster declares the ``GPU`` resource."""
+    """Whether any worker connected now declares the ``GPU`` resource."""
     workers = client.scheduler_info(n_workers=-1).get("workers", {})
     return any(GPU_RESOURCE in w.get("resources", {}) for w in workers.values())
 
 
 def task_resources(client: Client) -> dict[str, float] | None:
-    """Resources an ISM task requests on this cluster."""
-    return {GPU_RESOURCE: 1} if gpu_resources_declared(client) else None
+    """Resources an ISM task requests: ``GPU=1`` as decided when :func:`connect` made ``client``.
+
+    For a client made elsewhere, whether a worker connected now declares ``GPU``.
+    """
+    gpu = _GPU_TASKS.get(client)
+    if gpu is None:
+        gpu = gpu_resources_declared(client)
+    return {GPU_RESOURCE: 1} if gpu else None
 
 
 def worker_device() -> torch.device:

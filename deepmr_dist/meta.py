@@ -45,13 +45,23 @@ Single-study groups (``k = 1``): the estimate is the study's, ``tau2 = 0``,
 reports 1). HKSJ has no degrees of freedom there: its standard error,
 intervals and p-value are NaN with ``reason = "hksj_needs_k2"``.
 
+Scale: every estimator is equivariant (estimates times ``c`` give the estimate, SE, limits
+times ``|c|`` and ``tau2`` times ``c^2``), so each group is computed in units of the power of
+two ``2^e`` of its largest ``|estimate|`` or SE, which is exact in floating point, and
+scaled back: estimates up to 1e300 neither overflow nor underflow in the weights
+``1 / (v + tau2)``. A group with a standard error below ``2^-120`` times that magnitude
+has weights whose powers overflow in any units (``reason = "degenerate_se"``, all values
+NaN). A value that does not fit in float64 once scaled back (typically ``tau2``, a
+squared scale, for estimates beyond about 1e154) is NaN with ``reason = "overflow"``;
+the other values of the group are exact.
+
 This module imports only numpy and scipy (pandas lazily, for ``to_frame``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -79,6 +89,18 @@ META_REASONS: dict[str, str] = {
     "no_studies": "no study with a finite estimate and a positive finite standard error",
     "hksj_needs_k2": "Hartung-Knapp adjustment needs at least 2 studies (k - 1 degrees of freedom)",
     "tau2_not_converged": "iterative tau^2 estimator did not converge",
+    "degenerate_se": (
+        "a standard error is below 2^-120 (about 7.5e-37) times the group's largest |estimate| or SE, "
+        "so the inverse-variance weights overflow float64 in any units"
+    ),
+    "overflow": (
+        "a value (typically tau^2, the square of the estimates' scale) lies beyond the float64 range "
+        "(about 1.8e308); it is NaN, the group's other values are exact"
+    ),
+    "underflow": (
+        "a nonzero value (typically tau^2) lies below the float64 range (about 4.9e-324), so it would read "
+        "as 0; it is NaN, the group's other values are exact"
+    ),
 }
 """Meaning of every value ``MetaResult.reason`` can take."""
 
@@ -104,6 +126,10 @@ _FLOOR = 1e-13  # absolute floor, as a multiple of the group's typical variance
 _MAXITER = 1000
 _LL0_TOL = np.finfo(float).eps ** 0.25  # metafor's con$tol, used for its ll0 check
 _EPS = np.finfo(float).eps
+MIN_SE_EXPONENT = -120
+"""A standard error below ``2^-120`` times its group's largest |estimate| or SE is degenerate."""
+_SCALED = {"estimate": 1, "se": 1, "ci_lower": 1, "ci_upper": 1, "pi_lower": 1, "pi_upper": 1, "tau2": 2}
+"""Result fields in units of the estimates (power 1) or their square (power 2)."""
 
 
 @dataclass(frozen=True)
@@ -188,11 +214,16 @@ class MetaResult:
 # --------------------------------------------------------------------------- inputs
 
 
-def _prepare(estimate: np.ndarray, se: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Return ``(y, v, valid)`` as 2-D float64 arrays; unusable cells get ``y = 0, v = 1``.
+def _prepare(estimate: np.ndarray, se: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Return ``(y, v, valid, n_studies, exponent, degenerate)``; unusable cells get ``y = 0, v = 1``.
 
     A study is usable when its estimate is finite and its standard error is
     finite and positive; everything else (NaN padding included) is ignored.
+    ``y`` and the standard errors are divided by ``2^exponent`` (per group, the
+    power of two of the largest ``|y|`` or SE; exact) before ``v = se^2`` is
+    formed. ``degenerate`` marks groups with a scaled SE below ``2^MIN_SE_EXPONENT``;
+    their studies are left out of ``valid`` (they are fitted as empty groups) but
+    counted in ``n_studies``.
     """
     y = np.asarray(estimate, dtype=np.float64)
     s = np.asarray(se, dtype=np.float64)
@@ -204,9 +235,15 @@ def _prepare(estimate: np.ndarray, se: np.ndarray) -> tuple[np.ndarray, np.ndarr
         raise InputError(f"estimate must be 1-D or 2-D (n_groups, max_k), got {y.ndim}-D")
     with np.errstate(invalid="ignore"):
         valid = np.isfinite(y) & np.isfinite(s) & (s > 0)
+    _, exponent = np.frexp(np.where(valid, np.maximum(np.abs(y), s), 0.0).max(axis=1, initial=0.0))
+    y = np.ldexp(y, -exponent[:, None])
+    s = np.where(valid, np.ldexp(s, -exponent[:, None]), 1.0)
+    degenerate = np.where(valid, s, np.inf).min(axis=1, initial=np.inf) < 2.0**MIN_SE_EXPONENT
+    n_studies = valid.sum(axis=1).astype(np.int64)
+    valid = valid & ~degenerate[:, None]
     y = np.where(valid, y, 0.0)
     v = np.where(valid, s * s, 1.0)
-    return y, v, valid
+    return y, v, valid, n_studies, exponent.astype(np.int64), degenerate
 
 
 def _weighted_fit(y: np.ndarray, v: np.ndarray, valid: np.ndarray, tau2: np.ndarray):
@@ -546,7 +583,7 @@ def meta_analysis(
         or mismatched shapes.
     """
     _validate_options(method, alpha)
-    y, v, valid = _prepare(estimate, se)
+    y, v, valid, n_studies, exponent, degenerate = _prepare(estimate, se)
     k = valid.sum(axis=1).astype(np.int64)
     tau2, converged = _TAU2_ESTIMATORS[method](y, v, valid, k)
     tau2 = np.where(k >= 1, tau2, np.nan)
@@ -572,10 +609,11 @@ def meta_analysis(
         pi_half = np.full(k.shape, np.nan)
     q, q_p, i2, h2 = _heterogeneity(y, v, valid, k, tau2, method)
     reason = _reasons(k, converged, use_t)
+    reason[degenerate & (n_studies > 0)] = "degenerate_se"
     bad = reason == "tau2_not_converged"
     est = np.where(bad | (k == 0), np.nan, est)
-    return MetaResult(
-        k=k,
+    result = MetaResult(
+        k=n_studies,
         estimate=est,
         se=np.where(bad | (k == 0), np.nan, se_out),
         ci_lower=est - half,
@@ -590,6 +628,29 @@ def meta_analysis(
         pi_upper=est + pi_half,
         reason=reason,
     )
+    return _unscaled(result, exponent)
+
+
+def _unscaled(result: MetaResult, exponent: np.ndarray) -> MetaResult:
+    """``result`` times ``2^exponent`` (``tau2``: ``4^exponent``).
+
+    A finite value that becomes infinite (``overflow``) or a nonzero one that becomes 0
+    (``underflow``) is NaN, with that reason where the group has none yet.
+    """
+    if not exponent.any():
+        return result
+    changes = {}
+    reason = result.reason.copy()
+    for name, power in _SCALED.items():
+        value = getattr(result, name)
+        with np.errstate(over="ignore", under="ignore"):
+            back = np.ldexp(value, power * exponent)
+        finite = np.isfinite(value)
+        for code, lost in (("overflow", finite & ~np.isfinite(back)), ("underflow", finite & (value != 0) & (back == 0))):
+            reason[lost & (reason == "")] = code
+            back = np.where(lost, np.nan, back)
+        changes[name] = back
+    return replace(result, reason=reason, **changes)
 
 
 def _reasons(k: np.ndarray, converged: np.ndarray, use_t: bool) -> np.ndarray:

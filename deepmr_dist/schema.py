@@ -90,6 +90,22 @@ REGISTRY: tuple[Variable, ...] = (
         "True once the locus's predictions are written; resume skips complete loci.",
     ),
     Variable(
+        "chunk_digest",
+        ISM,
+        ("locus",),
+        "uint64",
+        "64-bit BLAKE2b of the locus's ref_pred and mut_pred values (float32 bytes, C order), written with its "
+        "chunk before complete; 0: none recorded. `deepmr verify --full` recomputes it.",
+    ),
+    Variable(
+        "chunk_nbytes",
+        ISM,
+        ("locus",),
+        "uint64",
+        "Bytes of the encoded ref_pred and mut_pred chunks of the locus's chunk, as written; 0: none recorded. "
+        "`deepmr verify` compares it with the stored sizes.",
+    ),
+    Variable(
         "effect",
         EFFECTS,
         ("locus", "position", "allele", "task"),
@@ -103,7 +119,15 @@ REGISTRY: tuple[Variable, ...] = (
         FLOAT,
         "SD over members of mut_pred - ref_pred = sqrt(var(mut) + var(ref) - 2 cov(mut, ref)); ddof in attrs.",
     ),
-    # mr: local causal effects, one MR fit per (exposure -> outcome pair, locus, method)
+    # mr: local causal effects, one MR fit per (exposure -> outcome pair, locus, method), in the columns of
+    # deepmr_dist.mr.result.COLUMNS
+    Variable(
+        "n_instruments",
+        MR,
+        _LOCAL,
+        "int64",
+        "Instruments the method used at the locus (selected by the instrument rule, with valid effects and SEs).",
+    ),
     Variable(
         "local_ce",
         MR,
@@ -144,11 +168,26 @@ REGISTRY: tuple[Variable, ...] = (
     ),
     Variable("intercept_se", MR, _LOCAL, "float64", "Standard error of the MR-Egger intercept."),
     Variable(
+        "intercept_ci_lower",
+        MR,
+        _LOCAL,
+        "float64",
+        "Lower confidence limit of the MR-Egger intercept at level 1 - alpha; NaN for methods without one.",
+    ),
+    Variable("intercept_ci_upper", MR, _LOCAL, "float64", "Upper confidence limit of the MR-Egger intercept."),
+    Variable(
         "intercept_pvalue",
         MR,
         _LOCAL,
         "float64",
         "Two-sided p-value of the MR-Egger intercept = 0 (the pleiotropy test).",
+    ),
+    Variable(
+        "rse",
+        MR,
+        _LOCAL,
+        "float64",
+        "Residual standard error of the fit (the robust scale for MM fits); NaN for methods without one.",
     ),
     Variable(
         "q",
@@ -158,6 +197,14 @@ REGISTRY: tuple[Variable, ...] = (
         "Heterogeneity of the fit: Cochran's Q of IVW (n - 1 df), the residual Q of MR-Egger (n - 2 df); NaN "
         "for methods without one.",
     ),
+    Variable("q_pvalue", MR, _LOCAL, "float64", "Chi-squared p-value of q."),
+    Variable(
+        "i2",
+        MR,
+        _LOCAL,
+        "float64",
+        "I^2 = max(0, (q - df) / q) of the IVW fit (a fraction, not percent); NaN for methods without one.",
+    ),
     Variable(
         "i2gx",
         MR,
@@ -166,11 +213,11 @@ REGISTRY: tuple[Variable, ...] = (
         "I^2_GX of the oriented exposure associations (MR-Egger family; NaN otherwise).",
     ),
     Variable(
-        "n_instruments",
+        "fstat",
         MR,
         _LOCAL,
-        "int64",
-        "Instruments the method used at the locus (selected by the instrument rule, with valid effects and SEs).",
+        "float64",
+        "Mean first-stage F statistic of the instruments used, mean(bx^2 / bxse^2).",
     ),
     Variable(
         "reason",
@@ -286,9 +333,11 @@ REGISTRY: tuple[Variable, ...] = (
 """Every variable of the run store, by group (in each group, the order of its table columns)."""
 
 _RESULT_FIELDS: dict[str, dict[str, str]] = {
-    MR: {"local_ce": "estimate", "local_se": "se", "ci_lower": "ci_lower", "ci_upper": "ci_upper", "pvalue": "pvalue",
-         "intercept": "intercept", "intercept_se": "intercept_se", "intercept_pvalue": "intercept_pvalue", "q": "q",
-         "i2gx": "i2gx", "n_instruments": "n", "reason": "reason", "note": "note"},
+    MR: {"n_instruments": "n", "local_ce": "estimate", "local_se": "se", "ci_lower": "ci_lower", "ci_upper": "ci_upper",
+         "pvalue": "pvalue", "intercept": "intercept", "intercept_se": "intercept_se",
+         "intercept_ci_lower": "intercept_ci_lower", "intercept_ci_upper": "intercept_ci_upper",
+         "intercept_pvalue": "intercept_pvalue", "rse": "rse", "q": "q", "q_pvalue": "q_pvalue", "i2": "i2",
+         "i2gx": "i2gx", "fstat": "fstat", "reason": "reason", "note": "note"},
     META: {"global_ce": "estimate", "global_se": "se", "ci_lower": "ci_lower", "ci_upper": "ci_upper", "pvalue": "pvalue",
            "tau2": "tau2", "i2": "i2", "h2": "h2", "q": "q", "q_pvalue": "q_pvalue", "pi_lower": "pi_lower",
            "pi_upper": "pi_upper", "k": "k", "reason": "reason"},
@@ -327,8 +376,14 @@ def table_columns(group: str) -> dict[str, str]:
 
     A variable copied from a kernel's result takes the result field's name
     (``local_ce`` -> ``estimate``, ``n_instruments`` -> ``n``); the others keep their own.
+    Every table of the mr group (``deepmr mr``'s output, a run's ``local_ce`` table) has these
+    columns in this order, after its id columns.
     """
     return {v.name: v.field or v.name for v in variables_of(group)}
+
+
+TABLE_NA = "NA"
+"""How every CSV/TSV table the project writes spells a missing number (NaN), as R's ``write.csv`` does."""
 
 
 def _dtype_ok(dtype: np.dtype, expected: str) -> bool:

@@ -1,14 +1,19 @@
-"""Test models and the brute-force check shared by the ISM tests (``test_ism_*.py``).
+"""Test models and the brute-force checks shared by the ISM tests (``test_ism_*.py``).
 
 ``check_all_mutants`` builds an incremental runner for a model and compares it
-with a full forward pass of every explicitly built mutant.
+with a full forward pass of every explicitly built mutant; ``brute_force``
+predicts every explicitly written mutant sequence of an ensemble, member by
+member, locus by locus.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
+
+from conftest import reference_one_hot
 
 from deepmr_dist.ism.engine import FullRecompute
 from deepmr_dist.ism.incremental.build import build_incremental_runner
@@ -17,6 +22,7 @@ from deepmr_dist.ism.incremental.run import IncrementalRunner
 from deepmr_dist.ism.incremental.trace import Leaves
 from deepmr_dist.ism.leaves import MODEL_LEAVES
 from deepmr_dist.ism.mutants import mutation_list
+from deepmr_dist.models.heads import OutputHead
 
 try:
     import bpnetlite
@@ -28,6 +34,7 @@ needs_bpnet = pytest.mark.skipif(bpnetlite is None, reason="bpnet-lite is not in
 
 ATOL = 1e-5
 RTOL = 1e-5
+BASES = "ACGT"
 
 
 def one_hot(n: int, length: int, n_columns: tuple[int, ...] = ()) -> torch.Tensor:
@@ -77,6 +84,43 @@ def check_all_mutants(
             want = full.mutants(x, None, locus[sl], position[sl], base[sl])
             assert_outputs_close(got, want)
     return runner
+
+
+def random_seqs(n: int, length: int, seed: int, with_n: bool = False) -> list[str]:
+    """Random ACGT sequences; ``with_n`` writes ``N`` at the first and middle positions of the first."""
+    rng = np.random.default_rng(seed)
+    seqs = ["".join(rng.choice(list(BASES), length)) for _ in range(n)]
+    if with_n:
+        s = list(seqs[0])
+        s[0] = "N"
+        s[length // 2] = "N"
+        seqs[0] = "".join(s)
+    return seqs
+
+
+def brute_force(members: list[nn.Module], head: OutputHead, seqs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Predict every reference and every explicitly written mutant sequence, one locus at a time."""
+    length = len(seqs[0])
+    ref = None
+    mut = None
+    with torch.no_grad():
+        for i, seq in enumerate(seqs):
+            for m, member in enumerate(members):
+                r = head(member(torch.from_numpy(reference_one_hot(seq)[None])), 1).numpy()[0]
+                if ref is None:
+                    ref = np.zeros((len(seqs), len(members), r.size))
+                    mut = np.full((len(seqs), len(members), length, 4, r.size), np.nan)
+                ref[i, m] = r
+                batch, slots = [], []
+                for p in range(length):
+                    for b, base in enumerate(BASES):
+                        if seq[p] != base:
+                            batch.append(reference_one_hot(seq[:p] + base + seq[p + 1 :]))
+                            slots.append((p, b))
+                out = head(member(torch.from_numpy(np.stack(batch))), len(batch)).numpy()
+                for (p, b), row in zip(slots, out):
+                    mut[i, m, p, b] = row
+    return ref, mut
 
 
 # --------------------------------------------------------------------------- models

@@ -41,7 +41,8 @@ def test_cli__predict_effects_inspect_on_the_bundled_example(tmp_path, capsys):
     one = effects.effect.sel(locus="locus007", task="exposure").values
     ism = run["ism"].sel(locus="locus007", task="exposure")
     expected = (ism.mut_pred.astype("f8") - ism.ref_pred.astype("f8")).mean("member").values
-    np.testing.assert_allclose(one, expected, rtol=1e-12)
+    assert one.dtype == np.float32  # computed in float64, stored rounded once to float32 (half an ulp)
+    np.testing.assert_allclose(one, expected, rtol=2.0**-24 * 1.01)
     assert np.isnan(one).sum() == 100  # one reference allele per position
 
     # rerun is a no-op: nothing left to compute
@@ -215,3 +216,25 @@ def test_cli_run__bad_names_in_a_pipeline_yaml_name_the_field_and_the_valid_choi
     assert "instruments.rule: unknown instrument rule 'pooled'; valid: pooled_z, mutation_z" in err
     assert "meta.method: unknown meta-analysis method 'sj'; valid: fe, dl, reml, pm" in err
     assert "tasks.transform: unknown transform 'exp'; valid: none, sigmoid, log1p" in err
+
+
+def test_cli__file_url_store_creates_its_folders(tmp_path, capsys, client):
+    store = tmp_path / "deep" / "er" / "run.zarr"
+    args = ["--model", MODEL, "--fasta", str(EXAMPLE), "--store", f"file://{store}", "--cluster", client.scheduler.address]
+    assert main(["predict", *args, "--chunk-loci", "24", "--quiet"]) == 0
+    assert "computed 2 chunk(s)" in capsys.readouterr().out
+    assert xr.open_zarr(store, group="ism", consolidated=False)["complete"].values.all()
+
+
+def test_cli__memory_store_with_worker_processes_is_refused_in_one_line(capsys, client):
+    args = ["--model", MODEL, "--fasta", str(EXAMPLE), "--store", "memory://eco/run.zarr", "--cluster", client.scheduler.address]
+    assert main(["predict", *args, "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("deepmr predict: error: memory://eco/run.zarr: a memory:// store lives in one process")
+
+
+@pytest.mark.parametrize("text, why", [("{not json", "is not valid JSON"), ("[1, 2]", "must be a JSON object, got list")])
+def test_cli__bad_storage_options_are_one_line(tmp_path, capsys, text, why):
+    assert main(["verify", "--store", str(tmp_path / "x.zarr"), "--storage-options", text]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--storage-options {why}" in err[0]

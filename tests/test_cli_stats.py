@@ -12,6 +12,7 @@ import pytest
 
 from deepmr_dist.cli import main
 from deepmr_dist.meta import meta_analysis
+from deepmr_dist.schema import TABLE_NA
 
 MR_COLUMNS = [
     "locus", "method", "n", "estimate", "se", "ci_lower", "ci_upper", "pvalue",
@@ -56,7 +57,7 @@ def test_mr__one_row_per_locus_and_method_matching_the_kernels(tmp_path):
     frame.to_csv(tmp_path / "in.csv", index=False)
     rc = main(["mr", str(tmp_path / "in.csv"), "--method", "ivw,egger", "--out", str(tmp_path / "out.csv")])
     assert rc == 0
-    out = pd.read_csv(tmp_path / "out.csv", keep_default_na=False, na_values=["NaN"])
+    out = pd.read_csv(tmp_path / "out.csv", keep_default_na=False, na_values=[TABLE_NA])
     assert list(out.columns) == MR_COLUMNS
     assert out["locus"].tolist() == ["chr1:100"] * 2 + ["chr2:5"] * 2 + ["chr3:7"] * 2
     assert out["method"].tolist() == ["ivw", "egger"] * 3
@@ -78,7 +79,7 @@ def test_mr__options_reach_the_kernels(tmp_path):
     argv = ["mr", str(tmp_path / "in.csv"), "--method", "egger,weighted_median", "--t-dist", "--n-boot", "40",
             "--seed", "9", "--alpha", "0.1", "--out", str(tmp_path / "out.csv")]  # fmt: skip
     assert main(argv) == 0
-    out = pd.read_csv(tmp_path / "out.csv", keep_default_na=False, na_values=["NaN"])
+    out = pd.read_csv(tmp_path / "out.csv", keep_default_na=False, na_values=[TABLE_NA])
     _, arr = padded(frame, "locus", ["bx", "bxse", "by", "byse"])
     ref = mr.estimate(
         arr["bx"], arr["bxse"], arr["by"], arr["byse"], methods=("egger", "weighted_median"),
@@ -137,7 +138,7 @@ def test_meta__rows_per_group_and_method_with_hksj_variants(tmp_path):
     frame.to_parquet(tmp_path / "in.parquet")
     rc = main(["meta", str(tmp_path / "in.parquet"), "--method", "fe,reml", "--hksj", "--out", str(tmp_path / "out.csv")])
     assert rc == 0
-    out = pd.read_csv(tmp_path / "out.csv", keep_default_na=False, na_values=["NaN"])
+    out = pd.read_csv(tmp_path / "out.csv", keep_default_na=False, na_values=[TABLE_NA])
     assert list(out.columns) == META_COLUMNS
     labels = ["fe", "fe_hksj", "fe_hksj_adhoc", "reml", "reml_hksj", "reml_hksj_adhoc"]
     assert out["method"].tolist() == labels * 3
@@ -197,3 +198,65 @@ def test_mr__help_lists_every_method(capsys):
         main(["mr", "--help"])
     text = " ".join(capsys.readouterr().out.split())
     assert all(m in text for m in mr.METHODS), text
+
+
+def test_mr__missing_numbers_are_written_NA_as_r_writes_them(tmp_path):
+    mr_input().to_csv(tmp_path / "in.csv", index=False)
+    assert main(["mr", str(tmp_path / "in.csv"), "--method", "ivw", "--out", str(tmp_path / "out.csv")]) == 0
+    lines = (tmp_path / "out.csv").read_text().splitlines()
+    header, first = lines[0].split(","), lines[1].split(",")
+    assert first[header.index("intercept")] == TABLE_NA == "NA"  # IVW has no intercept
+    assert first[header.index("reason")] == ""  # an empty code stays empty
+    assert "NaN" not in (tmp_path / "out.csv").read_text()
+
+
+def test_mr__twosamplemr_harmonised_table_gives_the_native_tables_results(tmp_path):
+    frame = mr_input()
+    frame.to_csv(tmp_path / "native.csv", index=False)
+    harmonised = pd.DataFrame({
+        "SNP": [f"rs{i}" for i in range(len(frame))], "beta.exposure": frame["bx"], "se.exposure": frame["bxse"],
+        "beta.outcome": frame["by"], "se.outcome": frame["byse"], "id.exposure": "ldl",
+        "id.outcome": frame["locus"], "mr_keep": True,
+    })  # fmt: skip
+    harmonised.to_parquet(tmp_path / "harmonised.parquet")
+    for name in ("native.csv", "harmonised.parquet"):
+        assert main(["mr", str(tmp_path / name), "--method", "ivw,egger", "--out", str(tmp_path / f"{name}.out.parquet")]) == 0
+    native = pd.read_parquet(tmp_path / "native.csv.out.parquet")
+    two = pd.read_parquet(tmp_path / "harmonised.parquet.out.parquet")
+    assert two["locus"].tolist() == [f"ldl->{locus}" for locus in native["locus"]]
+    pd.testing.assert_frame_equal(two.drop(columns="locus"), native.drop(columns="locus"))
+
+
+def test_mr__duplicated_rows_stop_in_one_line_or_are_kept_or_dropped_with_a_log_line(tmp_path, capsys):
+    frame = mr_input()
+    pd.concat([frame, frame.iloc[[3, 4]]]).to_csv(tmp_path / "in.csv", index=False)
+    out = str(tmp_path / "out.csv")
+    assert main(["mr", str(tmp_path / "in.csv"), "--out", out]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "deepmr mr: error:" in err
+    assert "data row 26 (locus chr1:100) duplicates data row 4 (same locus and values)" in err
+    counts = {}
+    for policy in ("keep", "drop"):
+        assert main(["mr", str(tmp_path / "in.csv"), "--duplicates", policy, "--out", out]) == 0
+        assert "2 duplicated row(s)" in capsys.readouterr().err
+        counts[policy] = pd.read_csv(out).set_index("locus")["n"]["chr1:100"]
+    assert counts == {"keep": 10, "drop": 8}
+
+
+def test_meta__duplicated_rows_stop_unless_kept_or_dropped(tmp_path, capsys):
+    frame = meta_input()
+    pd.concat([frame, frame.iloc[[0]]]).to_csv(tmp_path / "in.csv", index=False)
+    out = str(tmp_path / "out.csv")
+    assert main(["meta", str(tmp_path / "in.csv"), "--out", out]) == 1
+    assert "data row 17 (group g1) duplicates data row 1 (same group and values)" in capsys.readouterr().err
+    assert main(["meta", str(tmp_path / "in.csv"), "--duplicates", "drop", "--out", out]) == 0
+    assert "1 duplicated row(s) dropped" in capsys.readouterr().err
+    assert pd.read_csv(out).set_index("group")["k"]["g1"] == 6
+
+
+@pytest.mark.parametrize("command", ["mr", "meta"])
+def test_duplicates_option__help_names_the_default(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--duplicates {error,keep,drop}" in text and "error (default) stops naming the first" in text

@@ -9,7 +9,8 @@ import pytest
 from conftest import EXAMPLE_ENSEMBLE, EXAMPLE_FASTA
 from deepmr_dist.errors import InputError
 from deepmr_dist.pipeline.config import PipelineConfig, StudyConfig
-from deepmr_dist.pipeline.config_types import load_config, parse_config
+from deepmr_dist.pipeline import config_types
+from deepmr_dist.pipeline.config_types import load_config, parse_config, read_yaml_mapping
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,3 +106,96 @@ def test_study_config__pipelines_in_the_repository_are_valid():
     assert (paper.generator.n_train, paper.generator.n_test) == (10_000, 1_000)
     assert paper.analysis.meta_method == "dl"
     load_config("pipelines/simulation_reduced.yaml", StudyConfig)
+
+
+# ----------------------------------------------------------------------------- sequences.iupac
+
+
+def test_pipeline_config__sequences_iupac_is_n_or_error_as_the_readers_take_it():
+    from typing import get_args
+
+    from deepmr_dist.io.sequence import DEFAULT_IUPAC, IUPAC_MODES
+    from deepmr_dist.pipeline.config import Sequences
+
+    field = Sequences.model_fields["iupac"]
+    assert get_args(field.annotation) == IUPAC_MODES and field.default == DEFAULT_IUPAC
+    base = {"sequences": {"fasta": "a.fa"}, "model": {"sources": ["m.pt"]}}
+    assert parse_config(base, PipelineConfig, "p.yaml").sequences.iupac == "n"
+    assert parse_config({**base, "sequences": {"fasta": "a.fa", "iupac": "error"}}, PipelineConfig, "p.yaml").sequences.iupac == "error"
+    with pytest.raises(InputError, match=r"p.yaml: sequences.iupac: Input should be 'n' or 'error' \(got 'N'\)"):
+        parse_config({**base, "sequences": {"fasta": "a.fa", "iupac": "N"}}, PipelineConfig, "p.yaml")
+
+
+def test_load_pipeline__sequences_iupac_reaches_the_fasta_reader(tmp_path):
+    from deepmr_dist.pipeline.plan import load_sequences
+
+    (tmp_path / "loci.fa").write_text(">a\nACGTRY\n")
+    path = tmp_path / "p.yaml"
+    path.write_text(f"sequences: {{fasta: loci.fa, iupac: error}}\nmodel: {{sources: ['{EXAMPLE_ENSEMBLE}']}}\n")
+    config = load_config(path, PipelineConfig).resolve_paths(tmp_path)
+    with pytest.raises(InputError, match=r"record 'a' .*IUPAC code 'R' at position 5"):
+        load_sequences(config)
+    loci, _ = load_sequences(config.model_copy(update={"sequences": config.sequences.model_copy(update={"iupac": "n"})}))
+    assert loci.sequence.values.tolist() == [[0, 1, 2, 3, 4, 4]]
+
+
+# ----------------------------------------------------------------------------- YAML that is not text, or expands
+
+
+def _alias_levels(levels: int) -> str:
+    """``model.options`` whose aliases nest ``levels`` deep, 4 references each: 4**levels leaves."""
+    lines = ["model:", "  options:", "    a0: &a0 [x, x, x, x]"]
+    lines += [f"    a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+def test_read_yaml_mapping__an_alias_bomb_is_refused_before_it_is_built(tmp_path):
+    import time
+
+    path = tmp_path / "bomb.yaml"
+    # written: the root, model, options and their keys (5), keys a0-a9 (10), a0 and its 4 leaves (5), a1-a9 (9) = 29;
+    # expanded: a_i holds 1 + 4 * a_(i-1) nodes from a0's 5, so a9 alone has 4**10 leaves in 1,398,101 nodes,
+    # a0-a9 together 1,864,130, and with the 15 others 1,864,145
+    path.write_text(_alias_levels(10))
+    started = time.perf_counter()
+    with pytest.raises(InputError, match=r"bomb.yaml: refused: its aliases expand 29 written nodes to 1,864,145 ") as err:
+        read_yaml_mapping(path)
+    assert "\n" not in str(err.value)
+    assert time.perf_counter() - started < 2.0  # measured 0.006 s; building it took 19 s (issue 14)
+
+
+def test_check_expansion__counts_every_reference_and_allows_the_budget(tmp_path, monkeypatch):
+    # written: the mapping, keys a and b, [1, 2] and its 2 items, b's list = 7 nodes;
+    # expanded: 1 + (1 + 3) + (1 + (1 + 3 * 3)) = 16, so the aliases add 9
+    path = tmp_path / "a.yaml"
+    path.write_text("a: &x [1, 2]\nb: [*x, *x, *x]\n")
+    monkeypatch.setattr(config_types, "ALIAS_NODE_BUDGET", 9)
+    assert read_yaml_mapping(path) == {"a": [1, 2], "b": [[1, 2]] * 3}
+    monkeypatch.setattr(config_types, "ALIAS_NODE_BUDGET", 8)
+    with pytest.raises(InputError, match=r"a.yaml: refused: its aliases expand 7 written nodes to 16 \(at most 8 more"):
+        read_yaml_mapping(path)
+
+
+def test_read_yaml_mapping__a_large_file_may_alias_as_many_nodes_as_it_writes(tmp_path):
+    path = tmp_path / "large.yaml"
+    path.write_text("x: &x [" + ", ".join(map(str, range(12_000))) + "]\ny: *x\n")  # aliases add 12,001 of 12,004
+    assert read_yaml_mapping(path)["y"] == list(range(12_000))
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (bytes(range(256)) * 4, r"bad.yaml is not a text file \(byte 0x80 at offset 128 is not UTF-8\); a config is YAML text"),
+        (b"a: \x07\n", r"bad.yaml is not valid YAML: unacceptable character #x0007"),
+        (b"a: &x [*x]\n", r"bad.yaml: refused: line 1: an alias refers to a node that contains it"),
+        (b"a: [1,\n", r"bad.yaml is not valid YAML: line 2, column 1: while parsing a flow node: expected the node content"),
+        (b"[" * 5000, r"bad.yaml: YAML nested too deeply to read"),
+    ],
+    ids=["binary", "control-character", "recursive-alias", "syntax", "deep"],
+)
+def test_read_yaml_mapping__bad_files_are_one_line_naming_the_file(tmp_path, content, match):
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(content)
+    with pytest.raises(InputError, match=match) as err:
+        read_yaml_mapping(path)
+    assert "\n" not in str(err.value)

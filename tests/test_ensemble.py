@@ -10,12 +10,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from torch import nn
 
 from conftest import EXAMPLE_ENSEMBLE, EXAMPLE_FASTA
 from deepmr_dist.cli import main
 from deepmr_dist.errors import InputError
-from deepmr_dist.models.ensemble import ModelSpec, is_stdlib_module, load_members, resolve_entry_point
+from deepmr_dist.models.ensemble import ModelSpec, is_stdlib_module, load_members, one_line, resolve_entry_point
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -130,3 +131,102 @@ def test_load_members__project_and_user_entry_points_still_load(user_module):
     assert len(load_members(ModelSpec((f"{user_module}:two_members",)))) == 2  # a partial of a project factory
     assert callable(resolve_entry_point("deepmr_dist.models.architectures:deepsea_ensemble"))
     assert resolve_entry_point("torch.nn:Identity") is nn.Identity
+
+
+# ----------------------------------------------------------------------------- model files and factories that fail
+
+
+def _fake_torchscript(path: Path) -> Path:
+    """A zip holding ``constants.pkl`` and ``code/`` (what TorchScript archives hold) but nothing loadable."""
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("m/constants.pkl", b"not a pickle")
+        archive.writestr("m/code/m.py", "x = 1\n")
+    return path
+
+
+def _written(data: bytes):
+    """A maker of a file holding ``data``."""
+    def make(path: Path) -> Path:
+        path.write_bytes(data)
+        return path
+
+    return make
+
+
+def _pickled_module(path: Path) -> Path:
+    torch.save(nn.Linear(3, 2), path)  # a whole module: torch.load(weights_only=True) refuses its class
+    return path
+
+
+def _truncated_torchscript(path: Path) -> Path:
+    torch.jit.save(torch.jit.script(nn.Linear(3, 2)), str(path))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+@pytest.mark.parametrize(
+    ("make", "expected"),
+    [
+        (_written(b""), "model file {path} is empty (0 bytes)"),
+        (_fake_torchscript, "model file {path} looks like a TorchScript archive but cannot be loaded: RuntimeError: "),
+        (_truncated_torchscript, "model file {path} is not a TorchScript archive or a simulation CNN state dict loadable "
+                                 "with weights_only=True: RuntimeError: PytorchStreamReader failed reading zip archive"),
+        (_pickled_module,
+         "model file {path} is not a TorchScript archive or a simulation CNN state dict loadable with weights_only=True: "
+         "UnpicklingError: Unsupported global: GLOBAL torch.nn.modules.linear.Linear was not an allowed global by default"),
+        (_written(b"hello\n"),
+         "model file {path} is not a TorchScript archive or a simulation CNN state dict loadable with weights_only=True: "),
+    ],
+    ids=["empty", "fake-torchscript", "truncated-torchscript", "pickled-module", "text"],
+)
+def test_load_members__a_bad_model_file_is_one_line_naming_it_and_the_reason(tmp_path, make, expected):
+    path = make(tmp_path / "member.pt")
+    with pytest.raises(InputError) as err:
+        load_members(ModelSpec((str(path),)))
+    message = str(err.value)
+    assert message.startswith(expected.format(path=path)), message
+    assert "\n" not in message and "\x1b" not in message and not message.endswith(": "), message
+
+
+def test_one_line__keeps_what_torch_load_refused_without_its_advice():
+    with pytest.raises(Exception) as err:
+        buffer = __import__("io").BytesIO()
+        torch.save(nn.Linear(3, 2), buffer)
+        buffer.seek(0)
+        torch.load(buffer, weights_only=True)
+    assert len(str(err.value).splitlines()) > 3  # torch's own text: several lines of advice
+    assert one_line(err.value) == (
+        "UnpicklingError: Unsupported global: GLOBAL torch.nn.modules.linear.Linear was not an allowed global by default"
+    )
+    assert one_line(EOFError()) == "EOFError"
+    assert one_line(RuntimeError("\x1b[1mbold\x1b[0m first. second.\nthird")) == "RuntimeError: bold first"
+
+
+FAILING_MODULE = '''
+def broken(**options):
+    raise RuntimeError("checkpoint /nowhere/model.pt not found\\nsecond line of detail")
+'''
+
+
+def test_load_members__an_entry_point_that_raises_is_one_line_naming_it(tmp_path, monkeypatch):
+    (tmp_path / "deepmr_test_failing.py").write_text(FAILING_MODULE)
+    (tmp_path / "deepmr_test_import_fails.py").write_text("raise ZeroDivisionError('at import time')\ndef f():\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        with pytest.raises(InputError) as err:
+            load_members(ModelSpec(("deepmr_test_failing:broken",)))
+        assert str(err.value) == (
+            "entry point 'deepmr_test_failing:broken' raised RuntimeError: checkpoint /nowhere/model.pt not found"
+        )
+        with pytest.raises(InputError) as err:
+            load_members(ModelSpec(("deepmr_test_import_fails:f",)))
+        assert str(err.value) == (
+            "cannot load model entry point 'deepmr_test_import_fails:f': importing 'deepmr_test_import_fails' raised "
+            "ZeroDivisionError: at import time"
+        )
+    finally:
+        sys.modules.pop("deepmr_test_failing", None)
+        sys.modules.pop("deepmr_test_import_fails", None)

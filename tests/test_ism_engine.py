@@ -8,50 +8,13 @@ import torch
 from torch import nn
 
 from conftest import assert_close_fp32, reference_one_hot
+from ism_models import brute_force, random_seqs
 from deepmr_dist.errors import InputError
 from deepmr_dist.ism.engine import FullRecompute, saturation_mutagenesis
 from deepmr_dist.ism.mutants import apply_mutations, mutation_list
 from deepmr_dist.models.architectures import SimulationCNN
 from deepmr_dist.models.ensemble import ModelSpec, freeze_dropout, load_members
 from deepmr_dist.models.heads import OutputHead
-
-BASES = "ACGT"
-
-
-def _random_seqs(n: int, length: int, seed: int, with_n: bool = False) -> list[str]:
-    rng = np.random.default_rng(seed)
-    seqs = ["".join(rng.choice(list(BASES), length)) for _ in range(n)]
-    if with_n:
-        s = list(seqs[0])
-        s[0] = "N"
-        s[length // 2] = "N"
-        seqs[0] = "".join(s)
-    return seqs
-
-
-def brute_force(members: list[nn.Module], head: OutputHead, seqs: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Predict every reference and every explicitly written mutant sequence, one locus at a time."""
-    length = len(seqs[0])
-    ref = None
-    mut = None
-    with torch.no_grad():
-        for i, seq in enumerate(seqs):
-            for m, member in enumerate(members):
-                r = head(member(torch.from_numpy(reference_one_hot(seq)[None])), 1).numpy()[0]
-                if ref is None:
-                    ref = np.zeros((len(seqs), len(members), r.size))
-                    mut = np.full((len(seqs), len(members), length, 4, r.size), np.nan)
-                ref[i, m] = r
-                batch, slots = [], []
-                for p in range(length):
-                    for b, base in enumerate(BASES):
-                        if seq[p] != base:
-                            batch.append(reference_one_hot(seq[:p] + base + seq[p + 1 :]))
-                            slots.append((p, b))
-                out = head(member(torch.from_numpy(np.stack(batch))), len(batch)).numpy()
-                for (p, b), row in zip(slots, out):
-                    mut[i, m, p, b] = row
-    return ref, mut
 
 
 def engine(members: list[nn.Module], head: OutputHead, seqs: list[str], **kw) -> tuple[np.ndarray, np.ndarray]:
@@ -93,7 +56,7 @@ class ProfileModel(nn.Module):
 
 def test_ism__small_conv_matches_brute_force():
     torch.manual_seed(0)
-    _check([SmallConv().eval()], OutputHead(), _random_seqs(3, 25, 1))
+    _check([SmallConv().eval()], OutputHead(), random_seqs(3, 25, 1))
 
 
 def test_ism__batchnorm_dropout_in_eval_mode_match_brute_force():
@@ -102,12 +65,12 @@ def test_ism__batchnorm_dropout_in_eval_mode_match_brute_force():
     for bn in (m for m in model.modules() if isinstance(m, nn.BatchNorm1d)):
         bn.running_mean.uniform_(-0.5, 0.5)
         bn.running_var.uniform_(0.5, 2.0)
-    _check([model.eval()], OutputHead(), _random_seqs(2, 40, 2))
+    _check([model.eval()], OutputHead(), random_seqs(2, 40, 2))
 
 
 def test_ism__ensemble_of_three_with_n_positions_and_small_batches():
     members = load_members(ModelSpec(("deepmr_dist.models.examples:simulation_ensemble",)))
-    seqs = _random_seqs(3, 100, 3, with_n=True)
+    seqs = random_seqs(3, 100, 3, with_n=True)
     _, mut = _check(members, OutputHead(), seqs, mutant_batch=97)
     # identity edits are NaN; at N positions all four bases are mutants
     assert not np.isnan(mut[0, :, 0]).any()
@@ -118,7 +81,7 @@ def test_ism__ensemble_of_three_with_n_positions_and_small_batches():
 def test_ism__tuple_and_profile_outputs_through_heads():
     torch.manual_seed(2)
     model = ProfileModel().eval()
-    seqs = _random_seqs(2, 30, 4)
+    seqs = random_seqs(2, 30, 4)
     _check([model], OutputHead(output_index=0, profile_axis=-1, transform="log1p"), seqs)
     _check([model], OutputHead(output_index=1, tasks=(1,)), seqs)
 
@@ -127,7 +90,7 @@ def test_ism__mc_dropout_masks_are_frozen_and_match_brute_force():
     torch.manual_seed(3)
     spec = ModelSpec(("deepmr_dist.models.examples:simulation_cnn_with_dropout",), mc_dropout=3, mc_seed=5)
     members = load_members(spec)
-    seqs = _random_seqs(2, 100, 5)
+    seqs = random_seqs(2, 100, 5)
     ref, _ = _check(members, OutputHead(), seqs)
     assert not np.allclose(ref[:, 0], ref[:, 1]), "different masks must give different members"
     # A mutant equal to its reference gives no difference under a frozen mask. Within one batch two
@@ -149,7 +112,7 @@ def test_freeze_dropout__same_seed_same_mask_and_no_dropout_is_an_error():
     from deepmr_dist.models.examples import simulation_cnn_with_dropout, simulation_ensemble
 
     a, b = freeze_dropout(simulation_cnn_with_dropout(), 1), freeze_dropout(simulation_cnn_with_dropout(), 1)
-    x = torch.from_numpy(np.stack([reference_one_hot(s) for s in _random_seqs(2, 100, 6)]))
+    x = torch.from_numpy(np.stack([reference_one_hot(s) for s in random_seqs(2, 100, 6)]))
     with torch.inference_mode():
         assert torch.equal(a(x), b(x))
     with pytest.raises(InputError, match="has none"):
@@ -185,5 +148,5 @@ def test_load_members__simulation_state_dict_files_and_bad_file(tmp_path):
             torch.testing.assert_close(member(x), original(x), rtol=0, atol=0)
     bad = tmp_path / "weights.pt"
     torch.save({"conv.weight": torch.zeros(3)}, bad)
-    with pytest.raises(InputError, match=f"{bad}.*neither a TorchScript archive nor a simulation CNN state dict"):
+    with pytest.raises(InputError, match=f"{bad} is not a TorchScript archive or a simulation CNN state dict"):
         load_members(ModelSpec((str(bad),)))

@@ -18,7 +18,8 @@ from deepmr_dist import schema
 from deepmr_dist.cli import main
 from deepmr_dist.errors import InputError
 from deepmr_dist.io import store
-from deepmr_dist.pipeline.outputs import output_directory
+from deepmr_dist.io.lock import lock, read_lease
+from deepmr_dist.pipeline.outputs import output_location
 from deepmr_dist.pipeline.plan import plan
 from deepmr_dist.models.examples import simulation_ensemble
 from deepmr_dist.pipeline.config import PipelineConfig
@@ -167,8 +168,8 @@ def test_cli_run__quickstart_estimates_the_true_global_ce(tmp_path, capsys, clie
     truth = float(printed.split("true global CE (simulation): ")[1].split()[0])
     assert truth > 1.0  # gamma ~ 10: a strong effect
     assert abs(np.log(estimate / truth)) < np.log(1.5), printed
-    assert (output_directory(parse_config({"sequences": {"fasta": "x"}, "model": {"sources": ["m"]}, "store": str(store)},
-                                          PipelineConfig, "t")) / "members" / "member-0.pt").exists()
+    assert (output_location(parse_config({"sequences": {"fasta": "x"}, "model": {"sources": ["m"]}, "store": str(store)},
+                                         PipelineConfig, "t")).local / "members" / "member-0.pt").exists()
 
 
 def test_run_pipeline__bed_loci_with_motif_spacing_stratification(tmp_path, client):
@@ -224,7 +225,7 @@ def test_cli_run__random_initialised_bpnet_counts_heads_all_pairs(tmp_path, clie
         "store": str(tmp_path / "bpnet.zarr"),
     }
     config = _run_yaml(tmp_path, data, client)
-    table = pd.read_csv(output_directory(config) / "global_ce.csv")
+    table = pd.read_csv(output_location(config).local / "global_ce.csv")
     assert len(table) == 6  # all ordered pairs of three TFs
     ism = xr.open_zarr(config.store, group="ism", consolidated=False)
     assert list(ism["task"].values) == ["Oct4", "Sox2", "Nanog"] and ism.sizes["member"] == 2
@@ -246,7 +247,7 @@ def test_cli_run__deepsea_style_tasks_by_name_with_sigmoid(tmp_path, client):
         "store": str(tmp_path / "deepsea.zarr"),
     }
     config = _run_yaml(tmp_path, data, client)
-    table = pd.read_csv(output_directory(config) / "global_ce.csv")
+    table = pd.read_csv(output_location(config).local / "global_ce.csv")
     assert sorted(table["pair"].unique()) == ["cell1|GATA1->cell1|DNase", "cell1|TAL1->cell1|DNase"]
     ref = xr.open_zarr(config.store, group="ism", consolidated=False)["ref_pred"].values
     assert ((ref > 0) & (ref < 1)).all()  # sigmoid outputs
@@ -297,3 +298,54 @@ def test_cli_run__resumes_after_the_process_is_killed_during_ism(tmp_path, clien
         xr.open_zarr(tmp_path / "undisturbed.zarr", group="ism", consolidated=False)["mut_pred"].values,
     )
     pd.testing.assert_frame_equal(resumed.global_table, undisturbed.global_table)
+
+
+# ----------------------------------------------------------------------------- verified ISM, the store lock
+
+
+def test_run_pipeline__damaged_ism_chunks_are_recomputed_exactly_and_later_stages_kept(tmp_path, client):
+    config = _example(tmp_path, report=False)
+    first = run_pipeline(config, client=client, progress=False)
+    ism_path = Path(config.store) / "ism"
+    expected = xr.open_zarr(config.store, group="ism", consolidated=False).load()
+
+    (ism_path / "mut_pred" / "c" / "1" / "0" / "0" / "0" / "0").unlink()  # found by the listing
+    again = run_pipeline(config, client=client, progress=False)
+    assert "ism" not in again.skipped and {"effects", "mr", "meta"} <= set(again.skipped)
+    xr.testing.assert_identical(xr.open_zarr(config.store, group="ism", consolidated=False).load(), expected)
+
+    chunk = ism_path / "mut_pred" / "c" / "2" / "0" / "0" / "0" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[4:8] = (int.from_bytes(raw[4:8], "little") - 4).to_bytes(4, "little")  # same size: only decoding finds it
+    chunk.write_bytes(bytes(raw))
+    assert "ism" in run_pipeline(config, client=client, progress=False).skipped  # the listing cannot see it
+    full = run_pipeline(config, client=client, progress=False, verify="full")
+    assert "ism" not in full.skipped
+    xr.testing.assert_identical(xr.open_zarr(config.store, group="ism", consolidated=False).load(), expected)
+    pd.testing.assert_frame_equal(full.global_table, first.global_table)
+    assert read_lease(config.store) is None
+
+
+def test_run_pipeline__is_refused_while_another_writer_holds_the_store(tmp_path, client):
+    import threading
+
+    from deepmr_dist.errors import StoreError
+
+    config = _example(tmp_path, report=False)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with lock(config.store, "another run"):
+            held.set()
+            release.wait(60)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        held.wait(60)
+        with pytest.raises(StoreError, match="is locked by another writer: another run"):
+            run_pipeline(config, client=client, progress=False)
+        assert not output_location(config).local.exists()  # refused before any stage
+    finally:
+        release.set()
+        thread.join(60)

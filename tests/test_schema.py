@@ -81,3 +81,28 @@ def test_schema__result_fields_name_fields_of_the_kernels_results():
         assert fields and set(fields) <= names, (group, set(fields) - names)
     assert schema.table_columns(schema.MR)["n_instruments"] == "n"
     assert list(schema.table_columns(schema.META))[:2] == ["k", "n_loci_undefined"]
+
+
+def test_schema__mr_table_columns_are_the_mr_result_columns_in_order():
+    """One column set: the registry's mr table columns are MRResult.to_frame's (after locus, method)."""
+    from deepmr_dist.cli.mr import MR_OUTPUT_COLUMNS
+    from deepmr_dist.mr.result import COLUMNS
+
+    assert list(schema.table_columns(schema.MR).values()) == list(COLUMNS[2:])
+    assert MR_OUTPUT_COLUMNS == (*COLUMNS, "n_excluded")
+
+
+def test_schema__a_runs_local_table_has_deepmr_mrs_columns_and_spells_nan_NA(tmp_path):
+    from deepmr_dist.cli.mr import MR_OUTPUT_COLUMNS
+    from deepmr_dist.pipeline.outputs import Outputs, local_table_from, write_table
+
+    local = local_ce(make_effects(), pairs=[("x", "y")], methods=["ivw", "egger"], rule="mutation_z", threshold=2.0)
+    table = local_table_from(local.compute())
+    assert list(table.columns) == ["pair", "exposure", "outcome", *MR_OUTPUT_COLUMNS[:-1]]
+    egger = table[table["method"] == "egger"]
+    assert np.isfinite(egger["intercept_ci_lower"]).any() and np.isfinite(table["fstat"]).any()
+    write_table(table, Outputs(str(tmp_path)), "local_ce")
+    text = (tmp_path / "local_ce.csv").read_text()
+    header, first = text.splitlines()[0].split(","), text.splitlines()[1].split(",")
+    assert first[header.index("method")] == "ivw" and first[header.index("intercept")] == schema.TABLE_NA
+    assert "NaN" not in text

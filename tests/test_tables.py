@@ -7,8 +7,10 @@ import pandas as pd
 import pytest
 
 from deepmr_dist.errors import InputError
+from deepmr_dist.schema import TABLE_NA
 from deepmr_dist.io.tables import (
     MAX_ISSUES,
+    duplicate_message,
     exclusion_message,
     pad_long_table,
     read_meta_table,
@@ -133,7 +135,14 @@ def test_write_then_read__round_trip(tmp_path, suffix):
     back = read_table(path)
     assert back["locus"].tolist() == ["a", "b"]
     assert float(back["value"].iloc[0]) == 1.5
-    assert np.isnan(float(back["value"].iloc[1]))
+    assert back["reason"].tolist() == ["", "x"]
+    if suffix == ".parquet":
+        assert np.isnan(back["value"].iloc[1])
+    else:  # text tables spell NaN as R does, and every reader (ours, pandas, R) takes it as missing
+        assert back["value"].iloc[1] == TABLE_NA == "NA"
+        assert np.isnan(pd.read_csv(path, sep="," if suffix == ".csv" else "\t")["value"].iloc[1])
+        padded = pad_long_table(back.assign(se=1.0), id_column="locus", value_columns=["value", "se"], se_columns=["se"])
+        assert padded.n_excluded.tolist() == [0, 1] and "missing value in column value" in padded.issues[0].problem
 
 
 def test_table_format__by_suffix():
@@ -150,3 +159,85 @@ def test_issue_list__is_capped_but_every_row_is_counted():
     assert table.total_excluded == n
     assert len(table.issues) == MAX_ISSUES
     assert f"and {n - 5} more" in exclusion_message(table)
+
+
+# --------------------------------------------------------------------------- TwoSampleMR's harmonised layout
+
+TWOSAMPLEMR_CSV = """SNP,effect_allele.exposure,beta.exposure,se.exposure,beta.outcome,se.outcome,id.exposure,id.outcome,mr_keep
+rs1,A,0.1,0.01,0.2,0.02,ieu-a-2,ieu-a-7,TRUE
+rs2,G,-0.3,0.02,-0.5,0.04,ieu-a-2,ieu-a-7,TRUE
+rs3,T,0.2,0.01,0.1,0.03,ieu-a-2,ieu-a-7,FALSE
+rs1,A,0.1,0.01,0.4,0.05,ieu-a-2,ieu-a-9,TRUE
+"""
+
+
+def test_read_mr_table__twosamplemr_harmonised_columns_are_detected_from_the_header(tmp_path):
+    table = read_mr_table(write(tmp_path, "harmonised.csv", TWOSAMPLEMR_CSV))
+    assert table.ids == ["ieu-a-2->ieu-a-7", "ieu-a-2->ieu-a-9"]
+    np.testing.assert_array_equal(table["bx"][0], [0.1, -0.3])
+    np.testing.assert_array_equal(table["bxse"][0], [0.01, 0.02])
+    np.testing.assert_array_equal(table["by"][0], [0.2, -0.5])
+    np.testing.assert_array_equal(table["byse"][1], [0.05, np.nan])
+    assert table.n_excluded.tolist() == [1, 0]  # rs3: mr_keep FALSE, as TwoSampleMR::mr() leaves it out
+    assert table.issues[0].row == 3 and "mr_keep = FALSE" in table.issues[0].problem
+    assert table.n_duplicates == 0  # rs1 twice, but in two analyses
+
+
+def test_read_mr_table__twosamplemr_without_analysis_ids_is_one_locus_all(tmp_path):
+    text = "SNP,beta.exposure,se.exposure,beta.outcome,se.outcome\nrs1,0.1,0.01,0.2,0.02\nrs2,0.2,0.01,0.3,0.02\n"
+    table = read_mr_table(write(tmp_path, "h.tsv", text.replace(",", "\t")))
+    assert table.ids == ["all"] and table.n_valid.tolist() == [2]
+
+
+# --------------------------------------------------------------------------- duplicated rows
+
+DUP_CSV = """locus,bx,bxse,by,byse
+A,0.1,0.01,0.2,0.02
+A,0.2,0.01,0.3,0.02
+B,0.1,0.01,0.2,0.02
+A,0.10,0.010,0.2,0.02
+A,0.2,0.01,0.3,0.02
+A,0.1,-1,0.2,0.02
+"""
+
+
+def test_duplicates__a_repeated_locus_and_values_is_refused_naming_the_first(tmp_path):
+    path = write(tmp_path, "dup.csv", DUP_CSV)
+    with pytest.raises(InputError, match=r"dup\.csv: data row 4 \(locus A\) duplicates data row 1 \(same locus and values\); "
+                       r"2 duplicated row\(s\) in all; --duplicates keep or drop"):  # fmt: skip
+        read_mr_table(path)
+
+
+def test_duplicates__keep_uses_every_row_and_drop_the_first_of_each_both_counted(tmp_path):
+    path = write(tmp_path, "dup.csv", DUP_CSV)  # row 3: the same values in another locus; row 6: invalid
+    kept, dropped = read_mr_table(path, duplicates="keep"), read_mr_table(path, duplicates="drop")
+    assert kept.n_valid.tolist() == [4, 1] and dropped.n_valid.tolist() == [2, 1]
+    np.testing.assert_array_equal(dropped["bx"][0], [0.1, 0.2])
+    assert kept.n_duplicates == dropped.n_duplicates == 2
+    assert kept.n_excluded.tolist() == dropped.n_excluded.tolist() == [1, 0]
+    assert duplicate_message(kept) == (
+        f"{path}: 2 duplicated row(s) kept as separate rows; the first: row 4 (A): duplicates data row 1 "
+        "(same locus and values)"
+    )
+    assert "dropped (the first of each kept)" in duplicate_message(dropped)
+    assert duplicate_message(read_mr_table(write(tmp_path, "ok.csv", MR_CSV))) is None
+
+
+def test_duplicates__a_repeated_snp_with_other_values_is_a_duplicate(tmp_path):
+    text = "locus,SNP,bx,bxse,by,byse\nA,rs1,0.1,0.01,0.2,0.02\nA,rs2,0.3,0.01,0.2,0.02\nA,rs1,0.5,0.01,0.4,0.02\n"
+    with pytest.raises(InputError, match=r"data row 3 \(locus A\) duplicates data row 1 \(same locus and SNP\)"):
+        read_mr_table(write(tmp_path, "snp.csv", text))
+
+
+def test_duplicates__meta_rows_repeat_by_group_and_values_or_study(tmp_path):
+    text = "group,study,estimate,se\ng,s1,0.1,0.2\ng,s2,0.3,0.2\ng,s1,0.5,0.1\nh,s1,0.1,0.2\n"
+    path = write(tmp_path, "m.csv", text)
+    with pytest.raises(InputError, match=r"data row 3 \(group g\) duplicates data row 1 \(same group and study\)"):
+        read_meta_table(path)
+    assert read_meta_table(path, duplicates="drop").n_valid.tolist() == [2, 1]
+
+
+def test_duplicates__unknown_policy_is_an_input_error():
+    frame = pd.DataFrame({"estimate": ["1"], "se": ["1"]})
+    with pytest.raises(InputError, match="duplicates must be one of error, keep, drop, got 'first'"):
+        pad_long_table(frame, id_column=None, value_columns=["estimate", "se"], duplicates="first")

@@ -14,7 +14,8 @@ its logger) or WARNING (``-q``, which also turns progress bars off). What a
 command exists to print (tables, summaries, plans) goes to stdout.
 
 Exit codes: 0 success; 1 a run that failed on its input, store or model (one
-line on stderr naming what is wrong); 2 a usage error (argparse's message).
+line on stderr naming what is wrong); 2 a usage error (argparse's message);
+130 interrupted (Ctrl-C, SIGINT: one line saying how to resume).
 """
 
 from __future__ import annotations
@@ -44,6 +45,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "compute effect and effect_se (covariance-aware) into the store's 'effects' group",
     ),
     "inspect": ("deepmr_dist.cli.inspect", "summarise a run store: groups, sizes, completion, provenance"),
+    "verify": (
+        "deepmr_dist.cli.verify",
+        "find missing or damaged ISM chunks of a run store; --repair hands them back to predict",
+    ),
     "mr": ("deepmr_dist.cli.mr", "Mendelian randomization per locus from a table of instrument effects"),
     "meta": ("deepmr_dist.cli.meta", "meta-analyse a table of estimates (fixed effect, DL, REML, PM; optional HKSJ)"),
     "simulate": (
@@ -61,6 +66,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 EXIT_FAILED = 1
 """Exit code of a run stopped by a :class:`~deepmr_dist.errors.DeepMRError` (argparse's usage errors exit 2)."""
+EXIT_INTERRUPTED = 130
+"""Exit code of a command stopped by SIGINT (128 + 2, as shells report it)."""
+RESUMABLE = ("run", "predict", "simulate")
+"""Commands that keep what they finished (ISM chunks, stages, rounds) and resume when rerun."""
 
 PACKAGE_LOGGER = "deepmr_dist"
 """The logger whose messages (and its children's) a command writes to stderr."""
@@ -149,18 +158,28 @@ def logging_to_stderr(command: str, level: int) -> Iterator[None]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``deepmr`` console script."""
+    """Entry point of the ``deepmr`` console script.
+
+    A :class:`~deepmr_dist.errors.DeepMRError` is one line on stderr and exit code
+    :data:`EXIT_FAILED`; SIGINT (Ctrl-C), at any point, one line saying how to resume and
+    :data:`EXIT_INTERRUPTED`.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(_command(argv))
-    args = parser.parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    with logging_to_stderr(args.command, level):
-        log.debug("deepmr-dist %s, Python %s: deepmr %s", __version__, sys.version.split()[0], shlex.join(argv))
-        try:
-            return int(args.func(args) or 0)
-        except DeepMRError as exc:
-            print(f"deepmr {args.command}: error: {exc}", file=sys.stderr)
-            return EXIT_FAILED
+    command = _command(argv)
+    try:
+        args = build_parser(command).parse_args(argv)
+        level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+        with logging_to_stderr(args.command, level):
+            log.debug("deepmr-dist %s, Python %s: deepmr %s", __version__, sys.version.split()[0], shlex.join(argv))
+            try:
+                return int(args.func(args) or 0)
+            except DeepMRError as exc:
+                print(f"deepmr {args.command}: error: {exc}", file=sys.stderr)
+                return EXIT_FAILED
+    except KeyboardInterrupt:
+        kept = " to resume (finished chunks and stages are kept)" if command in RESUMABLE else ""
+        print(f"deepmr {command or ''}".rstrip() + f": interrupted; rerun the same command{kept}", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -1,10 +1,13 @@
 """``deepmr meta``: meta-analysis of a table of estimates (one row per study).
 
-Input (CSV/TSV or Parquet by suffix): columns ``[group,] estimate, se``.
+Input (CSV/TSV or Parquet by suffix): columns ``[group,] estimate, se``
+(optional row key ``study``). Duplicated rows (same group and values, or same
+group and study) stop the command unless ``--duplicates keep|drop``.
 Output: one row per group and method, columns ``group, method, k, estimate,
 se, ci_lower, ci_upper, pvalue, tau2, i2, h2, q, q_pvalue, pi_lower, pi_upper,
 reason, n_excluded``; with ``--hksj`` each method also gets rows
 ``<method>_hksj`` (Hartung-Knapp) and ``<method>_hksj_adhoc`` (truncated).
+A missing number is written ``NA``.
 """
 
 from __future__ import annotations
@@ -17,10 +20,17 @@ import pandas as pd
 
 from deepmr_dist.errors import InputError
 from deepmr_dist.meta import META_METHODS, check_method, meta_analysis
-from deepmr_dist.io.tables import exclusion_message, read_meta_table, write_table
+from deepmr_dist.io.tables import (
+    DUPLICATE_POLICIES,
+    PaddedTable,
+    duplicate_message,
+    exclusion_message,
+    read_meta_table,
+    write_table,
+)
 from deepmr_dist.cli import help_of
 
-__all__ = ["register", "run", "parse_methods", "check_alpha"]
+__all__ = ["add_duplicates_option", "register", "report_rows", "run", "parse_methods", "check_alpha"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +72,24 @@ def check_alpha(alpha: float) -> float:
     return alpha
 
 
+def add_duplicates_option(parser: argparse.ArgumentParser, rows: str) -> None:
+    """Add ``--duplicates error|keep|drop`` (what to do with duplicated ``rows``) to ``parser``."""
+    parser.add_argument(
+        "--duplicates",
+        choices=DUPLICATE_POLICIES,
+        default=DUPLICATE_POLICIES[0],
+        help=f"duplicated {rows}: error (default) stops naming the first, keep uses them all, "
+        "drop keeps the first of each; kept or dropped ones are counted in a log line",
+    )
+
+
+def report_rows(table: PaddedTable) -> None:
+    """Log the excluded and the duplicated rows of an input table (one warning line each)."""
+    for message in (exclusion_message(table), duplicate_message(table)):
+        if message:
+            log.warning("%s", message)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``meta`` subcommand."""
     parser = subparsers.add_parser(
@@ -79,6 +107,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--hksj", action="store_true", help="add Hartung-Knapp rows (<method>_hksj, <method>_hksj_adhoc)")
     parser.add_argument("--alpha", type=float, default=0.05, help="1 - confidence level (default 0.05)")
     parser.add_argument("--out", required=True, help="output table (.csv, .tsv or .parquet)")
+    add_duplicates_option(parser, "rows (same group and values, or same group and study)")
     parser.set_defaults(func=run)
 
 
@@ -86,11 +115,9 @@ def run(args: argparse.Namespace) -> int:
     """Run ``deepmr meta``; returns the exit status."""
     methods = parse_methods(args.method, meta_methods)
     alpha = check_alpha(args.alpha)
-    table = read_meta_table(args.input)
+    table = read_meta_table(args.input, duplicates=args.duplicates)
     log.debug("%s: %d group(s), %d row(s) excluded", args.input, len(table.ids), table.total_excluded)
-    message = exclusion_message(table)
-    if message:
-        log.warning("%s", message)
+    report_rows(table)
     est, se = table["estimate"], table["se"]
     frames = []
     for method in methods:

@@ -1,11 +1,16 @@
 """``deepmr mr``: Mendelian randomization per locus from a table of instrument effects.
 
 Input (CSV/TSV or Parquet by suffix): one row per instrument with columns
-``locus, bx, bxse, by, byse``. Output: one row per locus and method with
-columns ``locus, method, n, estimate, se, ci_lower, ci_upper, pvalue,
-intercept, intercept_se, intercept_ci_lower, intercept_ci_upper,
+``locus, bx, bxse, by, byse`` (optional row key ``SNP``), or TwoSampleMR's
+harmonised data (``SNP, beta.exposure, se.exposure, beta.outcome, se.outcome``,
+detected from the header; the locus is ``id.exposure->id.outcome``, rows with
+``mr_keep`` false are excluded). Duplicated rows (same locus and values, or same
+locus and SNP) stop the command unless ``--duplicates keep|drop``. Output: one row
+per locus and method with columns ``locus, method, n, estimate, se, ci_lower,
+ci_upper, pvalue, intercept, intercept_se, intercept_ci_lower, intercept_ci_upper,
 intercept_pvalue, rse, q, q_pvalue, i2, i2gx, fstat, reason, note, n_excluded``
-(``n_excluded``: input rows of the locus dropped as invalid).
+(``n_excluded``: input rows of the locus dropped as invalid); a missing number is
+written ``NA``.
 """
 
 from __future__ import annotations
@@ -15,18 +20,19 @@ import logging
 
 import pandas as pd
 
-from deepmr_dist.cli.meta import check_alpha, parse_methods
+from deepmr_dist import schema
+from deepmr_dist.cli.meta import add_duplicates_option, check_alpha, parse_methods, report_rows
 from deepmr_dist.errors import InputError
-from deepmr_dist.io.tables import exclusion_message, read_mr_table, write_table
+from deepmr_dist.io.tables import read_mr_table, write_table
 from deepmr_dist.cli import help_of
-from deepmr_dist.mr.result import COLUMNS
 
 __all__ = ["MR_OUTPUT_COLUMNS", "register", "run"]
 
 log = logging.getLogger(__name__)
 
-MR_OUTPUT_COLUMNS: tuple[str, ...] = (*COLUMNS, "n_excluded")
-"""Columns of ``deepmr mr``'s output: :data:`deepmr_dist.mr.result.COLUMNS` and the excluded-row count."""
+MR_OUTPUT_COLUMNS: tuple[str, ...] = ("locus", "method", *schema.table_columns(schema.MR).values(), "n_excluded")
+"""Columns of ``deepmr mr``'s output: the mr group's table columns (:func:`deepmr_dist.schema.table_columns`,
+those of a run's ``local_ce`` table) and the excluded-row count."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,7 +43,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("input", help="CSV/TSV or Parquet table with columns locus, bx, bxse, by, byse")
+    parser.add_argument(
+        "input",
+        help="CSV/TSV or Parquet table with columns locus, bx, bxse, by, byse, or TwoSampleMR's harmonised "
+        "SNP, beta.exposure, se.exposure, beta.outcome, se.outcome",
+    )
     from deepmr_dist.mr import METHODS  # numpy and scipy only
 
     parser.add_argument(
@@ -53,6 +63,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates of the median and mode methods (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the bootstrap (default 0)")
+    add_duplicates_option(parser, "instrument rows (same locus and values, or same locus and SNP)")
     parser.set_defaults(func=run)
 
 
@@ -64,11 +75,9 @@ def run(args: argparse.Namespace) -> int:
     alpha = check_alpha(args.alpha)
     if args.n_boot < 2:
         raise InputError(f"--n-boot must be an integer >= 2, got {args.n_boot}")
-    table = read_mr_table(args.input)
+    table = read_mr_table(args.input, duplicates=args.duplicates)
     log.debug("%s: %d loci, %d row(s) excluded", args.input, len(table.ids), table.total_excluded)
-    message = exclusion_message(table)
-    if message:
-        log.warning("%s", message)
+    report_rows(table)
     results = estimate(
         table["bx"], table["bxse"], table["by"], table["byse"],
         methods=tuple(methods), alpha=alpha, egger_t_dist=args.t_dist, t_dist=args.t_dist,

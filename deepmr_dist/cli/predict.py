@@ -8,12 +8,15 @@ import xarray as xr
 
 from deepmr_dist.cluster import connect
 from deepmr_dist.errors import InputError
+from deepmr_dist.ism.precision import PRECISIONS
 from deepmr_dist.models.ensemble import ModelSpec
 from deepmr_dist.models.heads import OutputHead, parse_tasks
 from deepmr_dist.models.transforms import TRANSFORMS
 from deepmr_dist.stages.predict import ISMSettings, PredictReport, predict
-from deepmr_dist.io.sequence import read_bed_regions, read_fasta, read_onehot
+from deepmr_dist.io.sequence import DEFAULT_IUPAC, IUPAC_MODES, read_bed_regions, read_fasta, read_onehot
 from deepmr_dist.cli import help_of
+from deepmr_dist.cli.cluster_options import add_cluster_options, cluster_settings
+from deepmr_dist.cli.verify import add_lock_options, add_storage_options, storage_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -29,6 +32,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--genome", help="genome FASTA for --bed (indexed with pyfaidx)")
     src.add_argument("--width", type=int, help="window width for --bed")
     src.add_argument("--onehot", help=".npy one-hot array (n_loci, 4, length), A,C,G,T order")
+    src.add_argument(
+        "--iupac", choices=IUPAC_MODES, default=DEFAULT_IUPAC,
+        help="IUPAC codes R,Y,K,M,S,W,B,D,H,V in --fasta or --genome: n reads them as N, counted in a warning "
+        "(default; genomes carry a few), error refuses them",
+    )
     mod = p.add_argument_group("model")
     mod.add_argument("--model", action="append", required=True, help="TorchScript file or package.module:factory; repeat per member")
     mod.add_argument("--mc-dropout", type=int, default=0, metavar="N", help="N frozen dropout masks instead of an ensemble")
@@ -40,15 +48,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mod.add_argument("--transform", choices=TRANSFORMS, default="none")
     run = p.add_argument_group("run")
     run.add_argument("--store", required=True, help="run store (directory or fsspec URL)")
-    run.add_argument("--cluster", default="local", help="'local' (default) or a scheduler address tcp://HOST:PORT")
-    run.add_argument("--n-workers", type=int, help="workers of the local CPU cluster")
+    add_storage_options(run)
     run.add_argument("--chunk-loci", type=int, default=16, help="loci per store chunk and per task (default 16)")
     run.add_argument("--mutant-batch", type=int, default=2048, help="mutants per forward pass (default 2048)")
     run.add_argument("--full-recompute", action="store_true", help="disable incremental recomputation")
     run.add_argument(
+        "--precision", choices=PRECISIONS, default="fp32",
+        help="ISM arithmetic (default fp32; tf32 and fp16 need a CUDA GPU, bf16 runs on CUDA or CPU autocast)",
+    )  # fmt: skip
+    run.add_argument(
         "--overwrite", action="store_true",
         help="replace a deepmr store made by another run, or one whose ism group is damaged (never anything else)",
     )
+    add_lock_options(p)
+    add_cluster_options(p)
     p.set_defaults(func=run_predict)
 
 
@@ -58,12 +71,12 @@ def load_loci(args: argparse.Namespace) -> xr.Dataset:
     if len(given) != 1:
         raise InputError("give exactly one of --fasta, --bed (with --genome and --width) or --onehot")
     if args.fasta:
-        return read_fasta(args.fasta)
+        return read_fasta(args.fasta, iupac=args.iupac)
     if args.onehot:
         return read_onehot(args.onehot)
     if not args.genome or not args.width:
         raise InputError("--bed needs --genome and --width")
-    return read_bed_regions(args.bed, args.genome, args.width)
+    return read_bed_regions(args.bed, args.genome, args.width, iupac=args.iupac)
 
 
 def head_from_args(args: argparse.Namespace) -> OutputHead:
@@ -87,9 +100,12 @@ def run_predict(args: argparse.Namespace) -> int:
         chunk_loci=args.chunk_loci,
         mutant_batch=args.mutant_batch,
         incremental=not args.full_recompute,
+        precision=args.precision,
     )
-    with connect(args.cluster, n_workers=args.n_workers) as client:
-        ism = predict(loci, spec, args.store, client=client, settings=settings, overwrite=args.overwrite, progress=not args.quiet)
+    with connect(**cluster_settings(args).connect_options()) as client:
+        ism = predict(loci, spec, args.store, client=client, settings=settings, overwrite=args.overwrite, progress=not args.quiet,
+                      break_lock=args.break_lock, lock_timeout=args.lock_timeout,
+                      storage_options=storage_options(args))  # fmt: skip
     report = PredictReport.of(ism)
     print(
         f"{report.store}: {report.n_loci} loci in {report.n_chunks} chunks; computed {report.chunks_computed} "

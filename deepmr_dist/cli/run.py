@@ -6,6 +6,9 @@ import argparse
 import time
 
 from deepmr_dist.cli import help_of
+from deepmr_dist.cli.effects import VERIFY_HELP
+from deepmr_dist.cli.cluster_options import add_cluster_options, cluster_overrides
+from deepmr_dist.cli.verify import add_lock_options, add_storage_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -19,8 +22,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="pipeline YAML (e.g. pipelines/quickstart.yaml) or simulation study YAML (pipelines/paper_simulation.yaml)",
     )
     p.add_argument("--store", help="run store (overrides the pipeline's store)")
-    p.add_argument("--cluster", help="'local' or a scheduler address (overrides the pipeline)")
-    p.add_argument("--n-workers", type=int, help="workers of the local cluster (overrides the pipeline)")
+    add_storage_options(p)
     p.add_argument(
         "--dry-run", action="store_true",
         help="print the plan (entry points called, loci, forward passes, store size, chunking) and stop; "
@@ -29,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace a deepmr store made by another run, or one whose ism group is damaged"
     )
+    p.add_argument("--verify", choices=("cheap", "full"), default="cheap", help=VERIFY_HELP)
+    add_lock_options(p)
+    add_cluster_options(p)  # over the pipeline's cluster: section
     p.set_defaults(func=run_run)
 
 
@@ -40,16 +45,18 @@ def run_run(args: argparse.Namespace) -> int:
 
         return run_simulate(argparse.Namespace(**{**vars(args), "config": args.pipeline}))
     from deepmr_dist.pipeline.api import load_pipeline, run
-    from deepmr_dist.pipeline.outputs import output_directory
+    from deepmr_dist.pipeline.outputs import output_location
     from deepmr_dist.pipeline.plan import plan
 
-    config = load_pipeline(args.pipeline, store=args.store, cluster=args.cluster, n_workers=args.n_workers)
+    config = load_pipeline(args.pipeline, store=args.store, cluster=cluster_overrides(args),
+                           storage_options=args.storage_options)  # fmt: skip
     if args.dry_run:
         print(plan(config).describe())
-        print(f"store: {config.store}; outputs: {output_directory(config)}")
+        print(f"store: {config.store}; outputs: {output_location(config).location}")
         return 0
     started = time.perf_counter()
-    result = run(config, progress=not args.quiet, overwrite=args.overwrite)
+    result = run(config, progress=not args.quiet, overwrite=args.overwrite, verify=args.verify,
+                 break_lock=args.break_lock, lock_timeout=args.lock_timeout)  # fmt: skip
     for row in result.global_table.itertuples():
         print(
             f"{row.pair}\t{row.method}\tglobal CE {row.estimate:.4f} [{row.ci_lower:.4f}, {row.ci_upper:.4f}]\t"

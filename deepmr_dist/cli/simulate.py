@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from deepmr_dist.cli import help_of
+from deepmr_dist.cli.cluster_options import add_cluster_options, cluster_overrides
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -16,13 +17,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="study YAML, e.g. pipelines/paper_simulation.yaml")
     p.add_argument("--out", help="study directory (default: the config's output)")
     p.add_argument("--rounds", type=int, help="rounds per scenario (overrides the config)")
-    p.add_argument("--cluster", help="'local' or a scheduler address (overrides the config)")
-    p.add_argument("--n-workers", type=int, help="workers of the local cluster (overrides the config)")
     p.add_argument(
         "--rescore", action="store_true",
         help="redo the analysis of finished rounds (instruments, MR, meta-analysis) from their stored ISM predictions",
     )
     p.add_argument("--dry-run", action="store_true", help="print the study's plan (scenarios, rounds, sizes) and stop")
+    add_cluster_options(p)  # over the config's cluster: section
     p.set_defaults(func=run_simulate)
 
 
@@ -32,12 +32,12 @@ def run_simulate(args: argparse.Namespace) -> int:
     from deepmr_dist.pipeline.api import load_study
     from deepmr_dist.pipeline.study import describe_study, run_study
 
-    config = load_study(args.config, rounds=getattr(args, "rounds", None), cluster=args.cluster, n_workers=args.n_workers)
+    config = load_study(args.config, rounds=getattr(args, "rounds", None), cluster=cluster_overrides(args))
     out = getattr(args, "out", None) or config.output
     if args.dry_run:
         print(describe_study(config, out))
         return 0
-    with connect(config.cluster.address, n_workers=config.cluster.n_workers) as client:
+    with connect(**config.cluster.connect_options()) as client:
         run_study(config, out, client=client, progress=not args.quiet, rescore=getattr(args, "rescore", False))
     print((Path(out) / "table1.md").read_text())
     print(f"{out}: rounds.csv, table1.csv, bias_coverage.csv, table1.md, figures/")

@@ -1,41 +1,81 @@
 """The run store: a Zarr (v3) store with one group per stage.
 
 Layout (see DESIGN.md): ``ism`` holds ``sequence``, ``ref_pred``,
-``mut_pred`` and ``complete``; ``effects`` holds ``effect`` and
-``effect_se``; later stages add ``mr`` and ``meta``. Every array is chunked
-along ``locus`` only. The ``ism`` group is created as a template first
-(metadata, coordinates and sequences), then filled by one chunk-aligned
-region write per locus chunk, ``complete`` written last, so a crashed write
-is recomputed on resume.
+``mut_pred``, the per-chunk record ``chunk_digest`` and ``chunk_nbytes``, and
+``complete``; ``effects`` holds ``effect`` and ``effect_se``; later stages add
+``mr`` and ``meta``. Every array is chunked along ``locus`` only. The ``ism``
+group is created as a template first (metadata, coordinates and sequences),
+then filled by one chunk-aligned region write per locus chunk, ``complete``
+written last, so a crashed write is recomputed on resume.
 
 A store's root group carries the :data:`STORE_ATTR` marker. Nothing is ever
 removed or overwritten that a call did not create, unless the call was asked
 to overwrite and the target is recognisably a deepmr store; a group of a store
 is replaced only by the stage that writes it. :func:`inspect_target` says what
 lies at a path and :func:`check_overwritable` applies that rule.
+
+Three guarantees hold for every writer:
+
+- **Verified chunks.** Each ISM chunk write records, before ``complete``, a
+  64-bit BLAKE2b of every locus's predictions and the byte length of the
+  encoded chunks. :func:`deepmr_dist.io.verify.verify_ism` finds chunks that are missing, of another
+  length than written (cheap: one listing per array) or whose values no longer
+  hash to the record (``full``: every complete chunk is read and decoded);
+  :func:`deepmr_dist.io.verify.mark_incomplete` hands them back to ``predict``. A missing chunk
+  never passes for data: Zarr would read it as the fill value, so whoever reads
+  ISM predictions verifies the listing first.
+- **Atomic groups.** :func:`write_group` writes a derived group under a hidden
+  staging name and swaps it in, fingerprint included, only once every chunk is
+  written (see :func:`write_group` for what is atomic where).
+- **One writer.** :func:`deepmr_dist.io.lock.lock` holds an advisory lease (:data:`deepmr_dist.io.lock.LOCK_NAME`) in the
+  store for the duration of a writing run, refreshed by a heartbeat thread;
+  a second writer is refused with one line naming the holder.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import os
+import posixpath
+import time
+import uuid
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import dask
 import dask.array as da
+import dask.threaded
 import fsspec
 import numpy as np
 import xarray as xr
 import zarr
+from distributed import Client
+from fsspec.implementations.local import LocalFileSystem
 from zarr.codecs import BloscCodec, BloscShuffle
 
 from deepmr_dist import schema
 from deepmr_dist.errors import StoreError
+from deepmr_dist.io.location import filesystem
+from deepmr_dist.io.lock import held_lease, is_lease_file, lock
+
+log = logging.getLogger(__name__)
 
 FINGERPRINT_ATTR = "deepmr_fingerprint"
 STORE_ATTR = "deepmr_store"
 """Attribute of a store's root group that marks it as a deepmr run store; its value is the layout version."""
-STORE_LAYOUT = 1
+STORE_LAYOUT = 2
+"""Layout 2 records ``chunk_digest`` and ``chunk_nbytes`` per ISM chunk; layout 1 stores are verified by listing only."""
+
+RECORD = ("chunk_digest", "chunk_nbytes")
+"""The ``ism`` variables written with each chunk, before ``complete``, that :func:`deepmr_dist.io.verify.verify_ism` checks it against."""
+
+PREDICTIONS = ("ref_pred", "mut_pred")
+"""The ``ism`` arrays an ISM task writes (the record is their checksum)."""
+
 
 
 def compressors() -> list[BloscCodec]:
@@ -86,10 +126,15 @@ def ism_template(loci: xr.Dataset, members: list[str], tasks: list[str], chunk_l
             chunks=(lc, n_members, length, 4, n_tasks),
         ),
     )
+    for name in RECORD:
+        ds[name] = (("locus",), da.zeros(n_loci, dtype=np.uint64, chunks=lc))
     ds["complete"] = (("locus",), da.zeros(n_loci, dtype=bool, chunks=lc))
-    for name in ("sequence", "ref_pred", "mut_pred", "complete"):
+    for name in ("sequence", *PREDICTIONS, *RECORD, "complete"):
         ds[name].attrs["description"] = schema.VARIABLES[name].description
     return schema.validate(ds, schema.ISM)
+
+
+# --------------------------------------------------------------------------- what lies at a path
 
 
 @dataclass(frozen=True)
@@ -101,9 +146,9 @@ class Target:
     path : str
         The path or fsspec URL, as given.
     kind : {"absent", "empty", "store", "other"}
-        Nothing; an empty directory; a recognisable deepmr store (a root group
-        with the :data:`STORE_ATTR` marker, or an ``ism`` group with a run
-        fingerprint); anything else.
+        Nothing; an empty directory (a lease, see :func:`deepmr_dist.io.lock.lock`, does not count);
+        a recognisable deepmr store (a root group with the :data:`STORE_ATTR`
+        marker, or an ``ism`` group with a run fingerprint); anything else.
     problem : str or None
         Why a ``"store"`` is not usable as it is, or why an ``"other"`` is not a store: one line naming the path.
     fingerprint : str or None
@@ -151,18 +196,30 @@ def _ism_state(fs: fsspec.AbstractFileSystem, root: str, path: str) -> tuple[str
     return fingerprint, None
 
 
+
 def inspect_target(path: str, storage_options: Mapping[str, Any] | None = None) -> Target:
     """What lies at ``path`` (a directory or an fsspec URL): nothing, an empty directory, a deepmr store, or other.
 
     Only metadata documents are read; nothing is written.
+
+    Raises
+    ------
+    StoreError
+        For an unknown URL protocol, or a path that cannot be read (e.g. a directory without read permission).
     """
-    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
-    root = root.rstrip("/")
+    fs, root = filesystem(path, storage_options)
+    try:
+        return _inspect(fs, root, path)
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _inspect(fs: fsspec.AbstractFileSystem, root: str, path: str) -> Target:
     if not fs.exists(root):
         return Target(path, "absent")
     if not fs.isdir(root):
         return Target(path, "other", f"{path} exists and is not a deepmr store (it is a file)")
-    if not fs.ls(root, detail=False):
+    if not [child for child in fs.ls(root, detail=False) if not is_lease_file(child)]:
         return Target(path, "empty")
     try:
         marked = STORE_ATTR in _group_attributes(fs, f"{root}/zarr.json")
@@ -227,6 +284,13 @@ def prepare_new_store(target: Target, *, overwrite: bool, storage_options: Mappi
     return target.kind == "empty"
 
 
+def check_run_store(path: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Raise :class:`StoreError` (one line) unless ``path`` holds a deepmr run store with a usable ``ism`` group."""
+    target = inspect_target(path, storage_options)
+    if target.kind != "store" or target.problem:
+        raise StoreError(target.problem or f"{path} is not a deepmr run store (no {schema.ISM!r} group)")
+
+
 def read_fingerprint(path: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
     """The fingerprint a store was created with (``None`` if ``path`` holds no usable store)."""
     return inspect_target(path, storage_options).fingerprint
@@ -242,6 +306,9 @@ def create_store(
     storage_options: Mapping[str, Any] | None = None,
 ) -> None:
     """Write an empty run store where nothing is (see :func:`prepare_new_store`); nothing is ever replaced.
+
+    Every chunk of the eager variables (the sequences) is written, even one
+    equal to the fill value, so that :func:`deepmr_dist.io.verify.verify_ism` can tell a missing chunk.
 
     Raises
     ------
@@ -260,14 +327,15 @@ def create_store(
             consolidated=False,
             encoding=encoding_for(ds, chunk_loci),
             storage_options=storage_options,
+            write_empty_chunks=True,
         )
     except OSError as exc:
         raise StoreError(f"cannot write a run store at {path}: {exc}") from None
 
 
 def _create_root(path: str, storage_options: Mapping[str, Any] | None) -> None:
-    """Write the marked root group of a new store where there is none (a missing or empty directory)."""
-    zarr.open_group(path, mode="w-", attributes={STORE_ATTR: STORE_LAYOUT}, storage_options=storage_options)
+    """Write the marked root group of a new store where there is none (a missing or empty directory, or a lease)."""
+    zarr.create_group(path, attributes={STORE_ATTR: STORE_LAYOUT}, storage_options=storage_options)
 
 
 def chunk_bounds(n_loci: int, chunk_loci: int) -> list[tuple[int, int]]:
@@ -305,20 +373,138 @@ def remove_store(path: str, storage_options: Mapping[str, Any] | None = None, *,
 
     Only for a store the caller created or may replace (see
     :func:`prepare_new_store`); with ``keep_root`` the directory itself stays,
-    emptied (it existed before the store was written into it).
+    emptied (it existed before the store was written into it). A lease this
+    thread holds on ``path`` (see :func:`deepmr_dist.io.lock.lock`) stays until it is released;
+    the directory goes with it then, unless ``keep_root``.
     """
-    fs, root = fsspec.core.url_to_fs(path, **(storage_options or {}))
+    fs, root = filesystem(path, storage_options)
     if not fs.exists(root):
         return
-    if keep_root:
+    held = held_lease(fs, root)
+    if keep_root or held is not None:
         for child in fs.ls(root, detail=False):
-            fs.rm(child, recursive=True)
+            if held is None or not is_lease_file(child):
+                fs.rm(child, recursive=True)
+        if held is not None and not keep_root:
+            held.remove_root = True
     else:
         fs.rm(root, recursive=True)
 
 
+# --------------------------------------------------------------------------- ISM chunks: write and record
+
+
+def locus_digests(ref_pred: np.ndarray, mut_pred: np.ndarray) -> np.ndarray:
+    """64-bit BLAKE2b of each locus's ``ref_pred`` and ``mut_pred`` (float32, C order), as uint64 (never 0)."""
+    ref = np.ascontiguousarray(ref_pred, dtype=np.float32)
+    mut = np.ascontiguousarray(mut_pred, dtype=np.float32)
+    out = np.empty(ref.shape[0], dtype=np.uint64)
+    for i in range(ref.shape[0]):
+        digest = hashlib.blake2b(ref[i].tobytes(), digest_size=8)
+        digest.update(mut[i].tobytes())
+        out[i] = int.from_bytes(digest.digest(), "little") or 1  # 0 means "no record"
+    return out
+
+
+def chunk_key(arr: zarr.Array, index: int) -> str:
+    """The store key (relative to the array) of locus chunk ``index`` of a locus-chunked array."""
+    return arr.metadata.encode_chunk_key((index,) + (0,) * (arr.ndim - 1))
+
+
+def write_ism_chunk(
+    path: str,
+    start: int,
+    ref_pred: np.ndarray,
+    mut_pred: np.ndarray,
+    storage_options: Mapping[str, Any] | None = None,
+    *,
+    fingerprint: str | None = None,
+) -> None:
+    """Write one locus chunk's predictions and their record, then mark its loci complete.
+
+    The record (:data:`RECORD`) is each locus's digest (:func:`locus_digests`)
+    and the byte length of the encoded ``ref_pred`` and ``mut_pred`` chunks as
+    stored; it is written by the task that wrote the chunk, into the same
+    locus chunk of its own arrays, so no two tasks ever write one object.
+    Stores of layout 1 have no record and get none.
+
+    Parameters
+    ----------
+    fingerprint
+        The run fingerprint the chunk belongs to: nothing is written into a
+        store that another run has replaced meanwhile.
+
+    Raises
+    ------
+    StoreError
+        If the range is not aligned to the store's locus chunks (two writers could share a chunk),
+        or the store's fingerprint is not ``fingerprint``.
+    """
+    group = zarr.open_group(path, path=schema.ISM, mode="r+", storage_options=storage_options)
+    stop = start + ref_pred.shape[0]
+    n_loci, chunk = group["complete"].shape[0], group["complete"].chunks[0]
+    if start % chunk or (stop % chunk and stop != n_loci):
+        raise StoreError(f"region {start}:{stop} of {path} is not aligned to its {chunk}-locus chunks")
+    if fingerprint is not None and group.attrs.get(FINGERPRINT_ATTR) != fingerprint:
+        raise StoreError(f"{path} was replaced by another run while loci {start}:{stop} were computed; nothing written")
+    group["ref_pred"][start:stop] = ref_pred
+    group["mut_pred"][start:stop] = mut_pred
+    if all(name in group for name in RECORD):
+        fs, root = filesystem(path, storage_options)
+        nbytes = sum(fs.size(f"{root}/{schema.ISM}/{name}/{chunk_key(group[name], start // chunk)}") for name in PREDICTIONS)
+        group["chunk_digest"][start:stop] = locus_digests(ref_pred, mut_pred)
+        group["chunk_nbytes"][start:stop] = np.full(stop - start, nbytes, dtype=np.uint64)
+    group["complete"][start:stop] = True
+
+
+# --------------------------------------------------------------------------- derived groups
+
+
 STAGE_ATTR = "deepmr_stage_fingerprint"
 """Attribute of a group written by a pipeline stage: the fingerprint of what it was computed from."""
+
+
+def _hidden(group: str, what: str) -> str:
+    """The name of a staging (``what="staging"``) or replaced (``"replaced"``) copy of ``group``."""
+    return f".{group}.{what}-{uuid.uuid4().hex[:12]}"
+
+
+def _swap_in(fs: fsspec.AbstractFileSystem, root: str, staging: str, group: str) -> None:
+    """Put the complete group written at ``staging`` in place of ``group``.
+
+    Local filesystems: two renames (``group`` to a hidden name, then
+    ``staging`` to ``group``), each atomic; between them there is no ``group``.
+    Elsewhere (object stores): the old group's ``zarr.json`` is deleted first,
+    so it vanishes at once, then its objects; the new objects are copied, the
+    group's ``zarr.json`` last, so the group appears whole; then the staging
+    copy is deleted.
+    """
+    final, source = f"{root}/{group}", f"{root}/{staging}"
+    if isinstance(fs, LocalFileSystem):
+        replaced = f"{root}/{_hidden(group, 'replaced')}"
+        if fs.exists(final):
+            os.replace(final, replaced)
+        os.replace(source, final)
+        if fs.exists(replaced):
+            fs.rm(replaced, recursive=True)
+        return
+    if fs.exists(final):
+        if fs.exists(f"{final}/zarr.json"):
+            fs.rm_file(f"{final}/zarr.json")
+        fs.rm(final, recursive=True)
+    objects = sorted(fs.find(source))
+    metadata = f"{source}/zarr.json"
+    for name in [o for o in objects if o != metadata] + [metadata]:
+        fs.copy(name, final + name[len(source) :])
+    fs.rm(source, recursive=True)
+
+
+def _discard_leftovers(fs: fsspec.AbstractFileSystem, root: str, group: str) -> None:
+    """Remove staging and replaced copies of ``group`` left by a writer that was killed."""
+    for child in fs.ls(root, detail=False):
+        if posixpath.basename(child.rstrip("/")).startswith(f".{group}."):
+            log.info("removing %s, left by an interrupted write of group %r", child, group)
+            fs.rm(child, recursive=True)
 
 
 def write_group(
@@ -340,9 +526,14 @@ def write_group(
     ``StringDType``: unlike ``object`` it needs no pass over lazy data to infer
     the type.
 
-    ``fingerprint`` (a stage's, see :func:`stage_fingerprint`) is recorded in
-    the group's attributes only once every chunk is written, so a group whose
-    write was interrupted never looks finished.
+    The group is written under a hidden staging name (``.GROUP.staging-*``,
+    which :func:`open_run` and ``xr.open_zarr(group=GROUP)`` never see), its
+    ``fingerprint`` (a stage's, see :func:`stage_fingerprint`) recorded there
+    once every chunk is written, and only then swapped in (:func:`_swap_in`).
+    A write that fails or is killed leaves the previous group as it was, or,
+    if killed between the two renames of the swap, no group; never a
+    half-written one. Staging copies left by a killed writer are removed by the
+    next write of the group. The call holds the store's lease (:func:`deepmr_dist.io.lock.lock`).
 
     Where ``path`` holds nothing (or is an empty directory), a new store is
     created with it.
@@ -350,12 +541,33 @@ def write_group(
     Raises
     ------
     StoreError
-        If ``path`` holds something other than a deepmr store (see :func:`check_overwritable`).
+        If ``path`` holds something other than a deepmr store (see :func:`check_overwritable`),
+        another writer holds its lease, or the filesystem refuses the write (full, read-only).
     """
-    target = inspect_target(path, storage_options)
-    check_overwritable(target, overwrite=False, stage_group=group)
-    if target.kind != "store":
-        _create_root(path, storage_options)
+    check_overwritable(inspect_target(path, storage_options), overwrite=False, stage_group=group)
+    with lock(path, f"a write of group {group!r}", storage_options=storage_options):
+        target = inspect_target(path, storage_options)
+        check_overwritable(target, overwrite=False, stage_group=group)
+        fs, root = filesystem(path, storage_options)
+        staging = _hidden(group, "staging")
+        try:
+            if target.kind != "store":
+                _create_root(path, storage_options)
+            _discard_leftovers(fs, root, group)
+            _write_staging(path, ds, staging, fingerprint, storage_options)
+            _swap_in(fs, root, staging, group)
+        except BaseException as exc:
+            if fs.exists(f"{root}/{staging}"):
+                fs.rm(f"{root}/{staging}", recursive=True)
+            if isinstance(exc, OSError):
+                raise StoreError(f"cannot write group {group!r} of {path}: {exc.strerror or exc}") from None
+            raise
+    return xr.open_zarr(path, group=group, consolidated=False, storage_options=storage_options)
+
+
+def _write_staging(
+    path: str, ds: xr.Dataset, staging: str, fingerprint: str | None, storage_options: Mapping[str, Any] | None
+) -> None:
     ds = ds.copy()
     ds.attrs.pop(STAGE_ATTR, None)
     for name, var in ds.variables.items():
@@ -366,47 +578,93 @@ def write_group(
         ds.sizes.get("locus", 1),
     )
     encoding = encoding_for(ds, chunk_loci)
-    ds.to_zarr(path, group=group, mode="w", consolidated=False, encoding=encoding, storage_options=storage_options)
+    writes = ds.to_zarr(path, group=staging, mode="w-", compute=False, consolidated=False, encoding=encoding,
+                        storage_options=storage_options)  # fmt: skip
+    _compute_writes(writes)
     if fingerprint is not None:
-        zarr.open_group(path, path=group, mode="r+", storage_options=storage_options).attrs[STAGE_ATTR] = fingerprint
-    return xr.open_zarr(path, group=group, consolidated=False, storage_options=storage_options)
+        zarr.open_group(path, path=staging, mode="r+", storage_options=storage_options).attrs[STAGE_ATTR] = fingerprint
+
+
+def _compute_writes(writes: Any) -> None:
+    """Compute a group's delayed chunk writes; if one fails, return (raise) only once no other is still running.
+
+    Dask returns on the first failed task while tasks already running elsewhere
+    go on writing their chunks: the staging copy could only be removed after them.
+    """
+    scheduler = dask.base.get_scheduler(collections=[writes])
+    client = getattr(scheduler, "__self__", None)
+    if isinstance(client, Client):
+        future = client.compute(writes)
+        try:
+            future.result()
+        except BaseException:
+            client.cancel(future)
+            wait_until_stopped(client, list(writes.__dask_graph__().keys()))
+            raise
+    elif scheduler is dask.threaded.get:
+        pool = ThreadPoolExecutor(dask.config.get("num_workers", None) or os.cpu_count() or 1)
+        try:
+            dask.compute(writes, scheduler="threads", pool=pool)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    else:  # the synchronous scheduler, or processes: nothing runs on after a failure
+        dask.compute(writes)
+
+
+def wait_until_stopped(client: Client, keys: list[Any], timeout: float = 120.0) -> None:
+    """Wait until no worker still runs one of ``keys`` (cancelled tasks finish the chunk they are writing).
+
+    A cancelled task that is already executing keeps running on its worker and
+    may still write its chunk; removing what it writes into before that would
+    leave part of it behind.
+    """
+    wanted = set(keys)
+    active = {"executing", "long-running", "cancelled", "resumed"}
+
+    def running(dask_worker) -> int:
+        return sum(1 for key, ts in dask_worker.state.tasks.items() if key in wanted and ts.state in active)
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            busy = sum(client.run(running).values())
+        except (OSError, TimeoutError):  # the cluster itself is going away
+            return
+        if not busy:
+            return
+        time.sleep(0.2)
+    log.warning("tasks of the failed write still running after %.0f s", timeout)
 
 
 def stage_fingerprint(path: str, group: str, storage_options: Mapping[str, Any] | None = None) -> str | None:
-    """The fingerprint :func:`write_group` recorded for ``group`` (``None`` if the group or the record is absent)."""
+    """The fingerprint :func:`write_group` recorded for ``group`` (``None`` if the group or the record is absent or damaged)."""
     try:
         attrs = zarr.open_group(path, path=group, mode="r", storage_options=storage_options).attrs
-    except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
+    except (OSError, KeyError, ValueError):  # absent (FileNotFoundError, GroupNotFoundError), damaged zarr.json
         return None
     return attrs.get(STAGE_ATTR)
 
 
-def write_ism_chunk(
-    path: str,
-    start: int,
-    ref_pred: np.ndarray,
-    mut_pred: np.ndarray,
-    storage_options: Mapping[str, Any] | None = None,
-) -> None:
-    """Write one locus chunk's predictions, then mark its loci complete.
+def one_line(exc: BaseException) -> str:
+    """``TypeName: first line of the message`` of an exception."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
-    Raises
-    ------
-    StoreError
-        If the range is not aligned to the store's locus chunks (two writers could share a chunk).
-    """
-    group = zarr.open_group(path, path=schema.ISM, mode="r+", storage_options=storage_options)
-    stop = start + ref_pred.shape[0]
-    n_loci, chunk = group["complete"].shape[0], group["complete"].chunks[0]
-    if start % chunk or (stop % chunk and stop != n_loci):
-        raise StoreError(f"region {start}:{stop} of {path} is not aligned to its {chunk}-locus chunks")
-    group["ref_pred"][start:stop] = ref_pred
-    group["mut_pred"][start:stop] = mut_pred
-    group["complete"][start:stop] = True
+
+def _open_group(path: str, group: str, storage_options: Mapping[str, Any] | None) -> xr.Dataset:
+    try:
+        return xr.open_zarr(path, group=group, consolidated=False, storage_options=storage_options)
+    except (OSError, KeyError, ValueError) as exc:
+        raise StoreError(f"group {group!r} of {path} cannot be opened ({one_line(exc)}); rerun the stage that writes it") from None
 
 
 def open_run(path: str, *, storage_options: Mapping[str, Any] | None = None) -> dict[str, xr.Dataset]:
     """Open every group of a run store as a lazy (dask-backed) Dataset.
+
+    Staging copies of groups being written (see :func:`write_group`) are not
+    groups of the run and are never returned. Reading a lazily opened ISM
+    array does not check that its chunks exist (Zarr reads a missing chunk
+    as the fill value): :func:`deepmr_dist.io.verify.verify_ism` does.
 
     Returns
     -------
@@ -416,15 +674,9 @@ def open_run(path: str, *, storage_options: Mapping[str, Any] | None = None) -> 
     Raises
     ------
     StoreError
-        If ``path`` holds no run store, or its ``ism`` group is damaged.
+        If ``path`` holds no run store, its ``ism`` group is damaged, or a group's metadata is unreadable.
     """
-    target = inspect_target(path, storage_options)
-    if target.kind != "store" or target.problem:
-        raise StoreError(target.problem or f"{path} is not a deepmr run store (no {schema.ISM!r} group)")
-    root = zarr.open_group(path, mode="r", storage_options=storage_options)
-    present = set(root.group_keys())
-    return {
-        group: xr.open_zarr(path, group=group, consolidated=False, storage_options=storage_options)
-        for group in schema.GROUPS
-        if group in present
-    }
+    check_run_store(path, storage_options)
+    fs, root = filesystem(path, storage_options)
+    present = [group for group in schema.GROUPS if fs.exists(f"{root}/{group}/zarr.json")]
+    return {group: _open_group(path, group, storage_options) for group in present}

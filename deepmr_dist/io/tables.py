@@ -3,7 +3,11 @@
 Long tables (one row per instrument or study) are read, validated row by row,
 and turned into the NaN-padded ``(n_ids, max_k)`` arrays the kernels take:
 
-* ``deepmr mr`` input: columns ``locus, bx, bxse, by, byse`` (:func:`read_mr_table`).
+* ``deepmr mr`` input: columns ``locus, bx, bxse, by, byse`` (:func:`read_mr_table`), or
+  TwoSampleMR's harmonised data (``SNP, beta.exposure, se.exposure, beta.outcome,
+  se.outcome``; detected from the header): each ``id.exposure, id.outcome`` pair is one
+  "locus" ``EXPOSURE->OUTCOME`` (one locus ``all`` without those columns), and rows whose
+  ``mr_keep`` is false are excluded, as TwoSampleMR's ``mr()`` leaves them out.
 * ``deepmr meta`` input: columns ``[group,] estimate, se`` (:func:`read_meta_table`);
   without a ``group`` column every row belongs to the group ``"all"``.
 
@@ -17,6 +21,13 @@ stderr. A locus whose rows are all excluded stays in the output (with ``n = 0``
 and the kernel's reason). Structural faults raise
 :class:`deepmr_dist.errors.InputError`: an unreadable file, an unsupported
 suffix, missing required columns, no data rows, or a row without an id.
+
+Duplicated rows: a valid row *duplicates* an earlier valid one with the same id and
+the same values, or the same id and the same row key (the ``SNP`` column of an MR
+table, the ``study`` column of a meta table, where there is one). ``duplicates=``
+(``deepmr mr/meta --duplicates``) decides: ``"error"`` (default) raises naming the
+first duplicate, ``"keep"`` uses every row, ``"drop"`` keeps the first of each set;
+both count them in :attr:`PaddedTable.n_duplicates` (:func:`duplicate_message`).
 """
 
 from __future__ import annotations
@@ -28,14 +39,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from deepmr_dist import schema
 from deepmr_dist.errors import InputError
 
 __all__ = [
+    "DUPLICATE_POLICIES",
     "MAX_ISSUES",
     "META_COLUMNS_IN",
     "MR_COLUMNS_IN",
     "PaddedTable",
     "RowIssue",
+    "duplicate_message",
     "exclusion_message",
     "pad_long_table",
     "read_meta_table",
@@ -50,6 +64,19 @@ MR_COLUMNS_IN: tuple[str, ...] = ("locus", "bx", "bxse", "by", "byse")
 
 META_COLUMNS_IN: tuple[str, ...] = ("group", "estimate", "se")
 """Columns of ``deepmr meta`` input; ``group`` is optional."""
+
+TWOSAMPLEMR_COLUMNS: dict[str, str] = {
+    "beta.exposure": "bx", "se.exposure": "bxse", "beta.outcome": "by", "se.outcome": "byse",
+}  # fmt: skip
+"""TwoSampleMR's harmonised columns (``harmonise_data``) -> ``deepmr mr``'s; with ``SNP`` they mark the layout."""
+TWOSAMPLEMR_PAIR = ("id.exposure", "id.outcome")
+"""TwoSampleMR columns whose pair of values names one MR analysis (the locus ``EXPOSURE->OUTCOME``)."""
+MR_KEY = "SNP"
+"""Row key of an MR table (optional; TwoSampleMR's instrument id)."""
+META_KEY = "study"
+"""Row key of a meta table (optional)."""
+DUPLICATE_POLICIES: tuple[str, ...] = ("error", "keep", "drop")
+"""What to do with duplicated rows; the first is the default."""
 
 META_DEFAULT_GROUP = "all"
 MAX_ISSUES = 20
@@ -105,9 +132,15 @@ class PaddedTable:
         One float64 array ``(n_ids, max_k)`` per value column, NaN-padded; only
         valid rows are filled, in file order within each id.
     n_valid, n_excluded : ndarray of int64, shape (n_ids,)
-        Valid and excluded data rows per id.
+        Valid (used) and excluded data rows per id.
     issues : tuple of RowIssue
         The first :data:`MAX_ISSUES` excluded rows, in file order.
+    n_duplicates : int
+        Valid rows that duplicate an earlier one (kept or dropped, see ``duplicates``).
+    first_duplicate : RowIssue or None
+        The first of them, naming the row it duplicates.
+    duplicates : str
+        The policy applied, one of :data:`DUPLICATE_POLICIES`.
     """
 
     source: str
@@ -117,6 +150,9 @@ class PaddedTable:
     n_valid: np.ndarray
     n_excluded: np.ndarray
     issues: tuple[RowIssue, ...] = ()
+    n_duplicates: int = 0
+    first_duplicate: RowIssue | None = None
+    duplicates: str = DUPLICATE_POLICIES[0]
 
     def __getitem__(self, name: str) -> np.ndarray:
         return self.values[name]
@@ -188,7 +224,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
 
 
 def write_table(frame: pd.DataFrame, path: str | Path) -> None:
-    """Write ``frame`` as CSV/TSV or Parquet by suffix, creating parent folders.
+    """Write ``frame`` as CSV/TSV (NaN spelled :data:`deepmr_dist.schema.TABLE_NA`) or Parquet by suffix, creating parent folders.
 
     Raises
     ------
@@ -201,7 +237,7 @@ def write_table(frame: pd.DataFrame, path: str | Path) -> None:
         if fmt == "parquet":
             frame.to_parquet(path, index=False)
         else:
-            frame.to_csv(path, sep="," if fmt == "csv" else "\t", index=False, na_rep="NaN")
+            frame.to_csv(path, sep="," if fmt == "csv" else "\t", index=False, na_rep=schema.TABLE_NA)
     except OSError as exc:
         raise InputError(f"{path}: cannot write output: {exc}") from exc
 
@@ -238,16 +274,15 @@ def _parse_numeric(column: pd.Series) -> tuple[np.ndarray, np.ndarray, np.ndarra
 def _ids(frame: pd.DataFrame, id_column: str | None, default_id: str, source: str) -> np.ndarray:
     if id_column is None or id_column not in frame.columns:
         return np.full(len(frame), default_id, dtype=object)
-    raw = frame[id_column]
-    text = raw.astype(object).where(raw.notna(), "").map(lambda x: str(x).strip())
-    empty = np.flatnonzero(text.to_numpy() == "")
+    text = _text(frame[id_column])
+    empty = np.flatnonzero(text == "")
     if empty.size:
         rows = ", ".join(str(i + 1) for i in empty[:5]) + (", ..." if empty.size > 5 else "")
         raise InputError(
             f"{source}: {empty.size} row(s) without a {id_column} (data row(s) {rows}); "
             f"every row needs a {id_column} id"
         )
-    return text.to_numpy(dtype=object)
+    return text
 
 
 def _row_problems(
@@ -297,6 +332,9 @@ def pad_long_table(
     se_columns: Sequence[str] = (),
     source: str = "<table>",
     default_id: str = META_DEFAULT_GROUP,
+    key_column: str | None = None,
+    duplicates: str = DUPLICATE_POLICIES[0],
+    flags: Sequence[tuple[str, np.ndarray, str]] = (),
 ) -> PaddedTable:
     """Validate a long table and pad it to ``(n_ids, max_k)`` arrays.
 
@@ -315,6 +353,15 @@ def pad_long_table(
         Name of the input used in messages (the file path).
     default_id : str
         Id used when there is no id column.
+    key_column : str, optional
+        Column of a row key (``SNP``, ``study``): a second row with the same id and key is a duplicate
+        (ignored where the frame lacks the column).
+    duplicates : {"error", "keep", "drop"}
+        Duplicated valid rows (same id and values, or same id and key): raise naming the first,
+        use them all, or keep the first of each set. Counted in the result either way.
+    flags : sequence of (column, mask, template)
+        Further exclusions: rows where ``mask`` holds are excluded, described by ``template``
+        (``{col}`` and ``{raw}`` are filled in).
 
     Returns
     -------
@@ -323,17 +370,34 @@ def pad_long_table(
     Raises
     ------
     InputError
-        Missing columns, no data rows, or rows without an id.
+        Missing columns, no data rows, rows without an id, an unknown ``duplicates`` policy,
+        or (``duplicates="error"``) a duplicated row.
     """
+    if duplicates not in DUPLICATE_POLICIES:
+        raise InputError(f"duplicates must be one of {', '.join(DUPLICATE_POLICIES)}, got {duplicates!r}")
     required = ([id_column] if id_column else []) + list(value_columns)
     _require_columns(frame, required, source)
     if len(frame) == 0:
         raise InputError(f"{source}: no data rows (only a header)")
     ids = _ids(frame, id_column, default_id, source)
     values, bad, checks = _row_problems(frame, value_columns, se_columns)
+    for check in flags:
+        checks.append(check)
+        bad = bad | check[1]
     codes, uniques = pd.factorize(ids, sort=False)
     n_ids = len(uniques)
-    good = ~bad
+    key = key_column if key_column in frame.columns else None
+    dup, first, what = _duplicated(frame, ids, values, ~bad, key, value_columns, id_column or "group")
+    first_duplicate = None
+    if dup.any():
+        i = int(np.flatnonzero(dup)[0])
+        first_duplicate = RowIssue(row=i + 1, id=str(ids[i]), problem=f"duplicates data row {first[i] + 1} ({what[i]})")
+        if duplicates == "error":
+            raise InputError(
+                f"{source}: data row {i + 1} ({id_column or 'group'} {ids[i]}) duplicates data row {first[i] + 1} "
+                f"({what[i]}); {int(dup.sum())} duplicated row(s) in all; --duplicates keep or drop accepts them"
+            )
+    good = ~bad & ~(dup if duplicates == "drop" else np.zeros_like(dup))
     n_valid = np.bincount(codes[good], minlength=n_ids).astype(np.int64)
     n_excluded = np.bincount(codes[bad], minlength=n_ids).astype(np.int64)
     width = max(int(n_valid.max(initial=0)), 1)
@@ -351,11 +415,90 @@ def pad_long_table(
         n_valid=n_valid,
         n_excluded=n_excluded,
         issues=_describe(frame, ids, bad, checks, MAX_ISSUES),
+        n_duplicates=int(dup.sum()),
+        first_duplicate=first_duplicate,
+        duplicates=duplicates,
     )
 
 
-def read_mr_table(path: str | Path) -> PaddedTable:
-    """Read and validate ``deepmr mr`` input (``locus, bx, bxse, by, byse``).
+def _text(column: pd.Series) -> np.ndarray:
+    """A column as stripped strings (missing values as ``""``)."""
+    return column.astype(object).where(column.notna(), "").map(lambda x: str(x).strip()).to_numpy(dtype=object)
+
+
+def _duplicated(
+    frame: pd.DataFrame,
+    ids: np.ndarray,
+    values: dict[str, np.ndarray],
+    valid: np.ndarray,
+    key_column: str | None,
+    value_columns: Sequence[str],
+    id_name: str,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Valid rows that repeat an earlier valid row's id and values, or its id and key.
+
+    Returns
+    -------
+    duplicate : ndarray of bool
+        Per row.
+    first : ndarray of int64
+        Per row, the 0-based row it repeats (-1 where it is no duplicate).
+    what : ndarray of str
+        Per row, what is the same (``"same locus and values"``, ``"same locus and SNP"``).
+    """
+    n = len(frame)
+    duplicate = np.zeros(n, dtype=bool)
+    first = np.full(n, -1, dtype=np.int64)
+    what = np.full(n, "", dtype=object)
+    rows = np.flatnonzero(valid)
+    candidates = [({c: values[c][rows] for c in value_columns}, f"same {id_name} and values")]
+    if key_column is not None:
+        candidates.append(({"key": _text(frame[key_column])[rows]}, f"same {id_name} and {key_column}"))
+    for columns, label in candidates:
+        keys = pd.DataFrame({"_id": ids[rows], **columns})
+        group = keys.groupby(list(keys.columns), sort=False).ngroup().to_numpy()
+        first_of_group = pd.Series(rows).groupby(group).transform("first").to_numpy()
+        repeat = (first_of_group != rows) & ~duplicate[rows]
+        duplicate[rows[repeat]] = True
+        first[rows[repeat]] = first_of_group[repeat]
+        what[rows[repeat]] = label
+    return duplicate, first, what
+
+
+def is_twosamplemr(columns: Sequence[object]) -> bool:
+    """True for TwoSampleMR's harmonised layout: ``SNP`` and its four effect columns, and no ``bx``."""
+    names = set(map(str, columns))
+    return {MR_KEY, *TWOSAMPLEMR_COLUMNS} <= names and "bx" not in names
+
+
+def _from_twosamplemr(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str, np.ndarray, str]]]:
+    """TwoSampleMR's columns renamed to ``deepmr mr``'s, ``locus = id.exposure->id.outcome``, and the mr_keep flag.
+
+    Without ``id.exposure``/``id.outcome`` (or a ``locus`` column) every row is in the locus ``all``.
+    Returns the frame and the exclusion of rows whose ``mr_keep`` is false (``FALSE``, ``F``, ``0``).
+    """
+    frame = frame.rename(columns=TWOSAMPLEMR_COLUMNS)
+    if all(c in frame.columns for c in TWOSAMPLEMR_PAIR):
+        exposure, outcome = (_text(frame[c]) for c in TWOSAMPLEMR_PAIR)
+        frame = frame.assign(locus=[f"{e}->{o}" if e and o else "" for e, o in zip(exposure, outcome, strict=True)])
+    elif "locus" not in frame.columns:
+        frame = frame.assign(locus=META_DEFAULT_GROUP)
+    flags = []
+    if "mr_keep" in frame.columns:
+        dropped = np.isin(np.char.lower(_text(frame["mr_keep"]).astype(str)), ["false", "f", "0"])
+        flags.append(("mr_keep", dropped, "mr_keep = {raw} (TwoSampleMR leaves the row out)"))
+    return frame, flags
+
+
+def read_mr_table(path: str | Path, *, duplicates: str = DUPLICATE_POLICIES[0]) -> PaddedTable:
+    """Read and validate ``deepmr mr`` input: ``locus, bx, bxse, by, byse``, or TwoSampleMR's harmonised columns.
+
+    Parameters
+    ----------
+    path : str or Path
+        CSV/TSV or Parquet file.
+    duplicates : {"error", "keep", "drop"}
+        Rows repeating a locus's values or its ``SNP`` (see :func:`pad_long_table`).
 
     Returns
     -------
@@ -363,17 +506,23 @@ def read_mr_table(path: str | Path) -> PaddedTable:
         ``ids`` are the loci; ``values`` holds ``bx, bxse, by, byse``.
     """
     frame = read_table(path)
+    flags: list[tuple[str, np.ndarray, str]] = []
+    if is_twosamplemr(frame.columns):
+        frame, flags = _from_twosamplemr(frame)
     return pad_long_table(
         frame,
         id_column="locus",
         value_columns=MR_COLUMNS_IN[1:],
         se_columns=("bxse", "byse"),
         source=str(path),
+        key_column=MR_KEY,
+        duplicates=duplicates,
+        flags=flags,
     )
 
 
-def read_meta_table(path: str | Path) -> PaddedTable:
-    """Read and validate ``deepmr meta`` input (``[group,] estimate, se``).
+def read_meta_table(path: str | Path, *, duplicates: str = DUPLICATE_POLICIES[0]) -> PaddedTable:
+    """Read and validate ``deepmr meta`` input (``[group,] estimate, se``, optional row key ``study``).
 
     Without a ``group`` column every row belongs to the group ``"all"``.
     """
@@ -384,6 +533,8 @@ def read_meta_table(path: str | Path) -> PaddedTable:
         value_columns=("estimate", "se"),
         se_columns=("se",),
         source=str(path),
+        key_column=META_KEY,
+        duplicates=duplicates,
     )
 
 
@@ -399,3 +550,11 @@ def exclusion_message(table: PaddedTable, limit: int = 5) -> str | None:
         f"{table.source}: excluded {total} invalid row(s) in {n_ids} {table.id_column}(s) "
         f"(counted in column n_excluded): {shown}{more}"
     )
+
+
+def duplicate_message(table: PaddedTable) -> str | None:
+    """Describe the duplicated rows (kept or dropped) in one line, or ``None`` when there are none."""
+    if table.n_duplicates == 0:
+        return None
+    done = "dropped (the first of each kept)" if table.duplicates == "drop" else "kept as separate rows"
+    return f"{table.source}: {table.n_duplicates} duplicated row(s) {done}; the first: {table.first_duplicate}"

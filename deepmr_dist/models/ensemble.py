@@ -27,8 +27,10 @@ import functools
 import hashlib
 import importlib
 import inspect
+import re
 import sys
 import sysconfig
+import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -146,7 +148,7 @@ def is_stdlib_module(name: str) -> bool:
 
 def is_entry_point(source: str) -> bool:
     """Whether a model source names Python code (``package.module:factory``) rather than a file."""
-    return ":" in source and not Path(source).is_file()
+    return ":" in source and "://" not in source and not Path(source).is_file()
 
 
 def _defining_module(obj: Any) -> str:
@@ -156,6 +158,24 @@ def _defining_module(obj: Any) -> str:
     if inspect.ismodule(obj):
         return obj.__name__
     return getattr(obj, "__module__", None) or type(obj).__module__
+
+
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*m")
+_UNPICKLER_PREFIX = "WeightsUnpickler error:"
+"""Where ``torch.load(weights_only=True)`` says, inside its many lines, what it refused."""
+
+
+def one_line(error: BaseException) -> str:
+    """``Type: reason`` in one line: the first sentence of the message's first non-blank line.
+
+    Terminal colour codes are dropped, and of a refusal by ``torch.load(weights_only=True)``
+    (several lines of advice) only what its unpickler refused is kept.
+    """
+    lines = [line.strip() for line in _ANSI_ESCAPE.sub("", str(error)).splitlines() if line.strip()]
+    refused = [line.partition(_UNPICKLER_PREFIX)[2].strip() for line in lines if _UNPICKLER_PREFIX in line]
+    first = (refused or lines or [""])[0]
+    sentence = first.split(". ")[0].rstrip(".").strip()
+    return f"{type(error).__name__}: {sentence}" if sentence else type(error).__name__
 
 
 def resolve_entry_point(source: str) -> Callable[..., Any]:
@@ -173,8 +193,14 @@ def resolve_entry_point(source: str) -> Callable[..., Any]:
     if is_stdlib_module(module_name):
         raise InputError(refusal.format(f"module {module_name!r} is"))
     try:
-        factory = getattr(importlib.import_module(module_name), factory_name)
-    except (ImportError, AttributeError) as exc:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise InputError(f"cannot load model entry point {source!r}: {exc}") from None
+    except Exception as exc:  # the user's module runs when imported and may raise anything
+        raise InputError(f"cannot load model entry point {source!r}: importing {module_name!r} raised {one_line(exc)}") from None
+    try:
+        factory = getattr(module, factory_name)
+    except AttributeError as exc:
         raise InputError(f"cannot load model entry point {source!r}: {exc}") from None
     owner = _defining_module(factory)
     if is_stdlib_module(owner):
@@ -184,27 +210,63 @@ def resolve_entry_point(source: str) -> Callable[..., Any]:
     return factory
 
 
+def _load_file(path: Path) -> list[nn.Module]:
+    """The member in a TorchScript archive or a simulation CNN state-dict file; any failure is one line naming the file."""
+    if path.stat().st_size == 0:
+        raise InputError(f"model file {path} is empty (0 bytes)")
+    if _is_torchscript(path):
+        try:
+            return [torch.jit.load(str(path), map_location="cpu")]
+        except Exception as exc:  # torch.jit.load raises RuntimeError, ValueError, ... on a damaged archive
+            raise InputError(f"model file {path} looks like a TorchScript archive but cannot be loaded: {one_line(exc)}") from None
+    from deepmr_dist.models.architectures import load_simulation_cnns
+
+    try:
+        return load_simulation_cnns([path])
+    except InputError as exc:
+        raise InputError(
+            f"model file {path} is not a TorchScript archive or a simulation CNN state dict loadable with "
+            f"weights_only=True: {one_line(exc.__cause__ or exc)}"
+        ) from None
+
+
+def _load_url(url: str) -> list[nn.Module]:
+    """The member in a model file at an fsspec URL (``s3://bucket/m0.pt``), copied to a local temporary file.
+
+    Credentials and endpoints come from the environment, as s3fs and gcsfs read them.
+    """
+    import fsspec
+
+    try:
+        with fsspec.open(url, "rb") as f:
+            data = f.read()
+    except (OSError, ValueError, ImportError) as exc:
+        raise InputError(f"model file {url} cannot be read: {one_line(exc)}") from None
+    with tempfile.TemporaryDirectory(prefix="deepmr-model-") as folder:
+        local = Path(folder) / (url.rstrip("/").rpartition("/")[2] or "model.pt")
+        local.write_bytes(data)
+        try:
+            return _load_file(local)
+        except InputError as exc:
+            raise InputError(str(exc).replace(str(local), url)) from None
+
+
 def _load_source(source: str, options: dict[str, Any]) -> list[nn.Module]:
+    if "://" in source:
+        return _load_url(source)
     path = Path(source)
     if path.is_file():
-        if _is_torchscript(path):
-            return [torch.jit.load(str(path), map_location="cpu")]
-        from deepmr_dist.models.architectures import load_simulation_cnns
-
-        try:
-            return load_simulation_cnns([path])
-        except InputError as exc:
-            raise InputError(
-                f"model file {source} is neither a TorchScript archive nor a simulation CNN state dict (save "
-                f"members with torch.jit.save, or give an entry point package.module:factory): {exc}"
-            ) from None
+        return _load_file(path)
     if is_entry_point(source):
         factory = resolve_entry_point(source)
         try:
             inspect.signature(factory).bind(**options)
         except TypeError as exc:
             raise InputError(f"entry point {source!r} does not take the options {sorted(options)}: {exc}") from None
-        built = factory(**options)
+        try:
+            built = factory(**options)
+        except Exception as exc:  # the user's factory is code and may raise anything
+            raise InputError(f"entry point {source!r} raised {one_line(exc)}") from None
         members = list(built) if isinstance(built, (list, tuple)) else [built]
         if not members or not all(isinstance(m, nn.Module) for m in members):
             raise InputError(f"entry point {source!r} must return a torch.nn.Module or a list of them")

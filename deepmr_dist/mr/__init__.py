@@ -12,7 +12,8 @@ holds a code from :data:`REASONS`; a batch never fails because of one locus.
 
 Modules: :mod:`.ivw`, :mod:`.egger`, :mod:`.robust` (MM / lmrob), :mod:`.median`,
 :mod:`.mode` (mbe), :mod:`.baseline` (mean Wald ratio), :mod:`.inference`
-(confidence limits and p-values), :mod:`.result`, :mod:`.api`.
+(confidence limits and p-values), :mod:`.scaling` (unit rescaling at extreme magnitudes),
+:mod:`.result`, :mod:`.api`.
 """
 
 from deepmr_dist.mr.api import BOOTSTRAP_METHODS, METHODS, check_methods, estimate

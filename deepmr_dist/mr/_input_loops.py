@@ -1,4 +1,4 @@
-"""Fused per-locus loops over the input arrays (numba): validity, mean F statistic, I^2_GX.
+"""Fused per-locus loops over the input arrays (numba): validity, magnitudes, mean F statistic, I^2_GX.
 
 Each is one pass over ``(loci, instruments)`` arrays instead of several numpy
 passes with temporaries; at thousands of instruments per locus the numpy form
@@ -106,3 +106,25 @@ def i2gx_q(bx: np.ndarray, bxse: np.ndarray, byse: np.ndarray, valid: np.ndarray
     args = (np.ascontiguousarray(a) for a in (bx, bxse, byse, valid))
     _i2gx_q(*args, out)
     return out
+
+
+@numba.njit(**_JIT)
+def _magnitudes(b, se, valid, largest, smallest_se):  # pragma: no cover - compiled
+    m, k = b.shape
+    for i in range(m):
+        big = 0.0
+        small = np.inf
+        for j in range(k):
+            if valid[i, j]:
+                big = max(big, abs(b[i, j]), se[i, j])
+                small = min(small, se[i, j])
+        largest[i] = big
+        smallest_se[i] = small
+
+
+def magnitudes(b: np.ndarray, se: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per locus, the largest ``|b|`` or SE and the smallest SE over the used instruments (0 and inf without any)."""
+    largest = np.empty(b.shape[0])
+    smallest_se = np.empty(b.shape[0])
+    _magnitudes(np.ascontiguousarray(b), np.ascontiguousarray(se), np.ascontiguousarray(valid), largest, smallest_se)
+    return largest, smallest_se

@@ -17,6 +17,7 @@ from deepmr_dist.mr.mode import mbe
 from deepmr_dist.mr.raps import mr_raps
 from deepmr_dist.mr.result import FLOAT_FIELDS, MRResult
 from deepmr_dist.mr.robust import robust_egger, robust_ivw
+from deepmr_dist.mr.scaling import Scales, flag, rescaled, unit_scales, unscaled
 from deepmr_dist.mr.simex import egger_simex
 
 METHODS: tuple[str, ...] = (
@@ -49,6 +50,9 @@ SIMEX_REPLICATES = 1000
 
 EGGER_PAPER_ROBUST_ABOVE = 10
 """egger_paper: robust MR-Egger with more than this many instruments, MR-Egger from 3 up to it."""
+
+SE_FREE_METHODS = frozenset({"wald_mean"})
+"""Methods that use no standard error (the mean and SD of the Wald ratios): computed at ``degenerate_se`` loci too."""
 
 
 def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
@@ -162,7 +166,11 @@ def estimate(
     Returns
     -------
     dict of str to MRResult
-        One result per requested method, in request order.
+        One result per requested method, in request order. Loci are computed in units where their
+        largest magnitudes are about 1 when they are far from it (:mod:`deepmr_dist.mr.scaling`), so
+        values up to 1e300 give the estimates of unit-scale data; a locus whose SEs are negligible next
+        to its effects has ``reason = "degenerate_se"``, one whose result lies outside the float64 range
+        ``"overflow"`` or ``"underflow"``.
 
     Raises
     ------
@@ -177,27 +185,48 @@ def estimate(
     if int(threads) < 1:
         raise InputError(f"threads must be a positive integer, got {threads}")
     data = prepare(bx, bxse, by, byse)
+    scales = unit_scales(data)
+    data = rescaled(data, scales)
     pen_ivw = PENALIZED_IVW_FACTOR if penalization is None else float(penalization)
     pen_med = PENALIZED_MEDIAN_FACTOR if penalization is None else float(penalization)
     boot = {"n_boot": int(n_boot), "seed": int(seed), "threads": int(threads)}
-    runners: dict[str, Callable[[], MRResult]] = {
-        "ivw": lambda: ivw(data, model="default", alpha=alpha, t_dist=t_dist),
-        "ivw_fixed": lambda: ivw(data, model="fixed", alpha=alpha, t_dist=t_dist),
-        "ivw_random": lambda: ivw(data, model="random", alpha=alpha, t_dist=t_dist),
-        "penalized_ivw": lambda: penalized_ivw(data, alpha=alpha, t_dist=t_dist, penalization=pen_ivw),
-        "egger": lambda: egger(data, alpha=alpha, t_dist=egger_t_dist),
-        "robust_ivw": lambda: robust_ivw(data, alpha=alpha, t_dist=t_dist, threads=threads),
-        "robust_egger": lambda: robust_egger(data, alpha=alpha, t_dist=egger_t_dist, threads=threads),
-        "egger_paper": lambda: egger_paper(data, alpha=alpha, t_dist=egger_t_dist, threads=threads),
-        "weighted_median": lambda: median_estimator(data, weighting="weighted", alpha=alpha, t_dist=t_dist, **boot),
-        "simple_median": lambda: median_estimator(data, weighting="simple", alpha=alpha, t_dist=t_dist, **boot),
-        "penalized_weighted_median": lambda: median_estimator(
-            data, weighting="penalized", alpha=alpha, t_dist=t_dist, penalization=pen_med, **boot
+    runners: dict[str, Callable[[MRData], MRResult]] = {
+        "ivw": lambda d: ivw(d, model="default", alpha=alpha, t_dist=t_dist),
+        "ivw_fixed": lambda d: ivw(d, model="fixed", alpha=alpha, t_dist=t_dist),
+        "ivw_random": lambda d: ivw(d, model="random", alpha=alpha, t_dist=t_dist),
+        "penalized_ivw": lambda d: penalized_ivw(d, alpha=alpha, t_dist=t_dist, penalization=pen_ivw),
+        "egger": lambda d: egger(d, alpha=alpha, t_dist=egger_t_dist),
+        "robust_ivw": lambda d: robust_ivw(d, alpha=alpha, t_dist=t_dist, threads=threads),
+        "robust_egger": lambda d: robust_egger(d, alpha=alpha, t_dist=egger_t_dist, threads=threads),
+        "egger_paper": lambda d: egger_paper(d, alpha=alpha, t_dist=egger_t_dist, threads=threads),
+        "weighted_median": lambda d: median_estimator(d, weighting="weighted", alpha=alpha, t_dist=t_dist, **boot),
+        "simple_median": lambda d: median_estimator(d, weighting="simple", alpha=alpha, t_dist=t_dist, **boot),
+        "penalized_weighted_median": lambda d: median_estimator(
+            d, weighting="penalized", alpha=alpha, t_dist=t_dist, penalization=pen_med, **boot
         ),
-        "mbe": lambda: mbe(data, alpha=alpha, t_dist=t_dist, phi=mbe_phi, **boot),
-        "wald_mean": lambda: wald_mean(data, alpha=alpha, ci_multiplier=wald_ci_multiplier),
-        "ivw_delta": lambda: ivw_delta(data, model="default", alpha=alpha, t_dist=t_dist),
-        "egger_simex": lambda: egger_simex(data, n_simex=n_simex, seed=seed, alpha=alpha, t_dist=egger_t_dist),
-        "mr_raps": lambda: mr_raps(data, alpha=alpha),
+        "mbe": lambda d: mbe(d, alpha=alpha, t_dist=t_dist, phi=mbe_phi, **boot),
+        "wald_mean": lambda d: wald_mean(d, alpha=alpha, ci_multiplier=wald_ci_multiplier),
+        "ivw_delta": lambda d: ivw_delta(d, model="default", alpha=alpha, t_dist=t_dist),
+        "egger_simex": lambda d: egger_simex(d, n_simex=n_simex, seed=seed, alpha=alpha, t_dist=egger_t_dist),
+        "mr_raps": lambda d: mr_raps(d, alpha=alpha),
     }
-    return {m: runners[m]() for m in dict.fromkeys(methods)}
+    return {m: _in_range(runners[m], data, scales, se_free=m in SE_FREE_METHODS) for m in methods}
+
+
+def _in_range(run: Callable[[MRData], MRResult], data: MRData, scales: Scales, *, se_free: bool) -> MRResult:
+    """``run`` on the rescaled ``data``, scaled back, with ``degenerate_se`` and ``overflow`` flagged.
+
+    Degenerate loci (:attr:`Scales.degenerate`) are left out of the fit unless the method uses no SE;
+    a locus whose estimate or SE is not finite without a reason, or whose scaled-back value overflows,
+    gets ``overflow``, and one whose nonzero value scales back to 0 gets ``underflow``.
+    """
+    degenerate = np.zeros(data.n_loci, dtype=bool) if se_free else scales.degenerate
+    if degenerate.any():
+        rows = np.flatnonzero(~degenerate)
+        result = _merge(data, [(rows, run(_subset(data, rows)))])
+        result = flag(result, degenerate, "degenerate_se")
+    else:
+        result = run(data)
+    result, overflow, underflow = unscaled(result, scales)
+    overflow |= (result.n > 0) & ~(np.isfinite(result.estimate) & np.isfinite(result.se))
+    return flag(flag(result, overflow, "overflow"), underflow, "underflow")

@@ -31,6 +31,18 @@ REASONS: dict[str, str] = {
     "zero_bandwidth": "the ratio estimates are too concentrated for a kernel bandwidth (sd or mad is 0)",
     "degenerate_weights": "the median weights put all mass on one ratio estimate",
     "negative_variance": "the extrapolated (SIMEX jackknife) variance is negative, so the standard error is undefined",
+    "degenerate_se": (
+        "a used standard error is below 2^-120 (about 7.5e-37) times the largest |b| or SE of its side (exposure or"
+        " outcome) at the locus, so the inverse-variance weights overflow float64 in any units"
+    ),
+    "overflow": (
+        "the estimate, its standard error or limits lie beyond the float64 range (about 1.8e308), or a"
+        " computation overflowed, even with the inputs rescaled to unit scale"
+    ),
+    "underflow": (
+        "the estimate, its standard error or limits are nonzero but below the float64 range (about 4.9e-324),"
+        " so they would read as 0"
+    ),
 }
 """Reason codes for undefined estimates, code -> human explanation."""
 

@@ -10,12 +10,12 @@ lazily, with the stages (``effects``, ``local_ce``, ``global_ce``) and
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from deepmr_dist.pipeline.config import PipelineConfig
-from deepmr_dist.pipeline.config_types import load_config
+from deepmr_dist.pipeline.config_types import ClusterSettings, load_config, parse_config
 
 if TYPE_CHECKING:  # imported lazily: loading a pipeline needs neither torch nor distributed
     import xarray as xr
@@ -53,25 +53,31 @@ def load_study(
     path: str | Path,
     *,
     rounds: int | None = None,
-    cluster: str | None = None,
-    n_workers: int | None = None,
+    cluster: str | Mapping[str, Any] | None = None,
 ):
-    """The validated study config at ``path`` with the command line's overrides applied."""
+    """The validated study config at ``path`` with the command line's overrides applied (``cluster`` as in
+    :func:`load_pipeline`)."""
     from deepmr_dist.pipeline.config import StudyConfig
 
     config = load_config(Path(path), StudyConfig)
-    overrides: dict = {"rounds": rounds} if rounds else {}
-    update = {k: v for k, v in (("address", cluster), ("n_workers", n_workers)) if v is not None}
-    overrides["cluster"] = config.cluster.model_copy(update=update).model_dump()
-    return StudyConfig.model_validate({**config.model_dump(), **overrides})
+    overrides: dict = {"rounds": rounds} if rounds is not None else {}
+    overrides["cluster"] = config.cluster.with_overrides(_cluster_fields(cluster)).model_dump(exclude_unset=True)
+    return parse_config({**config.model_dump(), **overrides}, StudyConfig, f"{path} with the command line's overrides")
+
+
+def _cluster_fields(cluster: str | Mapping[str, Any] | None) -> dict[str, Any]:
+    """``cluster`` as :class:`~deepmr_dist.pipeline.config_types.ClusterSettings` fields: an address, or fields."""
+    if cluster is None:
+        return {}
+    return {"address": cluster} if isinstance(cluster, str) else dict(cluster)
 
 
 def load_pipeline(
     config_or_path: PipelineConfig | str | Path,
     *,
     store: str | None = None,
-    cluster: str | None = None,
-    n_workers: int | None = None,
+    cluster: str | Mapping[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
 ) -> PipelineConfig:
     """The validated pipeline, with relative paths taken from the YAML's folder and the overrides applied.
 
@@ -79,9 +85,13 @@ def load_pipeline(
     ----------
     config_or_path : PipelineConfig or path
         A pipeline YAML (e.g. ``pipelines/quickstart.yaml``) or an already validated config.
-    store, cluster, n_workers : optional
-        Override the pipeline's store, cluster address (``"local"`` or a scheduler
-        address) and number of local workers.
+    store : str, optional
+        Override the pipeline's store.
+    cluster : str or mapping, optional
+        Override the pipeline's cluster: an address (``"local"``, ``"slurm"`` or a scheduler
+        address), or fields of its ``cluster:`` section (``{"kind": "slurm", "jobs": 4}``, TLS files, ...).
+    storage_options : dict, optional
+        Override the pipeline's fsspec options of the store and outputs.
 
     Raises
     ------
@@ -93,22 +103,23 @@ def load_pipeline(
     else:
         path = Path(config_or_path)
         config = load_config(path, PipelineConfig).resolve_paths(path.parent)
-    overrides = {k: v for k, v in (("address", cluster), ("n_workers", n_workers)) if v is not None}
-    update: dict = {"cluster": config.cluster.model_copy(update=overrides)}
+    update: dict = {"cluster": config.cluster.with_overrides(_cluster_fields(cluster))}
     if store:
         update["store"] = store
+    if storage_options is not None:
+        update["storage_options"] = storage_options
     return config.model_copy(update=update)
 
 
 @contextlib.contextmanager
-def _client(client: Client | None, address: str, n_workers: int | None, verbose: bool) -> Iterator[Client]:
-    """``client`` itself, or an embedded (or connected) one for the duration of the block."""
+def _client(client: Client | None, settings: ClusterSettings, verbose: bool) -> Iterator[Client]:
+    """``client`` itself, or one of ``settings`` (embedded, connected or SLURM) for the duration of the block."""
     if client is not None:
         yield client
         return
     from deepmr_dist.cluster import connect
 
-    with connect(address, n_workers=n_workers, verbose=verbose) as own:
+    with connect(**settings.connect_options(), verbose=verbose) as own:
         yield own
 
 
@@ -116,10 +127,12 @@ def run(
     config_or_path: PipelineConfig | str | Path,
     *,
     store: str | None = None,
-    cluster: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    cluster: str | Mapping[str, Any] | None = None,
     client: Client | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    **run_options: Any,
 ) -> PipelineResult:
     """Run a pipeline, as ``deepmr run`` does: every stage, skipping those already done.
 
@@ -129,15 +142,20 @@ def run(
         A pipeline YAML or a validated config.
     store : str, optional
         Override the pipeline's store.
-    cluster : str, optional
-        ``"local"`` (an embedded cluster) or a scheduler address; default the
-        pipeline's (``cluster.address``, itself ``"local"`` by default); ignored with ``client``.
+    storage_options : dict, optional
+        Override the pipeline's fsspec options of the store and outputs.
+    cluster : str or mapping, optional
+        ``"local"`` (an embedded cluster), ``"slurm"``, a scheduler address, or fields of the ``cluster:``
+        section (:func:`load_pipeline`); default the pipeline's (itself ``"local"`` by default); ignored with ``client``.
     client : distributed.Client, optional
         Run on this client's cluster.
     progress : bool
         Progress bars on stderr.
     overwrite : bool
         Replace a deepmr store made by another run.
+    **run_options
+        ``verify``, ``break_lock``, ``lock_timeout`` of
+        :func:`deepmr_dist.pipeline.runner.run_pipeline`.
 
     Returns
     -------
@@ -153,9 +171,9 @@ def run(
     """
     from deepmr_dist.pipeline.runner import run_pipeline
 
-    config = load_pipeline(config_or_path, store=store, cluster=cluster)
-    with _client(client, config.cluster.address, config.cluster.n_workers, progress) as c:
-        return run_pipeline(config, client=c, progress=progress, overwrite=overwrite)
+    config = load_pipeline(config_or_path, store=store, cluster=cluster, storage_options=storage_options)
+    with _client(client, config.cluster, progress) as c:
+        return run_pipeline(config, client=c, progress=progress, overwrite=overwrite, **run_options)
 
 
 def predict(
@@ -167,6 +185,7 @@ def predict(
     settings: ISMSettings | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    storage_options: dict[str, Any] | None = None,
 ) -> xr.Dataset:
     """ISM of every locus with every ensemble member into ``store``, as ``deepmr predict`` does.
 
@@ -184,6 +203,8 @@ def predict(
         Head, chunking and batching; default every task of the model.
     overwrite, progress : bool
         As ``deepmr predict``.
+    storage_options : dict, optional
+        fsspec options of a remote ``store`` (s3fs's ``endpoint_url``, ...); credentials come from the environment.
 
     Returns
     -------
@@ -197,6 +218,6 @@ def predict(
 
     if not isinstance(model, ModelSpec):
         model = ModelSpec((model,) if isinstance(model, str) else tuple(model))
-    with _client(client, "local", None, progress) as c:
+    with _client(client, ClusterSettings(), progress) as c:
         return predict_stage(loci, model, store, client=c, settings=settings or ISMSettings(),
-                             overwrite=overwrite, progress=progress)  # fmt: skip
+                             overwrite=overwrite, progress=progress, storage_options=storage_options)  # fmt: skip

@@ -155,6 +155,9 @@ class Sequences(Section):
     width: int | None = Field(None, ge=1)
     onehot: str | None = Field(None, description=".npy one-hot array (n_loci, 4, length)")
     simulation: SimulatedSequences | None = None
+    iupac: Literal["n", "error"] = Field(
+        "n", description="IUPAC codes (R, Y, K, M, S, W, B, D, H, V) in fasta or genome: read as N (counted in a warning) or refused"
+    )
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Sequences:
@@ -209,6 +212,9 @@ class ISM(Section):
     chunk_loci: int = Field(64, ge=1, description="loci per store chunk and per task")
     mutant_batch: int = Field(2048, ge=1, description="mutants per forward pass")
     incremental: bool = True
+    precision: Literal["fp32", "tf32", "bf16", "fp16"] = Field(
+        "fp32", description="ISM arithmetic: fp32, tf32 (CUDA), bf16 (CUDA or CPU autocast) or fp16 (CUDA)"
+    )
 
 
 class Effects(Section):
@@ -259,8 +265,13 @@ class PipelineConfig(Section):
     spacing: Spacing | None = None
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     store: str = Field("runs/run.zarr", description="run store: a directory or an fsspec URL")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options of the store and outputs (e.g. s3fs's endpoint_url); credentials from the environment"
+    )
     outputs: str | None = Field(
-        None, description="folder of the tables, trained members and report (default: the store's path without .zarr)"
+        None,
+        description="folder or fsspec URL of the tables, trained members and report "
+        "(default: the store's path without .zarr, on the same filesystem: s3://b/run.zarr -> s3://b/run)",
     )
     report: bool = Field(True, description="write report.html beside the tables")
 

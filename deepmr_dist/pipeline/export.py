@@ -157,7 +157,7 @@ def _effect_rows(effects: xr.Dataset, ism: xr.Dataset) -> Iterator[pd.DataFrame]
     sequences = ism["sequence"]
     start = 0
     for block in _locus_blocks(effects):
-        n_loci, n_pos = block.sizes["locus"], block.sizes["position"]
+        n_loci = block.sizes["locus"]
         codes = np.asarray(sequences.isel(locus=slice(start, start + n_loci)).values)
         eff = np.asarray(block["effect"].transpose("locus", "position", "allele", "task").values, dtype=np.float64)
         ses = np.asarray(block["effect_se"].transpose("locus", "position", "allele", "task").values, dtype=np.float64)

@@ -1,4 +1,4 @@
-"""What a pipeline writes beside its store: where (:func:`output_directory`) and the local and global CE tables.
+"""What a pipeline writes beside its store: where (:class:`Outputs`, :func:`output_location`) and the local and global CE tables.
 
 The tables' columns are named as ``deepmr mr`` / ``deepmr meta`` name them,
 from the schema's registry.
@@ -6,13 +6,21 @@ from the schema's registry.
 
 from __future__ import annotations
 
+import io
 import os
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import xarray as xr
+from fsspec.implementations.local import LocalFileSystem
 
 from deepmr_dist import schema
+from deepmr_dist.errors import StoreError
+from deepmr_dist.io.location import filesystem, is_local, normalize, sibling
 from deepmr_dist.pipeline.config import PipelineConfig
 
 LOCAL_COLUMNS = schema.table_columns(schema.MR)
@@ -22,10 +30,10 @@ GLOBAL_COLUMNS = schema.table_columns(schema.META)
 
 
 def local_table_from(local: xr.Dataset) -> pd.DataFrame:
-    """One row per (pair, locus, method), columns named as ``deepmr mr`` writes them."""
+    """One row per (pair, locus, method): ``pair, exposure, outcome``, then ``deepmr mr``'s columns (the registry's)."""
     frame = local[list(LOCAL_COLUMNS)].reset_coords(["exposure", "outcome"]).to_dataframe().reset_index()
     frame = frame.rename(columns=LOCAL_COLUMNS)
-    return frame[["pair", "exposure", "outcome", "locus", "method", "n", *[c for c in LOCAL_COLUMNS.values() if c != "n"]]]
+    return frame[["pair", "exposure", "outcome", "locus", "method", *LOCAL_COLUMNS.values()]]
 
 
 def global_table_from(global_: xr.Dataset) -> pd.DataFrame:
@@ -35,21 +43,73 @@ def global_table_from(global_: xr.Dataset) -> pd.DataFrame:
     return frame[["pair", "exposure", "outcome", "method", *GLOBAL_COLUMNS.values()]]
 
 
-def output_directory(config: PipelineConfig) -> Path:
-    """``config.outputs``, or the store's path without its suffix: ``runs/name.zarr`` -> ``runs/name``."""
-    if config.outputs is not None:
-        return Path(config.outputs)
-    path = Path(config.store.split("://", 1)[-1])
-    return path.with_suffix("") if path.suffix else path.with_name(path.name + "-outputs")
+@dataclass(frozen=True)
+class Outputs:
+    """A folder or fsspec URL beside the store that a run writes its files into, through fsspec.
+
+    Attributes
+    ----------
+    location : str
+        A local path or an fsspec URL (``s3://bucket/run``).
+    storage_options : dict or None
+        fsspec options of a remote ``location``.
+    """
+
+    location: str
+    storage_options: Mapping[str, Any] | None = None
+
+    @property
+    def local(self) -> Path | None:
+        """The local folder, or None for a remote location."""
+        return Path(self.location) if is_local(self.location) else None
+
+    def url(self, name: str) -> str:
+        """The path or URL of file ``name`` (``members/member-0.pt``) in the location."""
+        return f"{self.location.rstrip('/')}/{name}"
+
+    def exists(self, name: str) -> bool:
+        fs, root = filesystem(self.location, self.storage_options)
+        return fs.exists(f"{root}/{name}")
+
+    def read_bytes(self, name: str) -> bytes:
+        fs, root = filesystem(self.location, self.storage_options)
+        return fs.cat_file(f"{root}/{name}")
+
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write file ``name``: locally to a temporary name, then moved into place; elsewhere in one put (atomic on object stores).
+
+        Raises
+        ------
+        StoreError
+            If the filesystem refuses the write.
+        """
+        fs, root = filesystem(self.location, self.storage_options)
+        final = f"{root}/{name}"
+        try:
+            fs.makedirs(final.rpartition("/")[0], exist_ok=True)
+            if isinstance(fs, LocalFileSystem):
+                partial = f"{final}.partial-{uuid.uuid4().hex[:8]}"
+                with open(partial, "wb") as f:
+                    f.write(data)
+                os.replace(partial, final)
+            else:
+                fs.pipe_file(final, data)
+        except OSError as exc:
+            raise StoreError(f"cannot write {self.url(name)}: {exc.strerror or exc}") from None
 
 
-def write_table(table: pd.DataFrame, stem: Path) -> None:
-    """``stem.csv`` and ``stem.parquet``, each written to a temporary name first and then moved into place."""
-    for suffix in ("csv", "parquet"):
-        final = stem.with_name(f"{stem.name}.{suffix}")
-        partial = final.with_name(final.name + ".partial")
-        if suffix == "csv":
-            table.to_csv(partial, index=False)
-        else:
-            table.to_parquet(partial, index=False)
-        os.replace(partial, final)
+def output_location(config: PipelineConfig) -> Outputs:
+    """``config.outputs``, or the store's path without its suffix on the same filesystem (:func:`deepmr_dist.io.location.sibling`)."""
+    location = config.outputs if config.outputs is not None else sibling(config.store)
+    return Outputs(*normalize(location, config.storage_options))
+
+
+def write_table(table: pd.DataFrame, outputs: Outputs, stem: str) -> None:
+    """``stem.csv`` (NaN spelled :data:`deepmr_dist.schema.TABLE_NA`) and ``stem.parquet`` in ``outputs``, each written whole.
+
+    See :meth:`Outputs.write_bytes`.
+    """
+    outputs.write_bytes(f"{stem}.csv", table.to_csv(index=False, na_rep=schema.TABLE_NA).encode())
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    outputs.write_bytes(f"{stem}.parquet", buffer.getvalue())

@@ -87,11 +87,11 @@ def load_sequences(config: PipelineConfig) -> tuple[xr.Dataset, xr.Dataset | Non
     """
     seq = config.sequences
     if seq.fasta:
-        return read_fasta(seq.fasta), None
+        return read_fasta(seq.fasta, iupac=seq.iupac), None
     if seq.onehot:
         return read_onehot(seq.onehot), None
     if seq.bed:
-        return read_bed_regions(seq.bed, seq.genome, seq.width), None
+        return read_bed_regions(seq.bed, seq.genome, seq.width, iupac=seq.iupac), None
     sim = seq.simulation
     motifs = MotifSet.resolve(sim.motifs.exposure, sim.motifs.outcome, sim.motifs.confounder)
     ds = simulate_round(sim.scenario, sim.round, seed=sim.seed, motifs=motifs, config=sim.generator)

@@ -16,11 +16,14 @@ with the reasons.
 from __future__ import annotations
 
 import html
+import io
 import json
 import platform
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -29,7 +32,8 @@ import zarr
 
 from deepmr_dist import schema
 from deepmr_dist.errors import StoreError
-from deepmr_dist.pipeline.outputs import global_table_from
+from deepmr_dist.io.location import filesystem, normalize, sibling
+from deepmr_dist.pipeline.outputs import Outputs, global_table_from
 from deepmr_dist.pipeline.locus_plots import effect_heatmap, effect_logo, instrument_histogram, top_loci, undefined_table
 from deepmr_dist.pipeline.plots import EGGER_METHODS, figure_to_base64_png, forest_plot, mr_scatter, spacing_heatmap
 from deepmr_dist.io.store import FINGERPRINT_ATTR, open_run
@@ -42,39 +46,48 @@ TOP_LOCI = 3
 PACKAGES = ("deepmr-dist", "torch", "dask", "distributed", "xarray", "zarr", "numpy", "scipy", "pandas")
 
 
-def write_report(store_path: str, out: str | Path | None = None, *, outputs: str | Path | None = None) -> Path:
+def write_report(
+    store_path: str,
+    out: str | Path | None = None,
+    *,
+    outputs: str | Path | Outputs | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+) -> Path | str:
     """Write the HTML report of the run store at ``store_path``.
 
     Parameters
     ----------
     store_path
-        A local run store.
+        A run store: a directory or an fsspec URL.
     out
-        HTML file; default ``<outputs>/report.html``.
+        Local HTML file; default ``report.html`` in ``outputs``.
     outputs
-        Directory of the run's side files (``pipeline.yaml``, ``timings.json``,
-        ``spacing.csv``); default the store path without its suffix.
+        Folder or fsspec URL of the run's side files (``pipeline.yaml``,
+        ``timings.json``, ``spacing.csv``); default the store path without its
+        suffix, on the same filesystem.
+    storage_options
+        fsspec options of the store (and of ``outputs`` given as a path or URL).
 
     Returns
     -------
-    Path
-        The HTML file.
+    Path or str
+        The HTML file: a local path, or the URL of a remote ``outputs``.
 
     Raises
     ------
     StoreError
         If the store has no ``meta`` group yet (run the MR and meta-analysis stages first).
     """
-    groups = open_run(store_path)
+    groups = open_run(store_path, storage_options=storage_options)
     if schema.META not in groups or schema.MR not in groups:
         raise StoreError(f"{store_path} has no MR and meta-analysis results yet; run `deepmr run` to the end first")
-    outputs = Path(outputs) if outputs is not None else Path(store_path).with_suffix("")
-    out = Path(out) if out is not None else outputs / "report.html"
+    if not isinstance(outputs, Outputs):
+        outputs = Outputs(*normalize(str(outputs) if outputs is not None else sibling(store_path), storage_options))
     sections = [
         _section("Global causal effects", _global_table(groups[schema.META], store_path)),
         _section("Figures", _figures(groups, outputs)),
         _section("Loci", _loci(groups)),
-        _section("Store contents", _contents(store_path, groups)),
+        _section("Store contents", _contents(store_path, groups, storage_options)),
         _section("Run", _run_facts(groups[schema.ISM], outputs)),
         _section("Software", _versions(groups[schema.ISM])),
     ]
@@ -86,9 +99,12 @@ def write_report(store_path: str, out: str | Path | None = None, *, outputs: str
         + "".join(sections)
         + "</body></html>\n"
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(document)
-    return out
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(document)
+        return Path(out)
+    outputs.write_bytes("report.html", document.encode())
+    return outputs.local / "report.html" if outputs.local is not None else outputs.url("report.html")
 
 
 # --------------------------------------------------------------------------- sections
@@ -103,7 +119,7 @@ def _global_table(global_: xr.Dataset, store_path: str) -> str:
     return body + note
 
 
-def _figures(groups: dict[str, xr.Dataset], outputs: Path) -> str:
+def _figures(groups: dict[str, xr.Dataset], outputs: Outputs) -> str:
     global_, local = groups[schema.META], groups[schema.MR]
     parts = []
     for method in global_["method"].values:
@@ -119,9 +135,8 @@ def _figures(groups: dict[str, xr.Dataset], outputs: Path) -> str:
                 rule=local.attrs["instrument_rule"], threshold=local.attrs["instrument_threshold"],
             )
             parts.append(_img(fig, f"MR scatter, {pair}, locus {locus} (most instruments), {egger[0]}"))
-    spacing = outputs / "spacing.csv"
-    if spacing.exists():
-        table = pd.read_csv(spacing)
+    if outputs.exists("spacing.csv"):
+        table = pd.read_csv(io.BytesIO(outputs.read_bytes("spacing.csv")))
         method = str(table["method"].iloc[0]) if "method" in table else None
         parts.append(_img(spacing_heatmap(table, method=method), "Global CE by motif spacing"))
     return "".join(parts)
@@ -147,11 +162,11 @@ def _loci(groups: dict[str, xr.Dataset]) -> str:
     return "".join(parts)
 
 
-def _contents(store_path: str, groups: dict[str, xr.Dataset]) -> str:
-    root = Path(store_path)
+def _contents(store_path: str, groups: dict[str, xr.Dataset], storage_options: Mapping[str, Any] | None) -> str:
+    fs, root = filesystem(store_path, storage_options)
     rows = []
     for name, ds in groups.items():
-        on_disk = sum(p.stat().st_size for p in (root / name).rglob("*") if p.is_file()) if root.is_dir() else float("nan")
+        on_disk = fs.du(f"{root}/{name}")
         rows.append({
             "group": name,
             "dims": ", ".join(f"{k}={v}" for k, v in ds.sizes.items()),
@@ -162,15 +177,13 @@ def _contents(store_path: str, groups: dict[str, xr.Dataset]) -> str:
     return pd.DataFrame(rows).to_html(index=False, float_format=lambda v: f"{v:,.2f}", border=0)
 
 
-def _run_facts(ism: xr.Dataset, outputs: Path) -> str:
+def _run_facts(ism: xr.Dataset, outputs: Outputs) -> str:
     provenance = {k: v for k, v in ism.attrs.items() if k != FINGERPRINT_ATTR}
     parts = [f"<h3>ISM provenance</h3><pre>{html.escape(json.dumps(provenance, indent=2, default=str))}</pre>"]
-    config = outputs / "pipeline.yaml"
-    if config.exists():
-        parts.append(f"<h3>Pipeline config</h3><pre>{html.escape(config.read_text())}</pre>")
-    timings = outputs / "timings.json"
-    if timings.exists():
-        seconds = json.loads(timings.read_text())
+    if outputs.exists("pipeline.yaml"):
+        parts.append(f"<h3>Pipeline config</h3><pre>{html.escape(outputs.read_bytes('pipeline.yaml').decode())}</pre>")
+    if outputs.exists("timings.json"):
+        seconds = json.loads(outputs.read_bytes("timings.json"))
         frame = pd.DataFrame({"stage": list(seconds), "seconds": list(seconds.values())})
         parts.append("<h3>Timings</h3>" + frame.to_html(index=False, float_format=lambda v: f"{v:.1f}", border=0))
     return "".join(parts)

@@ -10,10 +10,15 @@ exactly the stages downstream of it. A stage whose recorded fingerprint equals
 the new one is not run; its result is opened from the store.
 
 - A group stage's result is written by :func:`deepmr_dist.io.store.write_group`,
-  which records the fingerprint once every chunk is written.
+  which writes it under a staging name and swaps it in, fingerprint included,
+  only once every chunk is written: a stage that fails leaves the previous group.
 - ``ism`` keeps its own per-chunk ``complete`` ledger
   (:func:`deepmr_dist.stages.predict.predict` resumes chunk by chunk), so the
-  runner always calls it.
+  runner always calls it; before anything reads its predictions, the runner
+  verifies them (:func:`deepmr_dist.io.verify.verify_ism`: listing and sizes, or
+  every checksum with ``verify="full"``) and has damaged chunks recomputed.
+- The whole run holds the store's lease (:func:`deepmr_dist.io.lock.lock`): a
+  second writer of the same store is refused.
 - Stages without a group (the trained members) record their fingerprints in
   ``stages.json`` in the output folder.
 - ``outputs`` (the tables, the resolved config, the timings and the report)
@@ -31,22 +36,25 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pandas as pd
 import xarray as xr
 
 from deepmr_dist import schema
+from deepmr_dist.errors import StoreError
 from deepmr_dist.io import store
+from deepmr_dist.io.location import check_reachable, normalize
+from deepmr_dist.io.lock import DEFAULT_LOCK_TIMEOUT, lock
+from deepmr_dist.io.verify import mark_incomplete, verify_ism
 from deepmr_dist.models.ensemble import ModelSpec, load_members
 from deepmr_dist.pipeline.config import PipelineConfig
 from deepmr_dist.pipeline.config_types import dump_config
-from deepmr_dist.pipeline.outputs import global_table_from, local_table_from, output_directory, write_table
+from deepmr_dist.pipeline.outputs import Outputs, global_table_from, local_table_from, output_location, write_table
 from deepmr_dist.pipeline.plan import entry_points, load_sequences, member_seeds, model_spec, output_head, resolve_pairs
 from deepmr_dist.simulation.generator import one_hot, select_split
 from deepmr_dist.simulation.training import train_ensemble
@@ -74,9 +82,10 @@ class Run:
 
     config: PipelineConfig
     client: Any
-    outputs: Path
+    outputs: Outputs
     progress: bool = True
     overwrite: bool = False
+    verify: Literal["cheap", "full"] = "cheap"
     loci: xr.Dataset | None = None
     simulated: xr.Dataset | None = None
     results: dict[str, Any] = field(default_factory=dict)
@@ -86,6 +95,11 @@ class Run:
     def store(self) -> str:
         """The run store's path or URL."""
         return self.config.store
+
+    @property
+    def storage_options(self) -> dict[str, Any] | None:
+        """fsspec options of the store (None for a local one)."""
+        return self.config.storage_options or None
 
 
 @dataclass(frozen=True)
@@ -132,7 +146,8 @@ class PipelineResult:
     """
 
     store: str
-    outputs: Path
+    outputs: Path | str
+    """The output folder, or its URL where it is remote."""
     global_table: pd.DataFrame
     true_global_ce: float | None = None
     seconds: dict[str, float] = field(default_factory=dict)
@@ -151,14 +166,20 @@ def _sequences(run: Run) -> xr.Dataset:
 
 
 def _member_paths(run: Run) -> list[Path]:
-    return [run.outputs / "members" / f"member-{i}.pt" for i in range(run.config.model.members)]
+    """Where the trained members go: ``members/`` in a local output folder (training on a remote one is refused)."""
+    if run.outputs.local is None:
+        raise StoreError(
+            f"outputs {run.outputs.location}: training members (model.train_simulation) needs a local outputs folder; "
+            "set outputs: to a local or shared directory"
+        )
+    return [run.outputs.local / "members" / f"member-{i}.pt" for i in range(run.config.model.members)]
 
 
 def _train(run: Run) -> ModelSpec:
     train = select_split(run.simulated, "train", "variant")
     members = train_ensemble(
         one_hot(train["sequence"].values), train["label"].values, run.config.model.members, member_seeds(run.config),
-        client=run.client, out_dir=run.outputs / "members", settings=run.config.model.training,
+        client=run.client, out_dir=_member_paths(run)[0].parent, settings=run.config.model.training,
     )  # fmt: skip
     return ModelSpec(tuple(str(m.path) for m in members))
 
@@ -185,9 +206,10 @@ def _ism(run: Run) -> tuple[xr.Dataset, bool]:
     settings = ISMSettings(
         head=output_head(run.config), chunk_loci=run.config.ism.chunk_loci,
         mutant_batch=run.config.ism.mutant_batch, incremental=run.config.ism.incremental,
+        precision=run.config.ism.precision,
     )  # fmt: skip
     ism = predict(run.loci, run.results["model"], run.store, client=run.client, settings=settings,
-                  overwrite=run.overwrite, progress=run.progress)  # fmt: skip
+                  overwrite=run.overwrite, progress=run.progress, storage_options=run.storage_options)  # fmt: skip
     return ism, ism.attrs["predict_report"]["chunks_computed"] == 0
 
 
@@ -220,18 +242,19 @@ def _outputs(run: Run) -> pd.DataFrame:
     """The local and global CE tables (CSV and Parquet), the spacing table, the resolved config."""
     local, global_ = run.results["mr"], run.results["meta"]
     global_table = global_table_from(global_)
-    write_table(local_table_from(local), run.outputs / "local_ce")
-    write_table(global_table, run.outputs / "global_ce")
+    write_table(local_table_from(local), run.outputs, "local_ce")
+    write_table(global_table, run.outputs, "global_ce")
     if run.config.spacing is not None:
-        write_table(_spacing_table(run.config, local), run.outputs / "spacing")
-    (run.outputs / "pipeline.yaml").write_text(dump_config(run.config))
+        write_table(_spacing_table(run.config, local), run.outputs, "spacing")
+    # storage options may hold credentials: the written config leaves them out
+    run.outputs.write_bytes("pipeline.yaml", dump_config(run.config.model_copy(update={"storage_options": {}})).encode())
     return global_table
 
 
-def _report(run: Run) -> Path:
+def _report(run: Run) -> Path | str:
     from deepmr_dist.pipeline.report import write_report
 
-    return write_report(run.store, outputs=run.outputs)
+    return write_report(run.store, outputs=run.outputs, storage_options=run.storage_options)
 
 
 def _spacing_table(config: PipelineConfig, local: xr.Dataset) -> pd.DataFrame:
@@ -280,7 +303,16 @@ def stage_fingerprint(stage: Stage, run: Run) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def run_pipeline(config: PipelineConfig, *, client, progress: bool = True, overwrite: bool = False) -> PipelineResult:
+def run_pipeline(
+    config: PipelineConfig,
+    *,
+    client,
+    progress: bool = True,
+    overwrite: bool = False,
+    verify: Literal["cheap", "full"] = "cheap",
+    break_lock: bool = False,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+) -> PipelineResult:
     """Run every stage of ``config`` (:data:`STAGES`) on the cluster of ``client``, skipping unchanged ones.
 
     The store and the entry points are checked before anything runs: a store
@@ -288,36 +320,49 @@ def run_pipeline(config: PipelineConfig, *, client, progress: bool = True, overw
     its fingerprint is refused before training. ``overwrite`` is predict's: it
     replaces a deepmr store of another run, or one whose ``ism`` group is damaged.
 
+    Parameters
+    ----------
+    verify
+        How the ISM chunks are verified before a stage reads them: ``"cheap"``
+        (listing and sizes) or ``"full"`` (every chunk read and its checksum compared).
+    break_lock, lock_timeout
+        As :func:`deepmr_dist.stages.predict.predict`: the run holds the store's lease throughout.
+
     Returns
     -------
     PipelineResult
         The store, the output folder, the global CE table, every group opened
         lazily, the stages skipped and, for a simulation, the true global CE.
     """
-    store.check_overwritable(store.inspect_target(config.store), overwrite=overwrite)
+    path, options = normalize(config.store, config.storage_options)
+    config = config.model_copy(update={"store": path, "storage_options": options or {}})
+    store.check_overwritable(store.inspect_target(path, options), overwrite=overwrite)
+    check_reachable(path, options, client)
     entry_points(config)  # refuses a bad entry point by its YAML field before anything runs
-    run = Run(config=config, client=client, outputs=output_directory(config), progress=progress, overwrite=overwrite)
-    run.outputs.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
-    skipped: list[str] = []
-    for stage in STAGES:
-        if not stage.when(config):
-            continue
-        tick = time.perf_counter()
-        fingerprint = stage_fingerprint(stage, run)
-        result, reused = _run_stage(stage, run, fingerprint)
-        if stage.ledger:
-            fingerprint = store.read_fingerprint(run.store) or fingerprint
-        run.results[stage.name], run.fingerprints[stage.name] = result, fingerprint
-        seconds[stage.name] = time.perf_counter() - tick
-        if reused:
-            skipped.append(stage.name)
-        log.log(logging.INFO if progress else logging.DEBUG, "%s: %s in %.1f s", stage.name,
-                "unchanged, skipped" if reused else "done", seconds[stage.name])  # fmt: skip
-        (run.outputs / "timings.json").write_text(json.dumps(seconds, indent=1))  # the report shows those so far
+    run = Run(config=config, client=client, outputs=output_location(config), progress=progress, overwrite=overwrite,
+              verify=verify)  # fmt: skip
+    with lock(path, "deepmr run", timeout=lock_timeout, break_stale=break_lock, storage_options=options):
+        store.check_overwritable(store.inspect_target(path, options), overwrite=overwrite)  # again, under the lease
+        seconds: dict[str, float] = {}
+        skipped: list[str] = []
+        for stage in STAGES:
+            if not stage.when(config):
+                continue
+            tick = time.perf_counter()
+            fingerprint = stage_fingerprint(stage, run)
+            result, reused = _run_stage(stage, run, fingerprint)
+            if stage.ledger:
+                fingerprint = store.read_fingerprint(run.store, run.storage_options) or fingerprint
+            run.results[stage.name], run.fingerprints[stage.name] = result, fingerprint
+            seconds[stage.name] = time.perf_counter() - tick
+            if reused:
+                skipped.append(stage.name)
+            log.log(logging.INFO if progress else logging.DEBUG, "%s: %s in %.1f s", stage.name,
+                    "unchanged, skipped" if reused else "done", seconds[stage.name])  # fmt: skip
+            run.outputs.write_bytes("timings.json", json.dumps(seconds, indent=1).encode())  # the report shows those so far
     truth = run.results.get("truth")
     return PipelineResult(
-        store=config.store, outputs=run.outputs, global_table=run.results["outputs"],
+        store=config.store, outputs=run.outputs.local or run.outputs.location, global_table=run.results["outputs"],
         true_global_ce=None if truth is None else float(truth["global_true_ce"]), seconds=seconds, skipped=skipped,
         datasets={s.group: run.results[s.name] for s in STAGES if s.group and s.name in run.results},
         simulated=run.simulated, members=run.results["model"],
@@ -327,11 +372,17 @@ def run_pipeline(config: PipelineConfig, *, client, progress: bool = True, overw
 def _run_stage(stage: Stage, run: Run, fingerprint: str) -> tuple[Any, bool]:
     """The stage's result and whether it was reused (its recorded fingerprint equals ``fingerprint``)."""
     if stage.ledger:
-        return stage.compute(run)
+        return _verified_ism(stage, run)
     if stage.group is not None:
-        if store.stage_fingerprint(run.store, stage.group) == fingerprint:
-            return xr.open_zarr(run.store, group=stage.group, consolidated=False), True
-        return store.write_group(run.store, stage.compute(run), stage.group, fingerprint=fingerprint), False
+        if store.stage_fingerprint(run.store, stage.group, run.storage_options) == fingerprint:
+            return xr.open_zarr(run.store, group=stage.group, consolidated=False, storage_options=run.storage_options), True
+        try:
+            return store.write_group(run.store, stage.compute(run), stage.group, fingerprint=fingerprint,
+                                     storage_options=run.storage_options), False  # fmt: skip
+        except Exception:
+            if "ism" in stage.after:  # a damaged chunk that the verification before could not see
+                verify_ism(run.store, full=True, storage_options=run.storage_options).raise_if_damaged()
+            raise
     if stage.load is not None:
         recorded = _ledger(run.outputs)
         if recorded.get(stage.name) == fingerprint and (result := stage.load(run)) is not None:
@@ -342,14 +393,23 @@ def _run_stage(stage: Stage, run: Run, fingerprint: str) -> tuple[Any, bool]:
     return stage.compute(run), False
 
 
-def _ledger(outputs: Path) -> dict[str, str]:
-    path = outputs / LEDGER
-    return json.loads(path.read_text()) if path.exists() else {}
+def _verified_ism(stage: Stage, run: Run) -> tuple[Any, bool]:
+    """Run the ISM stage, verify its chunks (``run.verify``) and, if some are damaged, have exactly those recomputed."""
+    result, reused = stage.compute(run)
+    verification = verify_ism(run.store, full=run.verify == "full", storage_options=run.storage_options)
+    if verification.ok:
+        return result, reused
+    log.warning("%s; recomputing those chunks", verification.summary())
+    mark_incomplete(run.store, verification, run.storage_options)
+    result, _ = stage.compute(run)
+    verify_ism(run.store, full=run.verify == "full", storage_options=run.storage_options).raise_if_damaged()
+    return result, False
 
 
-def _record(outputs: Path, name: str, fingerprint: str) -> None:
-    """Record a group-less stage's fingerprint, replacing the ledger atomically."""
-    recorded = {**_ledger(outputs), name: fingerprint}
-    partial = outputs / (LEDGER + ".partial")
-    partial.write_text(json.dumps(recorded, indent=1))
-    os.replace(partial, outputs / LEDGER)
+def _ledger(outputs: Outputs) -> dict[str, str]:
+    return json.loads(outputs.read_bytes(LEDGER)) if outputs.exists(LEDGER) else {}
+
+
+def _record(outputs: Outputs, name: str, fingerprint: str) -> None:
+    """Record a group-less stage's fingerprint, replacing the ledger whole (see :meth:`Outputs.write_bytes`)."""
+    outputs.write_bytes(LEDGER, json.dumps({**_ledger(outputs), name: fingerprint}, indent=1).encode())

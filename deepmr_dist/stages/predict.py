@@ -27,9 +27,13 @@ from distributed import Client, as_completed
 
 from deepmr_dist import __version__, schema
 from deepmr_dist.io import store
+from deepmr_dist.io.location import check_reachable, normalize
+from deepmr_dist.io.lock import DEFAULT_LOCK_TIMEOUT, lock
+from deepmr_dist.io.verify import mark_incomplete, verify_ism
 from deepmr_dist.cluster import MODEL_CACHE, task_resources, worker_device
 from deepmr_dist.errors import DeepMRError, ModelOutputError, StoreError
-from deepmr_dist.ism.engine import make_runner, saturation_mutagenesis
+from deepmr_dist.ism.engine import make_ensemble_runners, saturation_mutagenesis
+from deepmr_dist.ism.precision import check_precision
 from deepmr_dist.models.ensemble import ModelSpec, fingerprint, load_members, member_names
 from deepmr_dist.models.heads import OutputHead
 from deepmr_dist.io.sequence import N_CODE, codes_to_onehot
@@ -52,14 +56,19 @@ class ISMSettings:
         Mutants per forward pass on the device.
     incremental
         Recompute only the positions a mutation touches where the model allows it (exact either way).
+    precision
+        ``fp32`` (default), ``tf32``, ``bf16`` or ``fp16`` (:mod:`deepmr_dist.ism.precision`; the
+        last three change predictions by more than float32 round-off; ``tf32`` and ``fp16`` need CUDA).
     """
 
     head: OutputHead = OutputHead()
     chunk_loci: int = 16
     mutant_batch: int = 2048
     incremental: bool = True
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
+        check_precision(self.precision)
         if self.chunk_loci < 1:
             raise DeepMRError(f"chunk size must be >= 1 locus, got {self.chunk_loci}")
         if self.mutant_batch < 1:
@@ -92,7 +101,7 @@ def _ensemble(spec: ModelSpec, model_fp: str, length: int, incremental: bool, he
     device = worker_device()
 
     def load() -> list[Any]:
-        return [make_runner(m, length, incremental=incremental, head=head) for m in load_members(spec, device)]
+        return make_ensemble_runners(load_members(spec, device), length, incremental=incremental, head=head)
 
     return MODEL_CACHE.get((model_fp, str(device), length, incremental, head.output_index), load)
 
@@ -124,24 +133,28 @@ def predict_chunk(
     model_fp: str,
     settings: ISMSettings,
     storage_options: Mapping[str, Any] | None = None,
+    run_fp: str | None = None,
 ) -> int | DeepMRError:
-    """Dask task: predict loci ``start:stop`` of the store at ``path`` and write them.
+    """Dask task: predict loci ``start:stop`` of the store at ``path`` and write them with their checksums.
 
     Returns the number of loci written, or the :class:`DeepMRError` that
-    stopped the chunk (bad model output, unreadable store): such errors are
-    deterministic, so they come back as values for the client to raise instead
-    of being retried by Dask. Torch uses the worker's thread setting (Dask
-    workers start with ``OMP_NUM_THREADS=1``).
+    stopped the chunk (bad model output, unreadable store, a store replaced by
+    another run than ``run_fp``): such errors are deterministic, so they come
+    back as values for the client to raise instead of being retried by Dask.
+    Torch uses the worker's thread setting (Dask workers start with
+    ``OMP_NUM_THREADS=1``).
     """
     try:
         codes = store.read_sequences(path, start, stop, storage_options)
         runners = _ensemble(spec, model_fp, codes.shape[1], settings.incremental, settings.head)
         device = worker_device()
         x = codes_to_onehot(torch.from_numpy(codes).to(device))
-        ref, mut = saturation_mutagenesis(runners, settings.head, x, mutant_batch=settings.mutant_batch)
+        ref, mut = saturation_mutagenesis(
+            runners, settings.head, x, mutant_batch=settings.mutant_batch, precision=settings.precision
+        )
         ref_np, mut_np = ref.cpu().numpy(), mut.cpu().numpy()
         check_predictions(ref_np, mut_np, codes, store.read_locus_ids(path, start, stop, storage_options))
-        store.write_ism_chunk(path, start, ref_np, mut_np, storage_options)
+        store.write_ism_chunk(path, start, ref_np, mut_np, storage_options, fingerprint=run_fp)
     except DeepMRError as err:
         return err
     return stop - start
@@ -150,13 +163,15 @@ def predict_chunk(
 def predict_in_memory(loci: xr.Dataset, spec: ModelSpec, settings: ISMSettings = ISMSettings()) -> xr.Dataset:
     """The ``ism`` group for ``loci`` computed in this process, without a cluster or a store."""
     members = load_members(spec, worker_device())
-    runners = [make_runner(m, loci.sizes["position"], incremental=settings.incremental, head=settings.head) for m in members]
+    runners = make_ensemble_runners(members, loci.sizes["position"], incremental=settings.incremental, head=settings.head)
     codes = loci["sequence"].values
     x = codes_to_onehot(torch.from_numpy(codes).to(worker_device()))
-    ref, mut = saturation_mutagenesis(runners, settings.head, x, mutant_batch=settings.mutant_batch)
+    ref, mut = saturation_mutagenesis(
+        runners, settings.head, x, mutant_batch=settings.mutant_batch, precision=settings.precision
+    )
     ref_np, mut_np = ref.cpu().numpy(), mut.cpu().numpy()
     check_predictions(ref_np, mut_np, codes, loci.locus.values)
-    tasks = settings.head.names(_n_outputs(members[0], settings.head, loci))
+    tasks = settings.head.names(_n_outputs(members[0], settings.head, loci, worker_device()))
     template = store.ism_template(loci, member_names(spec, len(members)), tasks, settings.chunk_loci)
     return template.assign(
         ref_pred=(template.ref_pred.dims, ref_np),
@@ -165,9 +180,9 @@ def predict_in_memory(loci: xr.Dataset, spec: ModelSpec, settings: ISMSettings =
     )
 
 
-def _n_outputs(member: torch.nn.Module, head: OutputHead, loci: xr.Dataset) -> int:
-    """Number of model outputs before task selection, from one reference forward pass."""
-    x = codes_to_onehot(torch.from_numpy(loci["sequence"].values[:1]).to(worker_device()))
+def _n_outputs(member: torch.nn.Module, head: OutputHead, loci: xr.Dataset, device: torch.device | str) -> int:
+    """Number of model outputs before task selection, from one reference forward pass on ``device``."""
+    x = codes_to_onehot(torch.from_numpy(loci["sequence"].values[:1]).to(device))
     with torch.inference_mode():
         raw = member(x)
     all_tasks = OutputHead(head.output_index, head.profile_axis, None, "none")(raw, 1)
@@ -175,14 +190,14 @@ def _n_outputs(member: torch.nn.Module, head: OutputHead, loci: xr.Dataset) -> i
 
 
 def validate_model(members: list[torch.nn.Module], spec: ModelSpec, head: OutputHead, loci: xr.Dataset) -> list[str]:
-    """Run each member on the first locus through the head; return the task names.
+    """Run each member (on the CPU) on the first locus through the head; return the task names.
 
     Raises
     ------
     ModelOutputError
         Naming the model and member whose output does not fit the head or is not finite.
     """
-    x = codes_to_onehot(torch.from_numpy(loci["sequence"].values[:1]).to(worker_device()))
+    x = codes_to_onehot(torch.from_numpy(loci["sequence"].values[:1]))
     model = ", ".join(spec.sources)
     with torch.inference_mode():
         for i, member in enumerate(members):
@@ -194,7 +209,7 @@ def validate_model(members: list[torch.nn.Module], spec: ModelSpec, head: Output
                 raise ModelOutputError(
                     f"model {model}, member {i} predicted NaN or inf for locus {loci.locus.values[0]!r}"
                 )
-    return head.names(_n_outputs(members[0], head, loci))
+    return head.names(_n_outputs(members[0], head, loci, "cpu"))
 
 
 def run_fingerprint(model_fp: str, loci: xr.Dataset, settings: ISMSettings) -> str:
@@ -216,8 +231,16 @@ def predict(
     overwrite: bool = False,
     progress: bool = True,
     storage_options: Mapping[str, Any] | None = None,
+    break_lock: bool = False,
+    lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
 ) -> xr.Dataset:
     """Predict every locus and mutant into the run store at ``path`` on the cluster of ``client``.
+
+    The call holds the store's lease (:func:`deepmr_dist.io.lock.lock`) from
+    before it creates or resumes the store until every chunk is written. On
+    resume it first verifies the chunks marked complete (listing and sizes,
+    :func:`deepmr_dist.io.verify.verify_ism`) and recomputes the damaged ones with
+    the incomplete ones.
 
     Parameters
     ----------
@@ -238,6 +261,10 @@ def predict(
         an empty directory is used as it is.
     progress
         Show a progress bar on stderr.
+    break_lock, lock_timeout
+        Break a lease whose heartbeat is older than ``lock_timeout`` seconds
+        (a writer on another machine that died); a lease of a process of this
+        machine that is gone is broken anyway.
 
     Returns
     -------
@@ -251,36 +278,52 @@ def predict(
     StoreError
         If ``path`` holds something :func:`deepmr_dist.io.store.prepare_new_store`
         refuses to replace (checked before the model is loaded, except for a store
-        of a different run), or if chunks are still incomplete when every task has
-        returned (e.g. another process removed or replaced the store meanwhile).
+        of a different run), another writer holds its lease, its sequences are
+        damaged, or chunks are still incomplete when every task has returned.
     ModelOutputError
-        If the model's output does not fit the head or is not finite (a store created by this call is removed).
+        If the model's output does not fit the head or is not finite, or the
+        model raised on a worker.
+
+    A store this call created is removed on any error (an interrupt keeps it, to be resumed).
     """
     t0 = time.perf_counter()
+    path, storage_options = normalize(path, storage_options)
     target = store.inspect_target(path, storage_options)
     store.check_overwritable(target, overwrite=overwrite)
-    members = load_members(spec, worker_device())
+    check_reachable(path, storage_options, client)
+    members = load_members(spec, "cpu")  # validated on the CPU and freed: the GPUs are the workers'
     tasks = validate_model(members, spec, settings.head, loci)
     model_fp = fingerprint(members, spec)
+    n_members = len(members)
+    del members
     run_fp = run_fingerprint(model_fp, loci, settings)
-    created = target.fingerprint != run_fp
-    # refusals come before the try: what they refuse to touch is never cleaned up
-    keep_root = store.prepare_new_store(target, overwrite=overwrite, storage_options=storage_options) if created else False
-    try:
+    with lock(path, "deepmr predict", timeout=lock_timeout, break_stale=break_lock, storage_options=storage_options):
+        target = store.inspect_target(path, storage_options)  # again: another writer may have changed it meanwhile
+        store.check_overwritable(target, overwrite=overwrite)
+        created = target.fingerprint != run_fp
+        # refusals come before the try: what they refuse to touch is never cleaned up
+        keep_root = store.prepare_new_store(target, overwrite=overwrite, storage_options=storage_options) if created else False
         if created:
-            template = store.ism_template(loci, member_names(spec, len(members)), tasks, settings.chunk_loci)
-            store.create_store(
-                path, template, fingerprint=run_fp, attrs=_provenance(spec, model_fp, settings),
-                chunk_loci=settings.chunk_loci, storage_options=storage_options,
-            )
-        todo = store.incomplete_chunks(path, storage_options)
-        n_loci, chunk = store.ism_chunking(path, storage_options)
-        _run_chunks(client, todo, path, spec, run_fp, model_fp, settings, storage_options, progress)
-    except DeepMRError:
-        if created:
-            store.remove_store(path, storage_options, keep_root=keep_root)
-        raise
-    missing = store.incomplete_chunks(path, storage_options)
+            try:
+                template = store.ism_template(loci, member_names(spec, n_members), tasks, settings.chunk_loci)
+                store.create_store(
+                    path, template, fingerprint=run_fp, attrs=_provenance(spec, model_fp, settings),
+                    chunk_loci=settings.chunk_loci, storage_options=storage_options,
+                )
+            except BaseException:  # an interrupt too: a half-created store holds nothing to resume
+                store.remove_store(path, storage_options, keep_root=keep_root)
+                raise
+        try:
+            if not created:
+                _hand_back_damaged_chunks(path, storage_options)
+            todo = store.incomplete_chunks(path, storage_options)
+            n_loci, chunk = store.ism_chunking(path, storage_options)
+            _run_chunks(client, todo, path, spec, run_fp, model_fp, settings, storage_options, progress)
+        except Exception:
+            if created:
+                store.remove_store(path, storage_options, keep_root=keep_root)
+            raise
+        missing = store.incomplete_chunks(path, storage_options)
     if missing:
         raise StoreError(
             f"{path}: {len(missing)} chunk(s) are still incomplete after the run "
@@ -293,12 +336,20 @@ def predict(
         n_loci=n_loci,
         n_chunks=len(store.chunk_bounds(n_loci, chunk)),
         chunks_computed=len(todo),
-        mutant_predictions=n_todo_loci * len(members) * 3 * length,
+        mutant_predictions=n_todo_loci * n_members * 3 * length,
         seconds=time.perf_counter() - t0,
     )
     ism = store.open_run(path, storage_options=storage_options)[schema.ISM]
     ism.attrs["predict_report"] = asdict(report)
     return ism
+
+
+def _hand_back_damaged_chunks(path: str, storage_options: Mapping[str, Any] | None) -> None:
+    """Mark the complete chunks that are missing or of another length than written incomplete, with a warning."""
+    verification = verify_ism(path, storage_options=storage_options)
+    if not verification.ok:
+        loci = mark_incomplete(path, verification, storage_options)
+        log.warning("%s; recomputing those %d loci", verification.summary(), loci)
 
 
 def _provenance(spec: ModelSpec, model_fp: str, settings: ISMSettings) -> dict[str, Any]:
@@ -326,6 +377,11 @@ def _run_chunks(
 ) -> None:
     """Submit one task per chunk and wait for all; on failure stop every task before raising.
 
+    A task that raised on its worker (after its retry) is raised as one line naming its loci:
+    :class:`StoreError` for an ``OSError`` (a full or read-only filesystem), else
+    :class:`ModelOutputError` (the model raised); the cluster's own errors (a worker lost
+    for good) are raised as they are.
+
     Task keys name the run and the store (``ism-<sha256(run, path)>-<call>-<first locus>``),
     so concurrent runs of one model into different stores, or a rerun after a
     failure, never share a key and never receive each other's results.
@@ -347,6 +403,7 @@ def _run_chunks(
             model_fp,
             settings,
             storage_options,
+            run_fp,
             key=f"ism-{run_token}-{call_token}-{a}",
             resources=resources,
             pure=False,
@@ -354,40 +411,32 @@ def _run_chunks(
         )
         for a, b in chunks
     ]
+    bounds = {future.key: chunk for future, chunk in zip(futures, chunks)}
     total = sum(b - a for a, b in chunks)
     with tqdm(total=total, unit="locus", desc="ISM", disable=not progress, file=sys.stderr) as bar:
         try:
             for future in as_completed(futures, loop=client.loop):
-                result = future.result()
-                if isinstance(result, DeepMRError):
-                    raise result
-                bar.update(result)
-        except BaseException:
+                bar.update(_task_result(future, *bounds[future.key], spec))
+        except BaseException as stop:
+            if isinstance(stop, KeyboardInterrupt):  # the user stopped the run: distributed's complaints about
+                for name in ("distributed.scheduler", "distributed.client"):  # gathers it cancels are noise
+                    logging.getLogger(name).setLevel(logging.CRITICAL)
             client.cancel(futures)
-            _wait_until_stopped(client, [f.key for f in futures])
+            store.wait_until_stopped(client, [f.key for f in futures])
             raise
 
 
-def _wait_until_stopped(client: Client, keys: list[str], timeout: float = 120.0) -> None:
-    """Wait until no worker still runs one of ``keys`` (cancelled tasks finish their current chunk).
-
-    A cancelled task that is already executing keeps running on its worker and
-    may still write its chunk; removing a store before that would leave a
-    half-written store behind.
-    """
-    wanted = set(keys)
-    active = {"executing", "long-running", "cancelled", "resumed"}
-
-    def running(dask_worker) -> int:
-        return sum(1 for key, ts in dask_worker.state.tasks.items() if key in wanted and ts.state in active)
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            busy = sum(client.run(running).values())
-        except (OSError, TimeoutError):  # the cluster itself is going away
-            return
-        if not busy:
-            return
-        time.sleep(0.2)
-    log.warning("tasks of the failed run still running after %.0f s", timeout)
+def _task_result(future: Any, start: int, stop: int, spec: ModelSpec) -> int:
+    """The loci an ISM task wrote, or the error that stopped it, as one line (see :func:`_run_chunks`)."""
+    try:
+        result = future.result()
+    except Exception as exc:
+        if isinstance(exc, DeepMRError) or type(exc).__module__.startswith("distributed"):
+            raise
+        text = str(exc).strip().splitlines()
+        what = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+        error = StoreError if isinstance(exc, OSError) else ModelOutputError
+        raise error(f"ISM of loci {start}-{stop - 1} failed on a worker (model {', '.join(spec.sources)}): {what}") from exc
+    if isinstance(result, DeepMRError):
+        raise result
+    return result

@@ -63,31 +63,48 @@ def build_incremental_runner(
         position-local, recomputing windows would save little, or the runner
         fails its build-time check against full forward passes.
     """
-    gm = trace(member, leaves)
-    if gm is None:
-        logger.debug("incremental ISM: %s cannot be traced", type(member).__name__)
-        return None
-    example = _example(member, length)
-    try:
-        with torch.inference_mode():
-            rewrite_leaves(gm, leaves, example)
-            plan = analyse(gm, length, example, outputs, rules)
-    except Exception as err:  # noqa: BLE001 - a model we cannot analyse falls back to full recompute
-        logger.debug("incremental ISM: analysis of %s failed: %s", type(member).__name__, err)
+    plan = plan_member(member, length, outputs=outputs, leaves=leaves, rules=rules)
+    if plan is None:
         return None
     saving = saving_fraction(plan)
     if saving < MIN_SAVING:
         logger.debug("incremental ISM: %s would save only %.0f%%", type(member).__name__, 100 * saving)
         return None
     runner = IncrementalRunner(plan)
-    problem = verify(runner, member, example, outputs)
+    problem = verify(runner, member, example_input(member, length), outputs)
     if problem is not None:
         logger.warning("incremental ISM disabled for %s: %s", type(member).__name__, problem)
         return None
     return runner
 
 
-def _example(member: nn.Module, length: int) -> torch.Tensor:
+def plan_member(
+    member: nn.Module,
+    length: int,
+    *,
+    outputs: Sequence[int] | None = None,
+    leaves: Leaves = NO_LEAVES,
+    rules: Rules = RULES,
+) -> Plan | None:
+    """The incremental plan of ``member`` (arguments as :func:`build_incremental_runner`), unchecked, or ``None``.
+
+    ``None`` when the member cannot be traced or analysed (the reason at DEBUG).
+    """
+    gm = trace(member, leaves)
+    if gm is None:
+        logger.debug("incremental ISM: %s cannot be traced", type(member).__name__)
+        return None
+    example = example_input(member, length)
+    try:
+        with torch.inference_mode():
+            rewrite_leaves(gm, leaves, example)
+            return analyse(gm, length, example, outputs, rules)
+    except Exception as err:  # noqa: BLE001 - a model we cannot analyse falls back to full recompute
+        logger.debug("incremental ISM: analysis of %s failed: %s", type(member).__name__, err)
+        return None
+
+
+def example_input(member: nn.Module, length: int) -> torch.Tensor:
     """Two random one-hot sequences on the member's device and dtype, the second with an ``N``."""
     tensor = next(iter(member.parameters()), None)
     if tensor is None:
@@ -101,7 +118,36 @@ def _example(member: nn.Module, length: int) -> torch.Tensor:
 
 
 def saving_fraction(plan: Plan) -> float:
-    """The fraction of convolution / dense multiply-adds per mutant the plan avoids."""
+    """The fraction of convolution / dense multiply-adds per mutant the plan avoids.
+
+    Counts the layers computed on windows or as deltas (layers the plan runs in
+    full are left out of both sides; :func:`mutant_multiply_adds` counts them).
+    """
+    full, incremental = _windowed_multiply_adds(plan)
+    return 1 - incremental / full if full else 0.0
+
+
+def mutant_multiply_adds(plan: Plan) -> int:
+    """Convolution and dense multiply-adds per mutant under the plan, layers run in full included.
+
+    A cost to compare plans of different networks by (e.g. a fused ensemble
+    against its members); a layer run in full counts its weights times the
+    sequence length (convolutions) or once (dense layers).
+    """
+    windowed = _windowed_multiply_adds(plan)[1]
+    plain = 0
+    for step in plan.steps.values():
+        if step.kind is not Kind.PLAIN:
+            continue
+        if isinstance(step.call, nn.Conv1d):
+            plain += step.call.weight.numel() * plan.length
+        elif isinstance(step.call, nn.Module) and isinstance(getattr(step.call, "weight", None), torch.Tensor):
+            plain += step.call.weight.numel() if step.call.weight.ndim > 1 else 0
+    return windowed + plain
+
+
+def _windowed_multiply_adds(plan: Plan) -> tuple[int, int]:
+    """Multiply-adds per mutant of the layers on windows or deltas: (in full, under the plan)."""
     full = incremental = 0
     for step in plan.steps.values():
         if isinstance(step.rule, ConvRule):
@@ -113,7 +159,7 @@ def saving_fraction(plan: Plan) -> float:
                 incremental += per_column * (step.hi - step.lo)
         elif step.kind is Kind.DELTA and isinstance(step.delta, LinearRule):
             source = plan.step(step.delta.source)
-            per_column = step.delta.weight[0].numel()
+            per_column = step.delta.per_column
             full += per_column * source.length
             incremental += per_column * source.extent[1]
-    return 1 - incremental / full if full else 0.0
+    return full, incremental

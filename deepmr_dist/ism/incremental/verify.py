@@ -1,8 +1,9 @@
 """Verify: the build-time check of an incremental runner against full forward passes.
 
-Mutants at both sequence ends, in the middle and at an ``N`` column are
-predicted by the runner and by the member itself; a runner that disagrees
-beyond float rounding is not used.
+Mutants at both sequence ends, in the middle and at an ``N`` column
+(:func:`probe_mutants`) are predicted by the runner and by the member itself;
+a runner that disagrees beyond float rounding (:func:`compare_outputs`) is not
+used. The ensemble fusion (:mod:`deepmr_dist.ism.fusion`) is checked the same way.
 """
 
 from __future__ import annotations
@@ -31,10 +32,7 @@ def verify(
     ``outputs`` are the selected output elements (as in :func:`~.build.build_incremental_runner`).
     Returns a description of the first mismatch, or ``None`` if all agree.
     """
-    length = x.shape[2]
-    locus, position, base = mutation_list(x)
-    keep = torch.isin(position, torch.tensor([0, 1, length // 3, length // 2, length - 2, length - 1], device=x.device))
-    locus, position, base = locus[keep], position[keep], base[keep]
+    locus, position, base = probe_mutants(x)
     try:
         with torch.inference_mode():
             ref, cache = runner.reference(x)
@@ -43,13 +41,25 @@ def verify(
             want = _select(member(apply_mutations(x, locus, position, base)), outputs)
     except Exception as err:  # noqa: BLE001 - any failure disables the runner
         return f"{type(err).__name__}: {err}"
-    tf32 = x.is_cuda and x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
-    tolerance = VERIFY_TOLERANCE_TF32 if tf32 else VERIFY_TOLERANCE
     for name, a, b in (("reference", ref, want_ref), ("mutants", got, want)):
-        problem = _compare(a, b, tolerance)
+        problem = compare_outputs(a, b, tolerance(x))
         if problem is not None:
             return f"{name}: {problem}"
     return None
+
+
+def probe_mutants(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The mutants a build-time check predicts: every edit at both ends, a third and the middle of ``x``."""
+    length = x.shape[2]
+    locus, position, base = mutation_list(x)
+    keep = torch.isin(position, torch.tensor([0, 1, length // 3, length // 2, length - 2, length - 1], device=x.device))
+    return locus[keep], position[keep], base[keep]
+
+
+def tolerance(x: torch.Tensor) -> float:
+    """The allowed difference (relative to the output scale) for float32 work on ``x``'s device."""
+    tf32 = x.is_cuda and x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    return VERIFY_TOLERANCE_TF32 if tf32 else VERIFY_TOLERANCE
 
 
 def _select(value: Any, outputs: Sequence[int] | None) -> Any:
@@ -59,7 +69,8 @@ def _select(value: Any, outputs: Sequence[int] | None) -> Any:
     return type(value)(v if i in wanted else None for i, v in enumerate(value))
 
 
-def _compare(got: Any, want: Any, tolerance: float) -> str | None:
+def compare_outputs(got: Any, want: Any, tolerance: float) -> str | None:
+    """The first difference between two output structures beyond ``tolerance`` x the output scale, or ``None``."""
     got_leaves, want_leaves = _leaves(got), _leaves(want)
     if len(got_leaves) != len(want_leaves):
         return f"{len(got_leaves)} outputs instead of {len(want_leaves)}"

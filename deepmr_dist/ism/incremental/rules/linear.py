@@ -1,8 +1,9 @@
 """``Flatten`` / ``view`` / ``reshape`` followed by ``Linear``, computed as reference + change.
 
-The flattening is FUSED (computed for references only); the ``Linear`` gets
-a :class:`LinearRule` that multiplies each mutant's changed columns by the
-weight rows under its window.
+The flattening is FUSED (computed for references only); the ``Linear`` (or
+the :class:`~deepmr_dist.ism.fusion.ops.GroupedLinear` of a fused ensemble,
+one linear layer per block of channels) gets a :class:`LinearRule` that
+multiplies each mutant's changed columns by the weight rows under its window.
 """
 
 from __future__ import annotations
@@ -11,15 +12,16 @@ import torch
 from torch import fx, nn
 from torch.nn import functional
 
+from deepmr_dist.ism.fusion.ops import GroupedLinear
 from deepmr_dist.ism.incremental.rules.base import Context, DeltaRule, Extent, Inputs, bind
 
 
 class LinearRule(DeltaRule):
-    """``Linear`` over the flattened ``(channels, length)`` activation.
+    """``Linear`` over the flattened ``(channels, length)`` activation, in ``groups`` blocks of channels.
 
     Only the weight rows under a mutant's window see a change: mutants are
     bucketed by position and each bucket multiplies its changes by its own
-    slice of the weight (one batched matrix product).
+    slice of the weight (one batched matrix product, per group).
     """
 
     MAX_STACK = 1 << 26
@@ -31,11 +33,17 @@ class LinearRule(DeltaRule):
         self.node = node
         self.fused_input = flat
         self.source = source
-        out = weight.shape[0]
-        # (length, channels, out): row l holds the weights of column l, channels-last like the windows.
-        self.weight = weight.view(out, channels, length).permute(2, 1, 0).contiguous()
-        self.stack = self.weight.view(length, 1, -1)
+        self.groups, out = weight.shape[0], weight.shape[1]
+        self.channels = channels // self.groups
+        # (groups, length, channels, out): row l of a group holds the weights of its column l, channels-last.
+        self.weight = weight.view(self.groups, out, self.channels, length).permute(0, 3, 2, 1).contiguous()
+        self.stack = self.weight.view(self.groups, length, -1, out).transpose(0, 1)
         self.first = 0
+
+    @property
+    def per_column(self) -> int:
+        """Multiply-adds per input column."""
+        return self.groups * self.channels * self.weight.shape[3]
 
     @classmethod
     def match(cls, node: fx.Node, context: Context) -> LinearRule | None:
@@ -54,27 +62,36 @@ class LinearRule(DeltaRule):
         Rows outside the sequence get zero weights.
         """
         left, width = extent
-        length, channels, out = self.weight.shape
+        groups, length, channels, out = self.weight.shape
         pad_left, pad_right = max(0, -left), max(0, positions - 1 + left + width - length)
-        padded = self.weight.new_zeros((pad_left + length + pad_right, channels, out))
-        padded[pad_left : pad_left + length] = self.weight
-        stack = padded.as_strided((padded.shape[0] - width + 1, width * channels, out), (channels * out, out, 1))
+        padded = self.weight.new_zeros((groups, pad_left + length + pad_right, channels, out))
+        padded[:, pad_left : pad_left + length] = self.weight
+        rows = padded.shape[1]
+        stack = padded.as_strided(
+            (rows - width + 1, groups, width * channels, out), (channels * out, rows * channels * out, out, 1)
+        )
         self.stack = stack.contiguous() if stack.numel() <= self.MAX_STACK else stack
         self.first = left + pad_left
 
     def run(self, io: Inputs, extent: Extent, length: int) -> torch.Tensor:
         batch = io.batch
+        groups, width = self.groups, extent[1]
         # Columns outside the sequence meet zero weights, so finite garbage there needs no mask.
-        change = self.change(io, self.source, extent, length, mask=not io.finite).view(batch.size, -1)
+        change = self.change(io, self.source, extent, length, mask=not io.finite)
+        if groups > 1:  # (n, width, groups * channels) -> (n, groups, width * channels)
+            change = change.view(batch.size, width, groups, self.channels).transpose(1, 2)
+        change = change.reshape(batch.size, groups, width * self.channels)
         low = int(batch.position.min())
         bucket = batch.position - low
         slot = _rank_within(bucket)
         n_buckets = int(bucket.max()) + 1
-        rows = change.new_zeros((n_buckets, int(slot.max()) + 1, change.shape[1]))
-        rows[bucket, slot] = change
+        rows = change.new_zeros((n_buckets, groups, int(slot.max()) + 1, change.shape[2]))
+        rows[bucket, :, slot] = change
         start = low + self.first
-        out = torch.bmm(rows, self.stack[start : start + n_buckets])
-        return torch.add(io.reference_output(self.node)[batch.locus], out[bucket, slot])
+        weights = self.stack[start : start + n_buckets].reshape(n_buckets * groups, *self.stack.shape[2:])
+        out = torch.bmm(rows.view(n_buckets * groups, *rows.shape[2:]), weights)
+        out = out.view(n_buckets, groups, *out.shape[1:])[bucket, :, slot].reshape(batch.size, -1)
+        return torch.add(io.reference_output(self.node)[batch.locus], out)
 
 
 def fuses_flatten(node: fx.Node, context: Context) -> bool:
@@ -110,14 +127,18 @@ def _flatten_source(node: fx.Node, context: Context) -> fx.Node | None:
 
 
 def _linear_weight(node: fx.Node, context: Context) -> torch.Tensor | None:
-    """The constant weight of a ``Linear`` module or ``F.linear`` call on one input; ``None`` otherwise."""
+    """The constant weight ``(groups, out, in)`` of a ``Linear``, ``GroupedLinear`` or ``F.linear`` on one input.
+
+    ``None`` for any other node.
+    """
     module = context.module(node)
-    if isinstance(module, nn.Linear) and len(node.args) == 1 and not node.kwargs:
-        return module.weight.detach()
+    if isinstance(module, (nn.Linear, GroupedLinear)) and len(node.args) == 1 and not node.kwargs:
+        weight = module.weight.detach()
+        return weight if isinstance(module, GroupedLinear) else weight.unsqueeze(0)
     if node.op == "call_function" and node.target is functional.linear:
         weight = bind(node, ("input", "weight", "bias")).get("weight")
         if isinstance(weight, fx.Node) and not context.depends_on_input(weight):
-            return context.value(weight).detach()
+            return context.value(weight).detach().unsqueeze(0)
     return None
 
 
