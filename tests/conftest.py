@@ -140,3 +140,22 @@ def example_loci() -> xr.Dataset:
     from deepmr_dist.io.sequence import read_fasta
 
     return read_fasta(EXAMPLE_FASTA)
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_distributed_scheduler():
+    """Clear dask's ``scheduler="dask.distributed"`` setting when a test leaves it behind without a client.
+
+    Each ``Client`` pushes that setting on creation and pops it on close; clients
+    closed out of creation order (two clusters in one test) leave it set with no
+    client alive, and every later ``compute`` in the process would fail.
+    """
+    yield
+    import dask
+    from distributed import default_client
+
+    if dask.config.get("scheduler", None) in ("dask.distributed", "distributed"):
+        try:
+            default_client()
+        except ValueError:
+            dask.config.set(scheduler=None)
