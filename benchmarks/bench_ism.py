@@ -28,6 +28,15 @@ one-hot sequences by:
 (e) the forward ceiling: the members' forward passes on pre-built batches of
     the 3L mutants (the cost of full recomputation without any overhead).
 
+With ``--global-ce``, the quickstart pipeline (``pipelines/quickstart.yaml``,
+its training shortened by ``--ce-train`` / ``--ce-epochs``) runs once per
+``--precisions`` entry through ``deepmr_dist.run`` on an embedded cluster (the
+members trained once, at fp32, and reused): ISM at that precision, then
+effects, local CEs (mr) and the meta-analysis; each precision's largest absolute
+difference of ``mut_pred`` to fp32 is printed beside the change of the global CE
+of every MR method (absolute, and in units of the fp32 run's standard error).
+``--models`` with no model runs only that.
+
 Throughput is mutant predictions per second, loci x members x 3L divided by
 wall time; ratios are against (c) and (c') at the same precision (tangermeme
 runs inside the same autocast and TF32 settings). Rows run interleaved and each keeps its
@@ -37,6 +46,7 @@ count; ``--tsv`` also writes every row with them. Not part of the test suite. Us
 
     python benchmarks/bench_ism.py [--models simulation bpnet chrombpnet] [--threads 2]
         [--device cpu|cuda] [--precisions fp32 bf16 ...] [--tsv rows.tsv]
+        [--global-ce] [--ce-pipeline pipelines/quickstart.yaml] [--ce-train 1000] [--ce-epochs 5]
         [--sim-loci 200] [--sim-members 5] [--sim-batch 4096]
         [--bpnet-loci 1] [--bpnet-members 5] [--bpnet-length 1000] [--bpnet-filters 64] [--bpnet-layers 8]
         [--bpnet-trimming 0] [--bpnet-batch 512] [--sim-repeats 3] [--bpnet-repeats 1]
@@ -49,10 +59,12 @@ from __future__ import annotations
 import argparse
 import csv
 import subprocess
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -352,7 +364,72 @@ def bench(case: Case, peers: set[str], precisions: list[str], repeats: int, tsv:
         if tsv is not None:
             tsv.writerow([case.name, name, precision, processor(device), torch.get_num_threads(), device.type,
                           f"{seconds:.4f}", f"{case.predictions / seconds:.1f}", f"{peer / seconds:.3f}",
-                          f"{steady / seconds:.3f}", shown])  # fmt: skip
+                          f"{steady / seconds:.3f}", shown, "", ""])  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- global CE per precision
+
+QUICKSTART = Path(__file__).resolve().parent.parent / "pipelines" / "quickstart.yaml"
+
+
+def global_ce_per_precision(args: argparse.Namespace, tsv: csv.writer | None) -> None:
+    """The pipeline at each precision: |change of the global CE| against fp32 beside the ISM's max |error|."""
+    import numpy as np
+    import pandas as pd
+    from deepmr_dist.cluster import connect, worker_device
+    from deepmr_dist.io import store
+    from deepmr_dist.pipeline.api import load_pipeline, run
+    from deepmr_dist.pipeline.config import PipelineConfig
+    from deepmr_dist.pipeline.plan import SIMULATION_TASKS
+
+    base = load_pipeline(args.ce_pipeline).model_dump()
+    base["sequences"]["simulation"]["generator"]["n_train"] = args.ce_train
+    base["model"]["training"]["epochs"] = args.ce_epochs
+    base["report"] = False
+    precisions = ["fp32", *(p for p in args.precisions if p != "fp32")]
+    tables: dict[str, pd.DataFrame] = {}
+    mut: dict[str, np.ndarray] = {}
+    ref: dict[str, np.ndarray] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_ism_ce_") as tmp, connect("local", verbose=False) as client:
+        device = sorted(set(client.run(lambda: str(worker_device())).values()))
+        threads = sorted(set(client.run(torch.get_num_threads).values()))
+        for precision in precisions:
+            config = {**base, "store": f"{tmp}/{precision}.zarr", "outputs": None, "ism": {**base["ism"], "precision": precision}}
+            if precision != "fp32":  # the members trained by the fp32 run
+                members = sorted(str(p) for p in Path(tmp, "fp32", "members").glob("member-*.pt"))
+                config["model"] = {"sources": members}
+                config["tasks"] = {**base["tasks"], "names": list(SIMULATION_TASKS)}
+            start = time.perf_counter()
+            try:
+                result = run(PipelineConfig.model_validate(config), client=client, progress=False)
+            except Exception as err:  # noqa: BLE001 - a precision the workers cannot run is reported, not fatal
+                print(f"   {precision}: failed: {type(err).__name__}: {str(err).splitlines()[0][:100]}")
+                continue
+            tables[precision] = result.global_table.set_index("method")
+            ism = store.open_run(result.store)["ism"]
+            mut[precision], ref[precision] = ism["mut_pred"].values, ism["ref_pred"].values
+            print(f"   {precision}: pipeline {time.perf_counter() - start:.1f} s")
+    n_loci, n_members = mut["fp32"].shape[:2]
+    print(f"\n== global CE per precision: {args.ce_pipeline} (n_train {args.ce_train}, {args.ce_epochs} epochs), "
+          f"{n_loci} loci x {n_members} members")  # fmt: skip
+    print(f"   workers on {', '.join(device)} ({processor(torch.device(device[0]))}), torch threads per worker {threads}")
+    with warnings.catch_warnings():  # the reference alleles: NaN for every member
+        warnings.simplefilter("ignore", RuntimeWarning)
+        effect = np.nanmean(mut["fp32"] - ref["fp32"][:, :, None, None, :], axis=1)  # the effects' scale
+    print(f"   fp32 scale: max |mut_pred| {np.nanmax(np.abs(mut['fp32'])):.3g}, median |effect| "
+          f"{np.nanmedian(np.abs(effect)):.3g}; errors are max |mut_pred - fp32's|")  # fmt: skip
+    print(f"   {'precision':9s} {'max|mut_pred err|':>17s} {'method':12s} {'global CE':>10s} {'|change|':>10s} {'/ SE':>8s}")
+    reference = tables["fp32"]
+    for precision, table in tables.items():
+        error = float(np.nanmax(np.abs(mut[precision] - mut["fp32"])))
+        for method, row in table.iterrows():
+            change = abs(row["estimate"] - reference.loc[method, "estimate"])
+            ratio = change / reference.loc[method, "se"]
+            print(f"   {precision:9s} {error:17.3g} {method:12s} {row['estimate']:10.5g} {change:10.3g} {ratio:8.3g}")
+            if tsv is not None:
+                tsv.writerow([f"global CE, {Path(args.ce_pipeline).name}", f"(g) {method}", precision,
+                              processor(torch.device(device[0])), threads[0], device[0], "", "", "", "", f"{error:.3g}",
+                              f"{row['estimate']:.6g}", f"{change:.3g}"])  # fmt: skip
 
 
 def _tangermeme_version() -> str:
@@ -363,7 +440,8 @@ def _tangermeme_version() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=["simulation", "bpnet"], choices=["simulation", "bpnet", "chrombpnet"])
+    parser.add_argument("--models", nargs="*", default=["simulation", "bpnet"], choices=["simulation", "bpnet", "chrombpnet"],
+                        help="throughput models (none: only --global-ce)")  # fmt: skip
     parser.add_argument(
         "--peers",
         nargs="*",
@@ -375,6 +453,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "tf32", "bf16", "fp16"])
     parser.add_argument("--tsv", help="also write every row (with processor and threads) to this TSV file")
+    parser.add_argument("--global-ce", action="store_true", help="also the global CE of a pipeline at each precision")
+    parser.add_argument("--ce-pipeline", default=str(QUICKSTART), help="the pipeline of --global-ce (a simulation)")
+    parser.add_argument("--ce-train", type=int, default=1000, help="training loci of --global-ce's simulation")
+    parser.add_argument("--ce-epochs", type=int, default=5, help="training epochs of --global-ce's members")
     parser.add_argument("--sim-repeats", type=int, default=3, help="best of this many interleaved runs")
     parser.add_argument("--bpnet-repeats", type=int, default=1, help="best of this many interleaved runs (both BPNets)")
     parser.add_argument("--seed", type=int, default=0)
@@ -401,13 +483,15 @@ def main() -> None:
     tsv = csv.writer(out, delimiter="\t") if out else None
     if tsv is not None:
         tsv.writerow(["model", "method", "precision", "processor", "threads", "device", "seconds", "mutants_per_s",
-                      "vs_c", "vs_c_steady", "max_abs_err_vs_fp32"])  # fmt: skip
+                      "vs_c", "vs_c_steady", "max_abs_err_vs_fp32", "global_ce", "abs_change_global_ce_vs_fp32"])  # fmt: skip
     cases = {"simulation": (simulation_case, args.sim_repeats), "bpnet": (bpnet_case, args.bpnet_repeats),
              "chrombpnet": (chrombpnet_case, args.bpnet_repeats)}  # fmt: skip
     try:
         for model in args.models:
             build, repeats = cases[model]
             bench(build(args), peers, args.precisions, repeats, tsv)
+        if args.global_ce:
+            global_ce_per_precision(args, tsv)
     finally:
         if out is not None:
             out.close()

@@ -1,9 +1,10 @@
 """Benchmark: ``deepmr predict`` into a Zarr store on the embedded LocalCluster vs the bare ISM engine.
 
 Both sides run the same loci through the same ensemble (the paper's simulation
-CNN, 5 members by default) with the same engine (incremental where available),
-the same loci per forward call (``--chunk-loci``) and the same mutant batch,
-on the same number of cores:
+CNN, 5 members by default) with the same runners (``make_ensemble_runners``,
+as ``deepmr predict`` chooses them: fused where that is the default, incremental
+unless ``--engine full``), the same loci per forward call (``--chunk-loci``) and
+the same mutant batch, on the same number of cores:
 
 * peer, "bare engine": :func:`deepmr_dist.ism.engine.saturation_mutagenesis`
   in this one process, ``torch.set_num_threads(workers)``, no store, timed on
@@ -26,6 +27,7 @@ noise of other processes on the same cores. Not part of the test suite.
 Usage::
 
     python benchmarks/bench_predict.py [--loci 2000] [--members 5] [--workers 2] [--chunk-loci 64]
+        [--mutant-batch 2048|auto] [--engine incremental|full]
 """
 
 from __future__ import annotations
@@ -48,12 +50,16 @@ def _args() -> argparse.Namespace:
     p.add_argument("--members", type=int, default=5)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="cluster workers = bare-engine torch threads")
     p.add_argument("--chunk-loci", type=int, default=64)
-    p.add_argument("--mutant-batch", type=int, default=2048)
-    p.add_argument("--engine", choices=("auto", "incremental", "full"), default="auto")
+    p.add_argument("--mutant-batch", type=_batch, default=2048, help="mutants per forward pass, or auto")
+    p.add_argument("--engine", choices=("incremental", "full"), default="incremental")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=2, help="rounds of every measurement; the best of each is kept")
     p.add_argument("--dir", help="working directory for the store (default: a temporary one)")
     return p.parse_args()
+
+
+def _batch(text: str) -> int | str:
+    return text if text == "auto" else int(text)
 
 
 def _models_module(root: Path, members: int, length: int) -> str:
@@ -78,13 +84,13 @@ def _bare_engine(loci, spec, settings, threads: int) -> tuple[float, float, np.n
     """(wall s, CPU s of this process, mut_pred of the first chunk) of the engine loop over every chunk."""
     import torch
 
-    from deepmr_dist.ism.engine import make_runner, saturation_mutagenesis
+    from deepmr_dist.ism.engine import make_ensemble_runners, saturation_mutagenesis
     from deepmr_dist.models.ensemble import load_members
     from deepmr_dist.io.sequence import codes_to_onehot
 
     torch.set_num_threads(threads)
     members = load_members(spec, "cpu")
-    runners = [make_runner(m, loci.sizes["position"], incremental=settings.incremental) for m in members]
+    runners = make_ensemble_runners(members, loci.sizes["position"], incremental=settings.incremental, head=settings.head)
     x = codes_to_onehot(torch.from_numpy(loci["sequence"].values))
     chunk = settings.chunk_loci
     saturation_mutagenesis(runners, settings.head, x[:2], mutant_batch=settings.mutant_batch)  # warm-up
@@ -155,15 +161,7 @@ def main() -> int:
     from deepmr_dist.stages.predict import ISMSettings
     from deepmr_dist.io.sequence import sequences_dataset
 
-    if args.engine == "auto":
-        try:
-            import deepmr_dist.ism.incremental.build  # noqa: F401
-
-            incremental = True
-        except ImportError:
-            incremental = False
-    else:
-        incremental = args.engine == "incremental"
+    incremental = args.engine == "incremental"
     workdir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="bench_predict_"))
     workdir.mkdir(parents=True, exist_ok=True)
     spec = ModelSpec((_models_module(workdir, args.members, args.length),))

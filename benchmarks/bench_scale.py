@@ -178,7 +178,9 @@ def main() -> None:
     parser.add_argument("--chunk-loci", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--memory-limit", default="600MiB")
-    parser.add_argument("--predict-loci", type=int, default=96, help="loci of the predict scaling rows (0: skip them)")
+    parser.add_argument("--predict-loci", type=int, default=1024,
+                        help="loci of the predict scaling rows (0: skip them); enough that each of the 16 chunks "
+                             "outweighs a task's start-up")  # fmt: skip
     parser.add_argument("--keep", help="folder for the synthetic store (default: a temporary one, removed)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -5,8 +5,10 @@
 #   2. ISM mutants/s at each precision, ours (fused ensemble, the default) against tangermeme on the
 #      same device (its default call, and its fastISM steady state), for BPNet 64x8 at 1 kb and a
 #      ChromBPNet-sized BPNet (512 filters, 8 dilated layers, 2,114 bp in, 1 kb out);
-#   3. the wall time of `deepmr predict` of 2,000 loci x 5 BPNet 64x8 members (1 kb, counts head)
-#      through the embedded cluster (dask-cuda when installed).
+#   3. the change of the quickstart pipeline's global CE at each precision against fp32 (bench_ism.py
+#      --global-ce: ISM, effects, mr, meta through the embedded cluster), beside the ISM's max |error|;
+#   4. the wall time of `deepmr predict` of 2,000 loci x 5 BPNet 64x8 members (1 kb, counts head)
+#      through the embedded cluster (one worker per GPU, two threads: a write overlaps the next chunk).
 # Usage: benchmarks/gpu_check.sh [--smoke]
 #   --smoke: tiny sizes, on the GPU if there is one and else on the CPU (fp32 and bf16 only), in a minute or two.
 set -uo pipefail
@@ -24,23 +26,25 @@ if ((CUDA)); then DEVICE=cuda; PRECISIONS="fp32 tf32 bf16 fp16"; else DEVICE=cpu
 if ((SMOKE)); then
     BPNET=(--bpnet-loci 1 --bpnet-members 2 --bpnet-length 60 --bpnet-filters 8 --bpnet-layers 2 --bpnet-batch 128)
     CHROM=(--chrom-loci 1 --chrom-members 2 --chrom-length 80 --chrom-filters 8 --chrom-layers 3 --chrom-trimming 10 --chrom-batch 128)
+    CE=(--ce-train 300 --ce-epochs 2)
     LOCI=20 MEMBERS=2 LENGTH=60 FILTERS=8 LAYERS=2 CHUNK=10
-    T_TESTS=300 T_BPNET=120 T_CHROM=120 T_PREDICT=180
+    T_TESTS=300 T_BPNET=120 T_CHROM=120 T_CE=180 T_PREDICT=180
 else
     BPNET=(--bpnet-loci 8 --bpnet-members 5 --bpnet-length 1000 --bpnet-filters 64 --bpnet-layers 8 --bpnet-batch 2048)
     CHROM=(--chrom-loci 1 --chrom-members 2 --chrom-length 2114 --chrom-filters 512 --chrom-layers 8 --chrom-trimming 557 --chrom-batch 256)
+    CE=(--ce-train 1000 --ce-epochs 5)
     LOCI=2000 MEMBERS=5 LENGTH=1000 FILTERS=64 LAYERS=8 CHUNK=64
-    T_TESTS=45 T_BPNET=100 T_CHROM=120 T_PREDICT=200
+    T_TESTS=45 T_BPNET=90 T_CHROM=100 T_CE=60 T_PREDICT=180
 fi
 
-echo "== 1/3 GPU tests (pytest -m gpu, at most ${T_TESTS} s)" >&2
+echo "== 1/4 GPU tests (pytest -m gpu, at most ${T_TESTS} s)" >&2
 timeout "$T_TESTS" python -m pytest -q -m gpu tests/ -p no:cacheprovider >"$OUT/tests.log" 2>&1
 echo "$?" >"$OUT/tests.rc"
 tail -3 "$OUT/tests.log" >&2
 
 for model in bpnet chrombpnet; do
     if [[ $model == bpnet ]]; then SIZES=("${BPNET[@]}"); LIMIT=$T_BPNET; else SIZES=("${CHROM[@]}"); LIMIT=$T_CHROM; fi
-    echo "== 2/3 ISM throughput, $model (at most ${LIMIT} s)" >&2
+    echo "== 2/4 ISM throughput, $model (at most ${LIMIT} s)" >&2
     # shellcheck disable=SC2086 # PRECISIONS is a list of words
     timeout "$LIMIT" python benchmarks/bench_ism.py --models "$model" --device "$DEVICE" --threads "$(nproc)" \
         --precisions $PRECISIONS --peers steady --bpnet-repeats 1 "${SIZES[@]}" --tsv "$OUT/$model.tsv" \
@@ -49,7 +53,14 @@ for model in bpnet chrombpnet; do
     tail -4 "$OUT/$model.log" >&2
 done
 
-echo "== 3/3 deepmr predict, $LOCI loci x $MEMBERS members (at most ${T_PREDICT} s)" >&2
+echo "== 3/4 global CE per precision, the quickstart pipeline (at most ${T_CE} s)" >&2
+# shellcheck disable=SC2086 # PRECISIONS is a list of words
+timeout "$T_CE" python benchmarks/bench_ism.py --models --global-ce --precisions $PRECISIONS "${CE[@]}" \
+    --tsv "$OUT/ce.tsv" >"$OUT/ce.log" 2>&1
+echo "$?" >"$OUT/ce.rc"
+tail -4 "$OUT/ce.log" >&2
+
+echo "== 4/4 deepmr predict, $LOCI loci x $MEMBERS members (at most ${T_PREDICT} s)" >&2
 mkdir -p "$OUT/py"
 cat >"$OUT/py/gpu_check_models.py" <<PY
 from deepmr_dist.models.bpnet import bpnet_ensemble
@@ -98,6 +109,13 @@ for model in ("bpnet", "chrombpnet"):
         rows.append(("ISM throughput", r["model"].split(" (")[0], r["precision"], f"{float(r['mutants_per_s']):,.0f}",
                      f"{float(peer['mutants_per_s']):,.0f}" if peer else "failed", f"{float(r['vs_c']):.2f}x",
                      f"{float(r['vs_c_steady']):.2f}x", r["max_abs_err_vs_fp32"], f"{r['processor']}, {r['device']}"))
+rc = out.joinpath("ce.rc").read_text().strip()
+table = list(csv.DictReader(out.joinpath("ce.tsv").open(), delimiter="\t")) if out.joinpath("ce.tsv").exists() else []
+if not table:
+    rows.append(("global CE", "quickstart", "", "", "", "", "", "", f"rc {rc}: no rows (timed out or failed)"))
+for r in table:
+    rows.append(("global CE", r["method"][4:], r["precision"], "", "", "", "", r["max_abs_err_vs_fp32"],
+                 f"CE {r['global_ce']}, |change| vs fp32 {r['abs_change_global_ce_vs_fp32']}; {r['processor']}, {r['device']}"))
 rc = out.joinpath("predict.rc").read_text().strip()
 start, stop = map(float, out.joinpath("predict.time").read_text().split())
 line = next((l for l in out.joinpath("predict.log").read_text().splitlines() if "mutant predictions" in l), "")

@@ -3,9 +3,9 @@
 :func:`connect` yields a client of one of four kinds of cluster:
 
 - ``"local"``: an embedded cluster bound to ``host`` (127.0.0.1 by default: scheduler, workers and
-  dashboard): dask-cuda's ``LocalCUDACluster`` (one worker per GPU, each pinned through
-  ``CUDA_VISIBLE_DEVICES`` and declaring the resource ``GPU=1``) when GPUs and dask-cuda are present,
-  else a ``LocalCluster`` of single-threaded worker processes;
+  dashboard), over TLS with :class:`TLSFiles`: on a machine with CUDA one worker process per GPU
+  (each pinned through ``CUDA_VISIBLE_DEVICES`` and declaring the resource ``GPU=1``), else a
+  ``LocalCluster`` of single-threaded worker processes;
 - ``"slurm"``: dask-jobqueue's ``SLURMCluster`` of :class:`SlurmOptions` (one worker per job, the
   scheduler in this process), see :func:`make_slurm_cluster`;
 - ``scheduler_file=``: the scheduler a site started with ``dask scheduler --scheduler-file``;
@@ -14,11 +14,11 @@
 :class:`TLSFiles` (a CA, a certificate and its key, as ``dask scheduler --tls-*`` takes them) give
 the client a ``distributed.Security``; without them Dask's own config and environment apply.
 
-Whether ISM tasks request ``GPU=1`` (:func:`task_resources`) is decided once, when the client is
-made (:func:`gpu_decision`): an explicit ``gpu=True/False``, else the cluster's kind (an embedded
-cluster on a machine with CUDA, SLURM jobs with ``gpus_per_job``), else, for an existing scheduler,
-whether its workers declare ``GPU`` once ``min_workers`` of them have joined. Workers that join
-later cannot change it.
+Whether ISM tasks (and the pipeline's training tasks) request ``GPU=1`` (:func:`task_resources`) is
+decided once, when the client is made (:func:`gpu_decision`): an explicit ``gpu=True/False``, else
+the cluster's kind (an embedded cluster on a machine with CUDA, SLURM jobs with ``gpus_per_job``),
+else, for an existing scheduler, whether its workers declare ``GPU`` once ``min_workers`` of them
+have joined. Workers that join later cannot change it.
 
 Bad settings fail before anything starts, in one line: a worker or thread count
 below 1, more local workers than :data:`MAX_WORKERS_PER_CORE` per core, a
@@ -30,6 +30,7 @@ A scheduler that does not answer within ``connect_timeout`` seconds
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
@@ -43,7 +44,8 @@ from typing import Any
 
 import dask
 import torch
-from distributed import Client, LocalCluster, Security
+from distributed import Client, LocalCluster, Nanny, Scheduler, Security, SpecCluster
+from distributed.worker_memory import parse_memory_limit
 
 from deepmr_dist.errors import InputError
 
@@ -171,28 +173,48 @@ def make_slurm_cluster(options: SlurmOptions, tls: TLSFiles | None = None) -> An
 
 def _local_cluster(
     n_workers: int | None, threads_per_worker: int, memory_limit: str | float | None, host: str, tls: TLSFiles | None
-) -> Any:
-    common: dict[str, Any] = {"host": host, "dashboard_address": f"{host}:8787", "memory_limit": memory_limit}
-    if tls:
-        common.update(protocol="tls://", security=tls.security(cluster=True))
+) -> SpecCluster:
+    security = tls.security(cluster=True) if tls else Security()  # without files: Dask's config, as LocalCluster's
+    protocol = "tls://" if security.require_encryption else "tcp://"
     # Dask's nannies set MALLOC_TRIM_THRESHOLD_=65536 in workers, which halves torch's CPU speed
     # (measured with benchmarks/bench_simulation.py); the nanny reads this when it is created.
     with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
-        if not torch.cuda.is_available():
-            workers = n_workers or max(1, min(4, os.cpu_count() or 1))
-            return LocalCluster(
-                n_workers=workers, threads_per_worker=threads_per_worker, processes=True, preload=[IGNORE_SIGINT],
-                **common,
-            )
-        try:
-            from dask_cuda import LocalCUDACluster
-        except ImportError:
-            log.warning("GPUs found but dask-cuda is not installed; using one GPU worker")
-            return LocalCluster(
-                n_workers=1, threads_per_worker=1, processes=True, resources={GPU_RESOURCE: 1}, preload=[IGNORE_SIGINT],
-                **common,
-            )
-        return LocalCUDACluster(threads_per_worker=1, resources={GPU_RESOURCE: 1}, **common)
+        if torch.cuda.is_available():
+            return _gpu_cluster(torch.cuda.device_count(), memory_limit, host, protocol, security)
+        return LocalCluster(
+            n_workers=n_workers or max(1, min(4, os.cpu_count() or 1)), threads_per_worker=threads_per_worker,
+            processes=True, preload=[IGNORE_SIGINT], host=host, dashboard_address=f"{host}:8787",
+            memory_limit=memory_limit, protocol=protocol, security=security,
+        )
+
+
+GPU_WORKER_THREADS = 2
+"""Threads of an embedded GPU worker: one computing (``GPU=1``), one writing the chunk computed before."""
+
+
+def _gpu_cluster(
+    n_gpus: int, memory_limit: str | float | None, host: str, protocol: str, security: Security
+) -> SpecCluster:
+    """One worker process per GPU, named ``gpu<i>``, pinned to its GPU (``CUDA_VISIBLE_DEVICES``: the
+    i-th of this process's, e.g. a SLURM allocation's, else ``i``) and declaring ``GPU=1``, as
+    ``deploy/local_gpus.sh`` starts them; ``memory_limit="auto"`` shares the memory among the workers.
+
+    Each worker has :data:`GPU_WORKER_THREADS` threads: ISM tasks hold ``GPU=1``, so one computes at
+    a time, while the second thread writes the previous chunk's predictions
+    (:func:`deepmr_dist.stages.predict.write_chunk`), so a write overlaps the next chunk's compute."""
+    visible = [d.strip() for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    devices = (visible or [str(i) for i in range(n_gpus)])[:n_gpus]
+    memory = parse_memory_limit(memory_limit, 1, total_cores=n_gpus, logger=log)
+    common = {"host": host, "protocol": protocol, "security": security}
+    scheduler = {"cls": Scheduler, "options": {**common, "dashboard": True, "dashboard_address": f"{host}:8787"}}
+    workers = {
+        f"gpu{i}": {"cls": Nanny, "options": {
+            **common, "nthreads": GPU_WORKER_THREADS, "memory_limit": memory, "resources": {GPU_RESOURCE: 1}, "preload": [IGNORE_SIGINT],
+            "env": {"CUDA_VISIBLE_DEVICES": device}, "silence_logs": logging.WARN,
+        }}
+        for i, device in enumerate(devices)
+    }
+    return SpecCluster(workers=workers, scheduler=scheduler, security=security, silence_logs=logging.WARN)
 
 
 def check_local_settings(n_workers: int | None, threads_per_worker: int) -> None:
@@ -223,6 +245,14 @@ def _scheduler_client(
     where = f"the scheduler file {scheduler_file}" if scheduler_file else address
     if scheduler_file and not Path(scheduler_file).is_file():
         raise InputError(f"--scheduler-file {scheduler_file}: no such file (is the scheduler started with it?)")
+    scheduler_address = _scheduler_file_address(scheduler_file) if scheduler_file else address
+    if str(scheduler_address).startswith("tls://") and not _has_client_tls(security):
+        # Checked before a Client exists: one that fails in its constructor stays registered as the
+        # default client and leaves dask's ``scheduler="dask.distributed"`` set with no client behind it.
+        raise InputError(
+            f"cannot connect to {where} without TLS certificates (a tls:// scheduler); "
+            "give --tls-ca-file, --tls-cert and --tls-key"
+        )
     try:
         if scheduler_file:
             return Client(scheduler_file=scheduler_file, timeout=connect_timeout, security=security)
@@ -244,8 +274,22 @@ def _scheduler_client(
         ) from None
 
 
+def _scheduler_file_address(scheduler_file: str) -> str | None:
+    """The ``address`` a ``dask scheduler --scheduler-file`` wrote, or None where the file does not say."""
+    try:
+        return json.loads(Path(scheduler_file).read_text()).get("address")
+    except (OSError, ValueError, AttributeError):
+        return None  # distributed reports an unreadable file itself
+
+
+def _has_client_tls(security: Security | None) -> bool:
+    """Whether ``security`` (or, without one, Dask's config and environment) gives the client a TLS context."""
+    args = (security or Security()).get_connection_args("client")
+    return args.get("ssl_context") is not None
+
+
 _GPU_TASKS: weakref.WeakKeyDictionary[Client, bool] = weakref.WeakKeyDictionary()
-"""Whether ISM tasks of a client made by :func:`connect` request ``GPU=1``, decided when it was made."""
+"""Whether the GPU tasks (ISM, training) of a client made by :func:`connect` request ``GPU=1``, decided when it was made."""
 
 
 def gpu_decision(gpu: bool | None, kind: str, client: Client, slurm: SlurmOptions | None = None) -> bool:
@@ -329,7 +373,8 @@ def connect(
             raise InputError("--gpu: this machine has no CUDA GPU for the embedded cluster (use --cluster ADDRESS)")
         cluster = _local_cluster(n_workers, threads_per_worker, memory_limit, host, tls)
         client, kind = Client(cluster), "local"
-        log.debug("embedded %s of %d worker(s) on %s", type(cluster).__name__, len(cluster.workers), host)
+        log.debug("embedded %s of %d worker(s), scheduler at %s", type(cluster).__name__, len(cluster.workers),
+                  cluster.scheduler_address)
     elif scheduler_file is None and address == "slurm":
         slurm = slurm or SlurmOptions()
         cluster = make_slurm_cluster(slurm, tls)
@@ -364,7 +409,7 @@ def gpu_resources_declared(client: Client) -> bool:
 
 
 def task_resources(client: Client) -> dict[str, float] | None:
-    """Resources an ISM task requests: ``GPU=1`` as decided when :func:`connect` made ``client``.
+    """Resources an ISM or training task requests: ``GPU=1`` as decided when :func:`connect` made ``client``.
 
     For a client made elsewhere, whether a worker connected now declares ``GPU``.
     """

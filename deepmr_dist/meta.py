@@ -67,7 +67,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import optimize, stats
 
-from deepmr_dist.errors import InputError
+from deepmr_dist.errors import InputError, check_name
 
 if TYPE_CHECKING:  # pragma: no cover
     import pandas as pd
@@ -524,16 +524,8 @@ def _hksj_factor(rss: np.ndarray, k: np.ndarray, adhoc: bool) -> np.ndarray:
 
 
 def check_method(method: str) -> str:
-    """``method`` if it is one of :data:`META_METHODS` (the one check of meta-analysis method names).
-
-    Raises
-    ------
-    InputError
-        Naming the method and listing the valid ones.
-    """
-    if method not in META_METHODS:
-        raise InputError(f"unknown meta-analysis method {method!r}; valid: {', '.join(META_METHODS)}")
-    return method
+    """``method`` if it is one of :data:`META_METHODS`, else an ``InputError`` listing them (the one check)."""
+    return check_name(method, META_METHODS, "meta-analysis method")
 
 
 def _validate_options(method: str, alpha: float) -> None:

@@ -7,8 +7,7 @@ Run in the environment that passed the tests, from the repository root:
 Every installed distribution reachable from ``pyproject.toml``'s dependencies and the extras that
 ``deploy/Dockerfile`` installs (``s3``) is pinned to its installed version. Local version labels are
 dropped (torch ``2.13.0+cpu`` becomes ``2.13.0``), so the GPU image installs the same release built
-for CUDA. The ``gpu`` extra is left out: every dask-cuda release pins dask and distributed to other
-versions.
+for CUDA. dask-cuda is not a dependency (every release pins dask and distributed to other versions).
 """
 
 from __future__ import annotations

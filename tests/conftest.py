@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import signal
 import socket
-from collections.abc import Iterator
+import subprocess
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -151,11 +155,81 @@ def _no_stale_distributed_scheduler():
     client alive, and every later ``compute`` in the process would fail.
     """
     yield
+    import gc
+
     import dask
     from distributed import default_client
+    from distributed.client import _global_clients
 
+    if any(client.status != "running" for client in list(_global_clients.values())):
+        gc.collect()  # a client that failed to start is dropped here, between tests, not in the middle of a later one
     if dask.config.get("scheduler", None) in ("dask.distributed", "distributed"):
         try:
             default_client()
         except ValueError:
             dask.config.set(scheduler=None)
+
+
+# --- processes, certificates and a SLURM of this machine (tests of clusters and deploy/ recipes) ---------------
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., subprocess.Popen]]:
+    """Start processes in their own sessions (output discarded unless redirected); each one's process group is
+    stopped by its pid afterwards (SIGTERM, then SIGKILL after 15 s)."""
+    started: list[subprocess.Popen] = []
+
+    def start(argv: list[str], env: Mapping[str, str] | None = None, **kwargs) -> subprocess.Popen:
+        kwargs.setdefault("stdout", subprocess.DEVNULL)
+        kwargs.setdefault("stderr", subprocess.DEVNULL)
+        proc = subprocess.Popen(argv, env=None if env is None else dict(env), start_new_session=True, **kwargs)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in reversed(started):
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=15)
+
+
+@pytest.fixture(scope="session")
+def tls(tmp_path_factory) -> dict[str, str]:
+    """A self-signed certificate (its own CA) made with openssl: paths of ``ca.pem``, ``cert.pem``, ``key.pem``."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl not found")
+    d = tmp_path_factory.mktemp("tls")
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=deepmr-test",
+         "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
+        check=True, capture_output=True, timeout=60,
+    )
+    shutil.copy(d / "cert.pem", d / "ca.pem")
+    return {name: str(d / name) for name in ("ca.pem", "cert.pem", "key.pem")}
+
+
+SLURM_TOOLS = ("sbatch", "squeue", "scancel", "sinfo", "slurmctld", "slurmd", "munged", "mungekey")
+
+
+@pytest.fixture(scope="session")
+def single_node_slurm(tmp_path_factory) -> Iterator[dict[str, str]]:
+    """A private SLURM of this machine (deploy/slurm/single_node_test.sh) on free ports: the environment of its
+    clients (``SLURM_CONF``). Skipped where the Debian packages ``slurm-wlm munge`` are absent, or not as root."""
+    missing = [tool for tool in SLURM_TOOLS if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"no SLURM here ({', '.join(missing)} not found; apt-get install slurm-wlm munge)")
+    if os.geteuid() != 0:
+        pytest.skip("the single-node SLURM runs its daemons as root")
+    state = tmp_path_factory.mktemp("slurm")
+    env = {**os.environ, "DEEPMR_SLURM_DIR": str(state),
+           "DEEPMR_SLURMCTLD_PORT": str(free_port()), "DEEPMR_SLURMD_PORT": str(free_port())}
+    script = str(Path(__file__).resolve().parent.parent / "deploy" / "slurm" / "single_node_test.sh")
+    subprocess.run([script, "start"], env=env, check=True, capture_output=True, timeout=120)
+    try:
+        yield {**env, "SLURM_CONF": str(state / "slurm.conf")}
+    finally:
+        subprocess.run([script, "stop"], env=env, capture_output=True, timeout=120)

@@ -22,8 +22,11 @@ class S3:
 
     @property
     def storage_options(self) -> dict[str, Any]:
-        """fsspec/s3fs options for stores and files on this endpoint."""
-        return {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": self.endpoint, "region_name": "us-east-1"}}
+        """fsspec/s3fs options for stores and files on this endpoint (s3fs's listing cache left on, as users have it)."""
+        return {
+            "key": "testing", "secret": "testing",
+            "client_kwargs": {"endpoint_url": self.endpoint, "region_name": "us-east-1"},
+        }  # fmt: skip
 
     def url(self, key: str) -> str:
         """``s3://bucket/key``."""

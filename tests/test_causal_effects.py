@@ -66,7 +66,21 @@ def reference_local(ds: xr.Dataset, exposure: str, outcome: str, methods, thresh
     return out
 
 
-def test_local_ce__is_lazy_and_chunked_along_locus():
+def test_local_ce__blocks_are_whole_effects_chunks_of_about_mr_block_bytes(monkeypatch):
+    import deepmr_dist.stages.causal_effects as causal_effects
+
+    ds = make_effects()  # chunks of 4 loci
+    per_locus = 8 * ds.sizes["position"] * ds.sizes["allele"] * 3  # float64 of the pairs' 3 tasks
+    for budget, chunks in ((1, (4, 4, 1)), (8 * per_locus, (8, 1)), (causal_effects.MR_BLOCK_BYTES, (9,))):
+        monkeypatch.setattr(causal_effects, "MR_BLOCK_BYTES", budget)
+        local = local_ce(ds, pairs=PAIRS, methods=["ivw"], rule="mutation_z", threshold=2.0)
+        assert local["local_ce"].chunks[1] == chunks, budget
+
+
+def test_local_ce__is_lazy_and_chunked_along_locus(monkeypatch):
+    import deepmr_dist.stages.causal_effects as causal_effects
+
+    monkeypatch.setattr(causal_effects, "MR_BLOCK_BYTES", 1)  # one block per effects chunk
     ds = make_effects()
     local = local_ce(ds, pairs=PAIRS, methods=METHODS, rule="mutation_z", threshold=2.0)
     for name in (*LOCAL_VARIABLES, "n_instruments", "reason"):
@@ -135,6 +149,9 @@ def test_local_ce__pooled_z_uses_global_stats_like_select():
 
 
 def test_local_ce__kernel_sees_one_block_at_a_time(monkeypatch):
+    import deepmr_dist.stages.causal_effects as causal_effects
+
+    monkeypatch.setattr(causal_effects, "MR_BLOCK_BYTES", 1)  # one block per effects chunk
     ds = make_effects(n_loci=10, chunk=3)
     seen = []
     real = mr.estimate

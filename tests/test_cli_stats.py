@@ -151,7 +151,7 @@ def test_meta__rows_per_group_and_method_with_hksj_variants(tmp_path):
         np.testing.assert_allclose(got["estimate"], ref.estimate, rtol=1e-12)
         np.testing.assert_allclose(got["se"], ref.se, rtol=1e-12, equal_nan=True)
         np.testing.assert_allclose(got["tau2"], ref.tau2, rtol=1e-12)
-        assert got["reason"].tolist() == list(ref.reason)
+        assert got["reason"].fillna("").tolist() == list(ref.reason)  # no reason ('': defined) is written NA
     g2 = out[(out["group"] == "g2") & (out["method"] == "reml_hksj")].iloc[0]
     assert g2["reason"] == "hksj_needs_k2" and np.isnan(g2["se"])
 
@@ -200,14 +200,15 @@ def test_mr__help_lists_every_method(capsys):
     assert all(m in text for m in mr.METHODS), text
 
 
-def test_mr__missing_numbers_are_written_NA_as_r_writes_them(tmp_path):
+def test_mr__missing_numbers_and_empty_codes_are_written_NA_as_r_writes_them(tmp_path):
     mr_input().to_csv(tmp_path / "in.csv", index=False)
     assert main(["mr", str(tmp_path / "in.csv"), "--method", "ivw", "--out", str(tmp_path / "out.csv")]) == 0
     lines = (tmp_path / "out.csv").read_text().splitlines()
     header, first = lines[0].split(","), lines[1].split(",")
     assert first[header.index("intercept")] == TABLE_NA == "NA"  # IVW has no intercept
-    assert first[header.index("reason")] == ""  # an empty code stays empty
+    assert first[header.index("reason")] == first[header.index("note")] == TABLE_NA  # no code: missing, as a number
     assert "NaN" not in (tmp_path / "out.csv").read_text()
+    assert all(cell for line in lines for cell in line.split(","))  # no empty cell: one spelling of missing
 
 
 def test_mr__twosamplemr_harmonised_table_gives_the_native_tables_results(tmp_path):

@@ -2,7 +2,9 @@
 
 - SLURM: a private single-node SLURM (``deploy/slurm/single_node_test.sh``; skipped where the Debian
   packages ``slurm-wlm munge`` are absent) runs ``deploy/slurm_cluster.py`` with a GPU job over TLS;
-  without SLURM, the recipe's job script is run with bash against the recipe's own scheduler.
+  without SLURM, the recipe's job script is run with bash against the recipe's own scheduler, and the
+  example ``deploy/slurm/cluster.yaml`` gives the job script it describes. (``deepmr run``/``simulate``
+  with ``cluster: {kind: slurm}`` on the real SLURM: ``tests/test_cluster.py``.)
 - Kubernetes: the manifests validate against the Dask operator's CRD schema (strictly: no unknown
   fields), follow ``make_worker_spec``/``make_scheduler_spec``, and the pods' command lines (and the
   Helm chart's) run as a TLS scheduler and GPU worker on 127.0.0.1 with the Secrets' contents.
@@ -16,12 +18,11 @@ import copy
 import importlib.util
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
 import tomllib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from types import ModuleType
@@ -66,42 +67,6 @@ def _load_module(path: Path) -> ModuleType:
 
 def _yaml(name: str) -> dict:
     return yaml.safe_load((KUBERNETES / name).read_text())
-
-
-@pytest.fixture(scope="module")
-def tls(tmp_path_factory) -> dict[str, str]:
-    """A self-signed certificate (its own CA) made with openssl: paths of ca.pem, cert.pem, key.pem."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl not found")
-    d = tmp_path_factory.mktemp("tls")
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=deepmr-test",
-         "-keyout", str(d / "key.pem"), "-out", str(d / "cert.pem")],
-        check=True, capture_output=True, timeout=60,
-    )
-    shutil.copy(d / "cert.pem", d / "ca.pem")
-    return {name: str(d / name) for name in ("ca.pem", "cert.pem", "key.pem")}
-
-
-@pytest.fixture
-def spawn() -> Iterator[Callable[..., subprocess.Popen]]:
-    """Start processes in their own sessions; each one's process group is stopped by its pid afterwards."""
-    started: list[subprocess.Popen] = []
-
-    def start(argv: list[str], env: Mapping[str, str] | None = None, **kwargs) -> subprocess.Popen:
-        proc = subprocess.Popen(argv, env=None if env is None else dict(env), start_new_session=True, **kwargs)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in reversed(started):
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=15)
 
 
 def _tls_security(tls: Mapping[str, str]) -> Security:
@@ -163,27 +128,6 @@ def test_local_gpus__one_worker_per_gpu_pinned_and_declaring_gpu(tmp_path, spawn
 
 # --- SLURM ----------------------------------------------------------------------------------------
 
-SLURM_TOOLS = ("sbatch", "squeue", "scancel", "sinfo", "slurmctld", "slurmd", "munged", "mungekey")
-
-
-@pytest.fixture(scope="module")
-def single_node_slurm(tmp_path_factory) -> Iterator[dict[str, str]]:
-    """A private SLURM of this machine (deploy/slurm/single_node_test.sh) on free ports; the environment of its clients."""
-    missing = [tool for tool in SLURM_TOOLS if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"no SLURM here ({', '.join(missing)} not found; apt-get install slurm-wlm munge)")
-    if os.geteuid() != 0:
-        pytest.skip("the single-node SLURM runs its daemons as root")
-    state = tmp_path_factory.mktemp("slurm")
-    env = {**os.environ, "DEEPMR_SLURM_DIR": str(state),
-           "DEEPMR_SLURMCTLD_PORT": str(free_port()), "DEEPMR_SLURMD_PORT": str(free_port())}
-    script = str(DEPLOY / "slurm" / "single_node_test.sh")
-    subprocess.run([script, "start"], env=env, check=True, capture_output=True, timeout=120)
-    try:
-        yield {**env, "SLURM_CONF": str(state / "slurm.conf")}
-    finally:
-        subprocess.run([script, "stop"], env=env, capture_output=True, timeout=120)
-
 
 def _recipe(*options: str, deepmr: list[str], cwd: Path, env: Mapping[str, str], timeout: int) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(DEPLOY / "slurm_cluster.py"), *options, "--", *deepmr],
@@ -243,6 +187,31 @@ def test_slurm_job_script__run_with_bash_joins_as_one_gpu_worker(tmp_path, spawn
             assert client.submit(lambda: os.environ.get("DEEPMR_PROLOGUE"), resources={"GPU": 1}).result(30) == "ran"
             (local,) = client.run(lambda dask_worker: dask_worker.local_directory).values()
             assert Path(local).is_relative_to(tmp_path / "scratch")
+
+
+def test_slurm_cluster_config__the_example_file_gives_gpu_jobs_that_run_its_prologue_first():
+    pytest.importorskip("dask_jobqueue")
+    from deepmr_dist.cli import build_parser
+    from deepmr_dist.cli.cluster_options import cluster_settings
+    from deepmr_dist.cluster import make_slurm_cluster
+
+    path = DEPLOY / "slurm" / "cluster.yaml"
+    args = build_parser("run").parse_args(["run", "pipeline.yaml", "--cluster-config", str(path)])
+    options = cluster_settings(args).connect_options()  # what `deepmr run ... --cluster-config FILE` connects with
+    assert options["address"] == "slurm" and options["gpu"] is None and options["min_workers"] is None
+    slurm = replace(options["slurm"], interface="lo")  # ib0 is not on this machine
+    with make_slurm_cluster(slurm) as cluster:
+        script = cluster.job_script().splitlines()
+    for directive in ("--gres=gpu:1", "-p gpu", "-A mylab", "--cpus-per-task=4", "-t 12:00:00"):
+        assert f"#SBATCH {directive}" in script, directive
+    prologue = yaml.safe_load(path.read_text())["job_script_prologue"]
+    (worker,) = [i for i, line in enumerate(script) if "distributed.cli.dask_worker" in line]
+    assert [script.index(line) for line in prologue] == sorted(script.index(line) for line in prologue)
+    assert all(script.index(line) < worker for line in prologue)
+    command = script[worker].split()
+    assert command[:3] == ["python", "-m", "distributed.cli.dask_worker"]
+    assert command.count("--nthreads") == 1 and command[command.index("--nthreads") + 1] == "4"
+    assert " --resources GPU=1" in script[worker] and " --local-directory $TMPDIR" in script[worker]
 
 
 def test_slurm_recipe__refuses_incomplete_tls_and_a_second_cluster_option():
@@ -550,7 +519,9 @@ def test_dockerfile__pins_are_the_tested_versions_and_satisfy_pyproject():
         for line in project["optional-dependencies"][extra]:
             requirement = Requirement(line)
             assert requirement.specifier.contains(metadata.version(requirement.name)), line
-    assert "dask-cuda" not in pins
+    # dask-cuda pins other dask versions (every release to 26.10): neither the image nor any extra installs it
+    every_requirement = project["dependencies"] + [r for extra in project["optional-dependencies"].values() for r in extra]
+    assert "dask-cuda" not in pins and "dask-cuda" not in {canonicalize_name(Requirement(r).name) for r in every_requirement}
     stages = _dockerfile_stages()
     installs = [r for r in stages["base"]["run"] if "uv pip install" in r]
     assert installs and all("-e " not in r and "--editable" not in r for r in installs)

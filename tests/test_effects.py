@@ -242,3 +242,25 @@ def test_compute_effects__carries_ref_alt_and_1_based_genome_positions_lazily():
     assert list(effects["alt"].values) == list("ACGT") and list(effects["variant_chrom"].values) == ["chr1", "chrX"]
     plain = compute_effects(ism.drop_vars(["chrom", "start"]))
     assert "variant_position" not in plain.coords and "ref" in plain.coords
+
+
+@pytest.mark.parametrize("ddof", [0, 1])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_effect_moments__kernel_is_bit_identical_to_numpy_mean_and_sd_of_the_differences(ddof, dtype):
+    from deepmr_dist.ism.effect_sizes import effect_moments
+
+    rng = np.random.default_rng(7)
+    mut = rng.normal(size=(3, 5, 6, 4, 2)).astype(np.float32) * 10
+    ref = rng.normal(size=(3, 5, 2)).astype(np.float32) * 10
+    mut[0, :, 1, 2, 0] = np.nan  # a reference allele: NaN for every member
+    mut[1, 3, 4, 0, 1] = np.inf
+    mut[2, :, 0, 0, 0] = ref[2, :, 0]  # no effect in any member: effect 0, SE exactly 0
+    factor = np.array([1.0, 1.7])
+    diff = mut.astype(np.float64) - ref.astype(np.float64)[:, :, None, None, :]
+    mean = diff.mean(axis=1)
+    with np.errstate(invalid="ignore"):  # inf - inf at the infinite prediction: NaN, as in the kernel
+        sd = np.sqrt((((diff - mean[:, None]) ** 2).sum(axis=1) / (5 - ddof)).clip(min=0)) * factor
+    out = effect_moments(mut, ref, ddof=ddof, factor=factor, dtype=dtype)
+    assert out.dtype == dtype and out.shape == (2, 3, 6, 4, 2)
+    assert out[0].tobytes() == mean.astype(dtype).tobytes() and out[1].tobytes() == sd.astype(dtype).tobytes()
+    assert out[1][2, 0, 0, 0] == 0.0 and np.isnan(out[0][0, 1, 2, 0]) and np.isnan(out[1][1, 4, 0, 1])

@@ -15,6 +15,8 @@ from deepmr_dist.pipeline.config import PipelineConfig
 from deepmr_dist.pipeline.config_types import parse_config
 from deepmr_dist.pipeline.export import export
 from deepmr_dist.pipeline.runner import run_pipeline
+from deepmr_dist.schema import TABLE_NA
+from test_tables_parity import assert_same_cells, read
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +44,17 @@ def test_export_instruments__through_deepmr_mr_give_the_stores_local_ces(store, 
         rows = again[again["method"] == method].set_index("locus")
         expected = stored["local_ce"].to_series().reindex(rows.index)
         np.testing.assert_allclose(rows["estimate"].to_numpy(), expected.to_numpy(), rtol=1e-9, atol=1e-12)
+    # and every column of the run's local_ce.csv rows of the pair, under the same names, in the same order
+    again = read(tmp_path / "mr.csv").set_index(["locus", "method"])
+    run_rows = read(store.with_suffix("") / "local_ce.csv").query("pair == 'task0->task1'")
+    assert list(run_rows.columns) == ["pair", "exposure", "outcome", *again.reset_index().columns]
+    assert_same_cells(run_rows.set_index(["locus", "method"]).loc[again.index, list(again.columns)], again, rtol=1e-9, atol=1e-12)
+
+
+def test_export_local_ce__is_the_runs_local_ce_table_cell_for_cell(store, tmp_path):
+    assert main(["export", "--store", str(store), "--what", "local_ce", "--out", str(tmp_path / "local.tsv")]) == 0
+    exported = pd.read_csv(tmp_path / "local.tsv", sep="\t", na_values=[TABLE_NA], keep_default_na=False)
+    assert_same_cells(exported, read(store.with_suffix("") / "local_ce.csv"))
 
 
 def test_export_effects__tsv_and_parquet_rows_are_every_mutation(store, tmp_path):

@@ -8,17 +8,25 @@ fp32, and ``deepmr predict`` on the GPU through the embedded cluster.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 
 from conftest import EXAMPLE_CNN_ACCUMULATION, EXAMPLE_ENSEMBLE, EXAMPLE_FASTA, assert_close_fp32, assert_close_ism, reference_one_hot
 from ism_models import brute_force, needs_bpnet, random_seqs
+from deepmr_dist.errors import DeepMRError, InputError
 from deepmr_dist.ism.device import DEFAULT_MUTANT_BATCH, auto_mutant_batch, choose_mutant_batch, to_host
 from deepmr_dist.ism.engine import make_ensemble_runners, saturation_mutagenesis
 from deepmr_dist.ism.fusion.runner import FusedRunner
+from deepmr_dist.ism.mutants import mutation_list
 from deepmr_dist.models.ensemble import ModelSpec, load_members
 from deepmr_dist.models.heads import OutputHead
+from deepmr_dist.stages.predict import ISMSettings, predict
 
 CUDA = torch.device("cuda")
 
@@ -51,6 +59,78 @@ def test_auto_mutant_batch_and_to_host__on_the_cpu() -> None:
     host = to_host(mut)
     assert isinstance(host, np.ndarray) and host.dtype == np.float32
     np.testing.assert_array_equal(host, mut.numpy())
+
+
+@dataclass
+class GivenMemory:
+    """A device with ``free_bytes`` free whose probe batch costs the bytes of the outputs it returns."""
+
+    free_bytes: int
+    probes: list[list[torch.Tensor]] = field(default_factory=list)
+
+    def free(self) -> int:
+        return self.free_bytes
+
+    def peak(self, run: Callable[[], Any]) -> int:
+        outputs = run()
+        self.probes.append(outputs)
+        return sum(t.numel() * t.element_size() for t in outputs)
+
+
+def test_auto_mutant_batch__fits_the_probe_cost_into_the_given_free_memory_within_bounds() -> None:
+    members = load_members(ModelSpec((EXAMPLE_ENSEMBLE,)))
+    x = _x(random_seqs(2, 100, 5))  # 600 mutants: a probe of 256
+    (runner,) = make_ensemble_runners(members, 100, fuse=True)  # one runner of the 3 members
+    _, cache = runner.reference(x)
+    # a mutant's probe outputs: 3 members x 2 tasks of float32 = 24 bytes; 0.5 * 10^6 / 24 = 20,833 -> 20,800
+    memory = GivenMemory(10**6)
+    assert auto_mutant_batch(runner, OutputHead(), x, cache, memory) == 20_800
+    (probe,) = memory.probes
+    _, mut = saturation_mutagenesis([runner], OutputHead(), x, mutant_batch=97)
+    locus, position, base = (t[:256] for t in mutation_list(x))
+    for i, output in enumerate(probe):  # the first 256 mutants, predicted by each member
+        assert_close_fp32(output.numpy(), mut[locus, i, position, base].numpy())
+    assert auto_mutant_batch(runner, OutputHead(), x, cache, GivenMemory(1000)) == 64, "the minimum"
+    assert auto_mutant_batch(runner, OutputHead(), x, cache, GivenMemory(10**12)) == 1 << 16, "the maximum"
+
+
+def test_ism_settings__auto_mutant_batch_is_none_and_bad_batches_are_refused() -> None:
+    assert ISMSettings(mutant_batch="auto").mutant_batch is None
+    assert ISMSettings(mutant_batch="auto") == ISMSettings(mutant_batch=None) != ISMSettings()
+    for bad in (0, -1, "big", 2.5):
+        with pytest.raises(DeepMRError, match="mutant batch must be >= 1"):
+            ISMSettings(mutant_batch=bad)
+
+
+def test_predict__auto_mutant_batch_equals_an_explicit_batch_to_float32_round_off(tmp_path, client, example_loci) -> None:
+    loci = example_loci.isel(locus=slice(0, 8))
+    spec = ModelSpec((EXAMPLE_ENSEMBLE,))
+    stores = {}
+    for batch in ("auto", 97):  # auto: DEFAULT_MUTANT_BATCH on CPU workers: a chunk's 1,200 mutants in one batch
+        settings = ISMSettings(chunk_loci=4, mutant_batch=batch, incremental=False)
+        stores[batch] = predict(loci, spec, str(tmp_path / f"{batch}.zarr"), client=client, progress=False,
+                                settings=settings).load()  # fmt: skip
+    assert stores["auto"]["complete"].values.all()
+    assert_close_ism(stores["auto"], stores[97])
+
+
+def test_mutant_batch_auto__is_accepted_by_the_cli_and_the_yaml_and_counts_below_one_are_refused(tmp_path, capsys):
+    from deepmr_dist.cli import main
+    from deepmr_dist.pipeline.config import PipelineConfig
+    from deepmr_dist.pipeline.config_types import parse_config
+
+    data = {"sequences": {"fasta": "a.fa"}, "model": {"sources": ["m.pt"]}, "store": str(tmp_path / "s.zarr")}
+    assert parse_config({**data, "ism": {"mutant_batch": "auto"}}, PipelineConfig, "p.yaml").ism.mutant_batch == "auto"
+    with pytest.raises(InputError, match="mutant_batch"):
+        parse_config({**data, "ism": {"mutant_batch": 0}}, PipelineConfig, "p.yaml")
+    store = tmp_path / "auto.zarr"
+    args = ["predict", "--model", EXAMPLE_ENSEMBLE, "--fasta", str(EXAMPLE_FASTA), "--store", str(store),
+            "--n-workers", "1", "--quiet", "--mutant-batch"]  # fmt: skip
+    with pytest.raises(SystemExit):  # argparse's usage error, exit 2
+        main([*args, "many"])
+    assert "argument --mutant-batch: expected a count or 'auto', got 'many'" in capsys.readouterr().err
+    assert main([*args, "auto"]) == 0
+    assert xr.open_zarr(store, group="ism", consolidated=False)["complete"].values.all()
 
 
 # --------------------------------------------------------------------------- on a GPU

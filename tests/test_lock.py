@@ -25,6 +25,7 @@ import xarray as xr
 from deepmr_dist.errors import StoreError
 from deepmr_dist.io import store
 from deepmr_dist.io.lock import lock, LOCK_NAME, read_lease, StoreLock
+from helpers_lock import lock_held_by_a_thread
 
 HOLDER = """
 import sys, time
@@ -100,26 +101,13 @@ def test_lock__hung_holder_is_broken_only_with_break_lock_once_its_heartbeat_is_
 
 def test_lock__heartbeat_keeps_a_held_lease_fresh(tmp_path):
     path = str(tmp_path / "run.zarr")
-    held, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with lock(path, "slow writer", timeout=1.0):
-            held.set()
-            release.wait(30)
-
-    thread = threading.Thread(target=hold)
-    thread.start()
-    try:
-        held.wait(30)
+    with lock_held_by_a_thread(path, "slow writer", timeout=1.0):
         first = read_lease(path).heartbeat
         deadline = time.monotonic() + 2.5  # ten heartbeats
         while time.monotonic() < deadline:
             assert "wait for it to finish" in _refusal(path, timeout=1.0, break_stale=True)
             time.sleep(0.2)
         assert read_lease(path).heartbeat > first
-    finally:
-        release.set()
-        thread.join(30)
 
 
 def test_lock__is_reentrant_within_a_thread_and_exclusive_across_threads(tmp_path):

@@ -10,6 +10,8 @@ import pytest
 from deepmr_dist.errors import InputError
 from deepmr_dist.mr import METHODS, NOTES, REASONS, MRResult, estimate
 
+from helpers_mr import simulate
+
 EXPECTED_METHODS = (
     "ivw", "ivw_fixed", "ivw_random", "penalized_ivw", "egger", "robust_ivw", "robust_egger", "egger_paper",
     "weighted_median", "simple_median", "penalized_weighted_median", "mbe", "wald_mean", "ivw_delta", "egger_simex",
@@ -22,18 +24,14 @@ COLUMNS = [
 ]  # fmt: skip
 
 
+def _with_outliers(rng, bx, byse):
+    by = 0.4 * bx + rng.normal(0.0, 1.0, bx.shape) * byse * 1.5
+    by[rng.random(bx.shape) < 0.1] += 0.5
+    return by
+
+
 def _simulate(seed: int, n_loci: int = 12, max_k: int = 16, min_k: int = 0):
-    rng = np.random.default_rng(seed)
-    bx = rng.normal(0.0, 0.3, (n_loci, max_k))
-    bxse = rng.uniform(0.02, 0.08, (n_loci, max_k))
-    byse = rng.uniform(0.02, 0.1, (n_loci, max_k))
-    by = 0.4 * bx + rng.normal(0.0, 1.0, (n_loci, max_k)) * byse * 1.5
-    by[rng.random((n_loci, max_k)) < 0.1] += 0.5
-    k = rng.integers(min_k, max_k + 1, n_loci)
-    pad = np.arange(max_k)[None, :] >= k[:, None]
-    for a in (bx, bxse, by, byse):
-        a[pad] = np.nan
-    return bx, bxse, by, byse, k
+    return simulate(seed, n_loci, max_k, min_k, _with_outliers)
 
 
 def test_api__method_names_and_result_fields():
@@ -131,6 +129,15 @@ def test_api__bad_input_is_an_input_error():
         estimate(x, x, x, np.ones((2, 4)))
     with pytest.raises(InputError, match="n_boot"):
         estimate(x, x, x, x, methods=("mbe",), n_boot=0)
+
+
+def test_api__method_names_are_checked_together_in_order_without_repeats():
+    x = np.ones((2, 3))
+    valid = ", ".join(EXPECTED_METHODS)
+    with pytest.raises(InputError, match=rf"^unknown MR method\(s\) 'b', 'a'; valid: {valid}$"):
+        estimate(x, x, x, x, methods=("b", "ivw", "a", "b"))
+    with pytest.raises(InputError, match=rf"^no MR method given; valid: {valid}$"):
+        estimate(x, x, x, x, methods=())
 
 
 def test_wald_mean__is_mean_and_sd_of_ratios():

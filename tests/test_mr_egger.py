@@ -8,25 +8,17 @@ from scipy import stats
 
 from deepmr_dist.mr import estimate
 
+from helpers_mr import rel, simulate
 from mr_reference_data import CHD, CHDSE, LDLC, LDLCSE
 
 
+def _pleiotropic(rng, bx, byse):
+    scale = rng.choice([0.5, 2.0], (bx.shape[0], 1))  # under- and over-dispersed loci
+    return 0.05 + 0.4 * bx + rng.normal(0.0, 1.0, bx.shape) * byse * scale
+
+
 def _simulate(seed: int, n_loci: int = 30, max_k: int = 25, min_k: int = 3):
-    rng = np.random.default_rng(seed)
-    bx = rng.normal(0.0, 0.3, (n_loci, max_k))
-    bxse = rng.uniform(0.02, 0.08, (n_loci, max_k))
-    byse = rng.uniform(0.02, 0.1, (n_loci, max_k))
-    scale = rng.choice([0.5, 2.0], (n_loci, 1))  # under- and over-dispersed loci
-    by = 0.05 + 0.4 * bx + rng.normal(0.0, 1.0, (n_loci, max_k)) * byse * scale
-    k = rng.integers(min_k, max_k + 1, n_loci)
-    pad = np.arange(max_k)[None, :] >= k[:, None]
-    for a in (bx, bxse, by, byse):
-        a[pad] = np.nan
-    return bx, bxse, by, byse, k
-
-
-def _rel(a, b):
-    return float(np.max(np.abs(np.asarray(a) - np.asarray(b)) / np.maximum(np.abs(np.asarray(b)), 1e-300)))
+    return simulate(seed, n_loci, max_k, min_k, _pleiotropic)
 
 
 def test_egger__matches_statsmodels_wls_on_oriented_data():
@@ -38,16 +30,16 @@ def test_egger__matches_statsmodels_wls_on_oriented_data():
         w = byse[i, : k[i]] ** -2
         fit = sm.WLS(y, sm.add_constant(np.abs(x)), weights=w).fit()
         sigma = np.sqrt(fit.scale)
-        assert _rel(r.estimate[i], fit.params[1]) < 1e-8
-        assert _rel(r.intercept[i], fit.params[0]) < 1e-8
-        assert _rel(r.se[i], fit.bse[1] / min(1.0, sigma)) < 1e-8
-        assert _rel(r.intercept_se[i], fit.bse[0] / min(1.0, sigma)) < 1e-8
-        assert _rel(r.rse[i], sigma) < 1e-8
-        assert _rel(r.q[i], fit.ssr) < 1e-8
-        assert _rel(r.q_pvalue[i], stats.chi2.sf(fit.ssr, k[i] - 2)) < 1e-7
+        assert rel(r.estimate[i], fit.params[1]) < 1e-8
+        assert rel(r.intercept[i], fit.params[0]) < 1e-8
+        assert rel(r.se[i], fit.bse[1] / min(1.0, sigma)) < 1e-8
+        assert rel(r.intercept_se[i], fit.bse[0] / min(1.0, sigma)) < 1e-8
+        assert rel(r.rse[i], sigma) < 1e-8
+        assert rel(r.q[i], fit.ssr) < 1e-8
+        assert rel(r.q_pvalue[i], stats.chi2.sf(fit.ssr, k[i] - 2)) < 1e-7
         z = stats.norm.ppf(0.975)
-        assert _rel(r.ci_lower[i], fit.params[1] - z * r.se[i]) < 1e-8
-        assert _rel(r.pvalue[i], 2 * stats.norm.sf(abs(fit.params[1] / r.se[i]))) < 1e-8
+        assert rel(r.ci_lower[i], fit.params[1] - z * r.se[i]) < 1e-8
+        assert rel(r.pvalue[i], 2 * stats.norm.sf(abs(fit.params[1] / r.se[i]))) < 1e-8
 
 
 def test_egger__matches_lstsq():
@@ -58,7 +50,7 @@ def test_egger__matches_lstsq():
         x = bx[i, : k[i]]
         design = np.column_stack([sw, np.abs(x) * sw])
         coef, *_ = np.linalg.lstsq(design, np.sign(x) * by[i, : k[i]] * sw, rcond=None)
-        assert _rel(r.intercept[i], coef[0]) < 1e-8 and _rel(r.estimate[i], coef[1]) < 1e-8
+        assert rel(r.intercept[i], coef[0]) < 1e-8 and rel(r.estimate[i], coef[1]) < 1e-8
 
 
 def test_egger__negative_bx_is_oriented():
@@ -90,8 +82,8 @@ def test_egger__t_dist_follows_egger_bounds():
         else:
             lower = theta - tq * se
             p = 2 * stats.t.sf(abs(theta / se), k[i] - 2)
-        assert _rel(r.ci_lower[i], lower) < 1e-10
-        assert _rel(r.pvalue[i], p) < 1e-8
+        assert rel(r.ci_lower[i], lower) < 1e-10
+        assert rel(r.pvalue[i], p) < 1e-8
 
 
 def test_egger__i2gx_matches_package_formula():
@@ -102,7 +94,7 @@ def test_egger__i2gx_matches_package_formula():
         w = (sx / sy) ** -2
         v = x / sy
         q = np.sum(w * (v - np.average(v, weights=w)) ** 2)
-        assert _rel(r.i2gx[i] + 1e-300, max(0.0, (q - (k[i] - 1)) / q) + 1e-300) < 1e-10
+        assert rel(r.i2gx[i] + 1e-300, max(0.0, (q - (k[i] - 1)) / q) + 1e-300) < 1e-10
 
 
 def test_egger__vignette_ldl_chd():

@@ -9,24 +9,16 @@ from scipy import stats
 
 from deepmr_dist.mr import estimate
 
+from helpers_mr import rel, simulate
 from mr_reference_data import CHD, CHDSE, LDLC, LDLCSE
 
 
+def _dispersed(rng, bx, byse):
+    return 0.4 * bx + rng.normal(0.0, 1.0, bx.shape) * byse * rng.uniform(0.5, 2.5, (bx.shape[0], 1))
+
+
 def _simulate(seed: int, n_loci: int = 30, max_k: int = 25, min_k: int = 1):
-    rng = np.random.default_rng(seed)
-    bx = rng.normal(0.0, 0.3, (n_loci, max_k))
-    bxse = rng.uniform(0.02, 0.08, (n_loci, max_k))
-    byse = rng.uniform(0.02, 0.1, (n_loci, max_k))
-    by = 0.4 * bx + rng.normal(0.0, 1.0, (n_loci, max_k)) * byse * rng.uniform(0.5, 2.5, (n_loci, 1))
-    k = rng.integers(min_k, max_k + 1, n_loci)
-    pad = np.arange(max_k)[None, :] >= k[:, None]
-    for a in (bx, bxse, by, byse):
-        a[pad] = np.nan
-    return bx, bxse, by, byse, k
-
-
-def _rel(a, b):
-    return np.max(np.abs(np.asarray(a) - np.asarray(b)) / np.maximum(np.abs(np.asarray(b)), 1e-300))
+    return simulate(seed, n_loci, max_k, min_k, _dispersed)
 
 
 def test_ivw__matches_statsmodels_wls_per_locus():
@@ -37,18 +29,18 @@ def test_ivw__matches_statsmodels_wls_per_locus():
         fit = sm.WLS(y, x[:, None], weights=w).fit()
         sigma = np.sqrt(fit.scale)
         se_fixed = fit.bse[0] / sigma
-        assert _rel(res["ivw_fixed"].estimate[i], fit.params[0]) < 1e-8
-        assert _rel(res["ivw_fixed"].se[i], se_fixed) < 1e-8
-        assert _rel(res["ivw_random"].se[i], se_fixed * max(1.0, sigma)) < 1e-8
-        assert _rel(res["ivw_random"].rse[i], sigma) < 1e-8
+        assert rel(res["ivw_fixed"].estimate[i], fit.params[0]) < 1e-8
+        assert rel(res["ivw_fixed"].se[i], se_fixed) < 1e-8
+        assert rel(res["ivw_random"].se[i], se_fixed * max(1.0, sigma)) < 1e-8
+        assert rel(res["ivw_random"].rse[i], sigma) < 1e-8
         expected_default = se_fixed * max(1.0, sigma) if k[i] >= 4 else se_fixed
-        assert _rel(res["ivw"].se[i], expected_default) < 1e-8
+        assert rel(res["ivw"].se[i], expected_default) < 1e-8
         q = float(np.sum(w * (y - fit.params[0] * x) ** 2))
-        assert _rel(res["ivw"].q[i], q) < 1e-8
-        assert _rel(res["ivw"].q_pvalue[i], stats.chi2.sf(q, k[i] - 1)) < 1e-8
-        assert _rel(res["ivw"].i2[i] + 1e-300, max(0.0, (q - (k[i] - 1)) / q) + 1e-300) < 1e-8
+        assert rel(res["ivw"].q[i], q) < 1e-8
+        assert rel(res["ivw"].q_pvalue[i], stats.chi2.sf(q, k[i] - 1)) < 1e-8
+        assert rel(res["ivw"].i2[i] + 1e-300, max(0.0, (q - (k[i] - 1)) / q) + 1e-300) < 1e-8
         f = np.mean((bx[i, : k[i]] / bxse[i, : k[i]]) ** 2)
-        assert _rel(res["ivw"].fstat[i], f) < 1e-12
+        assert rel(res["ivw"].fstat[i], f) < 1e-12
 
 
 def test_ivw__matches_lstsq_on_sqrt_weighted_data():
@@ -57,7 +49,7 @@ def test_ivw__matches_lstsq_on_sqrt_weighted_data():
     for i in range(bx.shape[0]):
         sw = 1.0 / byse[i, : k[i]]
         coef, *_ = np.linalg.lstsq((bx[i, : k[i]] * sw)[:, None], by[i, : k[i]] * sw, rcond=None)
-        assert _rel(res.estimate[i], coef[0]) < 1e-8
+        assert rel(res.estimate[i], coef[0]) < 1e-8
 
 
 def test_ivw__normal_interval_and_pvalue():
@@ -117,8 +109,8 @@ def test_penalized_ivw__matches_direct_formula():
         est = np.sum(w * x * y) / np.sum(w * x * x)
         sigma = np.sqrt(np.sum(w * (y - est * x) ** 2) / (k[i] - 1)) if k[i] > 1 else 1.0
         se_exp = (max(1.0, sigma) if k[i] >= 4 else 1.0) / np.sqrt(np.sum(w * x * x))
-        assert _rel(r.estimate[i], est) < 1e-8
-        assert _rel(r.se[i], se_exp) < 1e-8
+        assert rel(r.estimate[i], est) < 1e-8
+        assert rel(r.se[i], se_exp) < 1e-8
         assert np.isnan(r.q[i])
 
 
@@ -137,4 +129,4 @@ def test_penalized_ivw__penalization_argument_overrides_the_package_factor():
         ratio = y / x
         pen = stats.chi2.sf(x**2 / se**2 * (ratio - np.median(ratio)) ** 2, 1)
         w = se**-2 * np.minimum(1.0, 20.0 * pen)
-        assert _rel(r.estimate[i], np.sum(w * x * y) / np.sum(w * x * x)) < 1e-8
+        assert rel(r.estimate[i], np.sum(w * x * y) / np.sum(w * x * x)) < 1e-8

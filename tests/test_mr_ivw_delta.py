@@ -21,6 +21,7 @@ from deepmr_dist.mr._data import prepare
 from deepmr_dist.mr.ivw import ivw
 from deepmr_dist.mr.ivw_delta import ivw_delta
 
+from helpers_mr import pad_ragged, rel
 from r_fixtures import R_DIR, assert_script_rewrites, num, read_csv
 
 INPUTS = R_DIR / "ivw_delta_inputs.csv"
@@ -53,10 +54,6 @@ def r_inputs() -> dict[str, tuple[np.ndarray, ...]]:
         assert [i for i, *_ in items] == list(range(1, len(items) + 1)), case
         out[case] = tuple(np.array([it[c] for it in items]) for c in range(1, 5))
     return out
-
-
-def _rel(a: float, b: float) -> float:
-    return abs(a - b) / max(abs(b), 1e-300)
 
 
 def test_fixtures__name_the_r_version_and_script():
@@ -95,7 +92,7 @@ def test_ivw_delta__matches_r_transcription_of_mr_ivw():
             if math.isnan(want):
                 assert math.isnan(got), (label, col)
                 continue
-            err = _rel(got, want)
+            err = rel(got, want)
             worst = max(worst, err)
             assert err <= RTOL, (label, col, got, want)
             checked += 1
@@ -144,9 +141,7 @@ def _simulate(seed: int, sizes: list[int], max_k: int = 12):
     bxse = rng.uniform(0.01, 0.05, (n_loci, max_k))
     byse = rng.uniform(0.02, 0.08, (n_loci, max_k))
     by = 0.4 * bx + rng.normal(0.0, 1.0, (n_loci, max_k)) * byse * rng.choice([0.5, 2.5], (n_loci, 1))
-    pad = np.arange(max_k)[None, :] >= np.asarray(sizes)[:, None]
-    for a in (bx, bxse, by, byse):
-        a[pad] = np.nan
+    pad_ragged(sizes, bx, bxse, by, byse)
     return bx, bxse, by, byse
 
 
@@ -171,10 +166,10 @@ def test_ivw_delta__matches_the_package_formula_in_numpy(model, t_dist):
             elif math.isnan(value):
                 assert math.isnan(got), (i, field)
             else:
-                assert _rel(got, value) <= RTOL, (i, field, got, value)
+                assert rel(got, value) <= RTOL, (i, field, got, value)
         if n >= 2:
-            assert _rel(res.i2[i] + 1.0, max(0.0, (want["q"] - (n - 1)) / want["q"]) + 1.0) <= RTOL
-        assert _rel(res.fstat[i], np.mean((bx[i, :n] / bxse[i, :n]) ** 2)) <= RTOL
+            assert rel(res.i2[i] + 1.0, max(0.0, (want["q"] - (n - 1)) / want["q"]) + 1.0) <= RTOL
+        assert rel(res.fstat[i], np.mean((bx[i, :n] / bxse[i, :n]) ** 2)) <= RTOL
 
 
 def test_ivw_delta__single_instrument_is_the_ratio_with_the_second_order_se():

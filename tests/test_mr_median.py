@@ -8,20 +8,12 @@ from scipy import stats
 from deepmr_dist.mr import estimate
 from deepmr_dist.mr._data import column_normals, median_inplace
 
+from helpers_mr import simulate
 from mr_reference_data import CHD, CHDSE, LDLC, LDLCSE
 
 
 def _simulate(seed: int, n_loci: int = 25, max_k: int = 30, min_k: int = 3):
-    rng = np.random.default_rng(seed)
-    bx = rng.normal(0.0, 0.3, (n_loci, max_k))
-    bxse = rng.uniform(0.02, 0.08, (n_loci, max_k))
-    byse = rng.uniform(0.02, 0.1, (n_loci, max_k))
-    by = 0.4 * bx + rng.normal(0.0, 1.0, (n_loci, max_k)) * byse
-    k = rng.integers(min_k, max_k + 1, n_loci)
-    pad = np.arange(max_k)[None, :] >= k[:, None]
-    for a in (bx, bxse, by, byse):
-        a[pad] = np.nan
-    return bx, bxse, by, byse, k
+    return simulate(seed, n_loci, max_k, min_k, lambda rng, bx, byse: 0.4 * bx + rng.normal(0.0, 1.0, bx.shape) * byse)
 
 
 def _plain_weighted_median(theta, w):

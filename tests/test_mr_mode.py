@@ -8,6 +8,7 @@ from scipy import stats
 from deepmr_dist.mr import estimate
 from deepmr_dist.mr._data import column_normals
 
+from helpers_mr import simulate
 from mr_reference_data import CHD, CHDSE, LDLC, LDLCSE
 
 
@@ -45,18 +46,14 @@ def _plain_mbe(bx, bxse, by, byse):
     return b, se, w, bw
 
 
-def _simulate(seed: int, n_loci: int = 12, max_k: int = 30, min_k: int = 3):
-    rng = np.random.default_rng(seed)
-    bx = rng.normal(0.0, 0.3, (n_loci, max_k))
-    bxse = rng.uniform(0.02, 0.08, (n_loci, max_k))
-    byse = rng.uniform(0.02, 0.1, (n_loci, max_k))
-    by = 0.4 * bx + rng.normal(0.0, 1.0, (n_loci, max_k)) * byse
+def _two_modes(rng, bx, byse):
+    by = 0.4 * bx + rng.normal(0.0, 1.0, bx.shape) * byse
     by[:, :3] += 0.3  # a second mode
-    k = rng.integers(min_k, max_k + 1, n_loci)
-    pad = np.arange(max_k)[None, :] >= k[:, None]
-    for a in (bx, bxse, by, byse):
-        a[pad] = np.nan
-    return bx, bxse, by, byse, k
+    return by
+
+
+def _simulate(seed: int, n_loci: int = 12, max_k: int = 30, min_k: int = 3):
+    return simulate(seed, n_loci, max_k, min_k, _two_modes)
 
 
 def test_mbe__matches_plain_r_density_port():

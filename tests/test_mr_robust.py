@@ -14,6 +14,7 @@ from deepmr_dist.mr._data import prepare
 from deepmr_dist.mr.robust import BB, C_CHI, C_PSI, lmrob_mm
 
 import lmrob_reference
+from helpers_mr import pad_ragged
 from mr_reference_data import CHD, CHDSE, LDLC, LDLCSE
 
 
@@ -26,9 +27,7 @@ def _simulate(seed: int, n_loci: int = 40, max_k: int = 40, min_k: int = 3, outl
     out = rng.random((n_loci, max_k)) < outliers
     by[out] += rng.normal(0.0, 0.4, out.sum())
     k = rng.integers(min_k, max_k + 1, n_loci)
-    pad = np.arange(max_k)[None, :] >= k[:, None]
-    for a in (bx, bxse, by, byse):
-        a[pad] = np.nan
+    pad_ragged(k, bx, bxse, by, byse)
     return bx, bxse, by, byse, k
 
 

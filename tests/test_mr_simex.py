@@ -32,15 +32,11 @@ from deepmr_dist.mr.simex import (
     simex_normals,
 )
 
+from helpers_mr import pad_ragged, rel
 from r_fixtures import R_DIR, assert_script_rewrites, num, read_csv
 
 R_FILES = ("simex_inputs.csv", "simex_normals.csv", "simex_results.csv")
 RTOL = 1e-10
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
-    return float(np.max(np.abs(a - b) / np.maximum(np.abs(b), 1e-300)))
 
 
 def _simulate(seed: int, sizes: list[int], max_k: int | None = None, dispersion=(0.5, 2.0)):
@@ -53,9 +49,7 @@ def _simulate(seed: int, sizes: list[int], max_k: int | None = None, dispersion=
     noise = rng.normal(0.0, 1.0, (n_loci, max_k)) * byse * rng.choice(dispersion, (n_loci, 1))
     by = 0.002 * np.sign(bx_true) + 0.5 * bx_true + noise
     bx = bx_true + bxse * rng.normal(0.0, 1.0, (n_loci, max_k))
-    pad = np.arange(max_k)[None, :] >= np.asarray(sizes)[:, None]
-    for a in (bx, bxse, by, byse):
-        a[pad] = np.nan
+    pad_ragged(sizes, bx, bxse, by, byse)
     return bx, bxse, by, byse
 
 
@@ -143,13 +137,13 @@ def test_egger_simex__equals_a_plain_loop_transcription_of_simex(lambdas):
     ref = _simex_loop(bx[0], bxse[0], by[0], byse[0], z, lambdas)
     data = prepare(bx, bxse, by, byse)
     res = egger_simex(data, n_simex=n_simex, lambdas=lambdas, seed=seed)
-    assert _rel([res.intercept[0], res.estimate[0]], ref["coef"]) < RTOL
-    assert _rel([res.intercept_se[0], res.se[0]], np.sqrt(ref["var"])) < RTOL
+    assert rel([res.intercept[0], res.estimate[0]], ref["coef"]) < RTOL
+    assert rel([res.intercept_se[0], res.se[0]], np.sqrt(ref["var"])) < RTOL
     moments = simex_moments(data, lambdas, lambda i: z[i])
-    assert _rel(moments["intercept"][:, 0], ref["estimates"][1:, 0]) < RTOL
-    assert _rel(moments["slope"][:, 0], ref["estimates"][1:, 1]) < RTOL
-    assert _rel(moments["v_intercept"][:, 0], ref["variances"][1:, 0]) < RTOL
-    assert _rel(moments["v_slope"][:, 0], ref["variances"][1:, 1]) < RTOL
+    assert rel(moments["intercept"][:, 0], ref["estimates"][1:, 0]) < RTOL
+    assert rel(moments["slope"][:, 0], ref["estimates"][1:, 1]) < RTOL
+    assert rel(moments["v_intercept"][:, 0], ref["variances"][1:, 0]) < RTOL
+    assert rel(moments["v_slope"][:, 0], ref["variances"][1:, 1]) < RTOL
 
 
 def test_extrapolation_weights__are_the_quadratic_fit_at_minus_one():
@@ -198,13 +192,13 @@ def test_egger_simex__equals_base_r_transcription_of_simex():
         res = egger_simex_from_normals(data, normals, lambdas=case["lambdas"])
         top = case["results"][-1.0]
         got = [res.estimate[0], res.intercept[0], res.se[0], res.intercept_se[0]]
-        assert _rel(got, [top["slope"], top["intercept"], top["se_slope"], top["se_intercept"]]) < RTOL, name
+        assert rel(got, [top["slope"], top["intercept"], top["se_slope"], top["se_intercept"]]) < RTOL, name
         moments = simex_moments(data, case["lambdas"], normals)
         for i, lam in enumerate(case["lambdas"]):
             want = case["results"][lam]
             for field, column in (("slope", "slope"), ("intercept", "intercept"), ("v_slope", "var_slope"),
                                   ("v_intercept", "var_intercept")):  # fmt: skip
-                assert _rel(moments[field][i, 0], want[column]) < RTOL, (name, lam, field)
+                assert rel(moments[field][i, 0], want[column]) < RTOL, (name, lam, field)
 
 
 def test_r_fixtures__are_what_the_r_script_writes_now(tmp_path):
@@ -223,16 +217,16 @@ def test_egger_simex__without_measurement_error_is_mr_egger():
     res = egger_simex(data, n_simex=50)
     assert np.all(res.reason == "")
     for field in ("estimate", "intercept", "i2gx", "fstat"):
-        assert _rel(getattr(res, field), getattr(plain, field)) < RTOL, field
+        assert rel(getattr(res, field), getattr(plain, field)) < RTOL, field
     # simex's jackknife variance extrapolates lm's covariance, sigma^2 (X'WX)^-1: MR-Egger's with its
     # residual standard error not floored at 1, so the two agree where the fit is over-dispersed
     for field in ("se", "intercept_se"):
-        assert _rel(getattr(res, field), getattr(plain, field) * plain.rse / np.maximum(1.0, plain.rse)) < RTOL
+        assert rel(getattr(res, field), getattr(plain, field) * plain.rse / np.maximum(1.0, plain.rse)) < RTOL
     over = plain.rse > 1
     assert over.any() and (~over).any()
-    assert _rel(res.se[over], plain.se[over]) < RTOL
-    assert _rel(res.ci_lower[over], plain.ci_lower[over]) < RTOL
-    assert _rel(res.intercept_pvalue[over], plain.intercept_pvalue[over]) < 1e-8
+    assert rel(res.se[over], plain.se[over]) < RTOL
+    assert rel(res.ci_lower[over], plain.ci_lower[over]) < RTOL
+    assert rel(res.intercept_pvalue[over], plain.intercept_pvalue[over]) < 1e-8
 
 
 # ------------------------------------------------------------------ (d) batch invariance, seeds

@@ -17,7 +17,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ from deepmr_dist.errors import ModelOutputError, StoreError
 from deepmr_dist.models.ensemble import ModelSpec
 from deepmr_dist.stages.predict import ISMSettings, PredictReport, predict, predict_in_memory
 from deepmr_dist.io.sequence import encode, sequences_dataset
+from helpers_packages import importable_package
 
 ENSEMBLE = ModelSpec((EXAMPLE_ENSEMBLE,))
 DROPOUT_CNN = "deepmr_dist.models.examples:simulation_cnn_with_dropout"
@@ -122,14 +122,8 @@ def slow_unless_c_run():
 @pytest.fixture(scope="module")
 def bad_models(tmp_path_factory):
     """A package ``deepmr_test_bad_models`` importable here and in worker processes started later."""
-    root = tmp_path_factory.mktemp("models")
-    pkg = root / "deepmr_test_bad_models"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text(textwrap.dedent(BAD_MODELS))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(root))
-        mp.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
-        yield "deepmr_test_bad_models"
+    with importable_package(tmp_path_factory.mktemp("models"), "deepmr_test_bad_models", BAD_MODELS) as name:
+        yield name
 
 
 @pytest.fixture(scope="module")

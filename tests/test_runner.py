@@ -18,13 +18,15 @@ from deepmr_dist import schema
 from deepmr_dist.cli import main
 from deepmr_dist.errors import InputError
 from deepmr_dist.io import store
-from deepmr_dist.io.lock import lock, read_lease
+from deepmr_dist.io.lock import read_lease
 from deepmr_dist.pipeline.outputs import output_location
 from deepmr_dist.pipeline.plan import plan
 from deepmr_dist.models.examples import simulation_ensemble
 from deepmr_dist.pipeline.config import PipelineConfig
 from deepmr_dist.pipeline.config_types import load_config, parse_config
 from deepmr_dist.pipeline.runner import LEDGER, STAGES, run_pipeline
+from helpers_config import example_config
+from helpers_lock import lock_held_by_a_thread
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -65,6 +67,14 @@ def test_stage_table__names_and_groups_are_unique_per_config_and_reads_come_afte
         assert len(groups) == len(set(groups)) and set(groups) <= set(schema.GROUPS)
         for index, stage in enumerate(present):
             assert set(stage.after) <= {"calibration"} | set(names[:index]), stage.name
+
+
+def test_stage_table__ism_makes_the_store_before_any_other_group_is_written():
+    # A store holding only a calibration group is not one predict continues: a fresh calibrated run failed at ism.
+    config = parse_config({"sequences": {"simulation": {}}, "model": {"train_simulation": True},
+                           "effects": {"calibration": True}}, PipelineConfig, "p.yaml")  # fmt: skip
+    groups = [stage.group for stage in STAGES if stage.when(config) and stage.group]
+    assert groups[0] == schema.ISM and schema.CALIBRATION in groups
 
 
 def test_run_pipeline__reruns_exactly_the_stages_downstream_of_a_change(tmp_path, client):
@@ -115,20 +125,8 @@ def test_run_pipeline__trained_members_are_reused_by_their_fingerprint_in_the_le
 # ----------------------------------------------------------------------------- whole pipelines
 
 
-def _example(tmp_path: Path, **changes) -> PipelineConfig:
-    data = {
-        "sequences": {"fasta": str(EXAMPLE_FASTA)},
-        "model": {"sources": [EXAMPLE_ENSEMBLE]},
-        "ism": {"chunk_loci": 16},
-        "mr": {"methods": ["ivw", "egger"]},
-        "store": str(tmp_path / "run.zarr"),
-        **changes,
-    }
-    return parse_config(data, PipelineConfig, "pipeline.yaml")
-
-
 def test_run_pipeline__all_pairs_from_one_pass_and_resume_skips_finished_stages(tmp_path, client):
-    config = _example(tmp_path)
+    config = example_config(tmp_path)
     dry = plan(config)
     assert (dry.n_loci, dry.length, dry.n_members) == (48, 100, 3)
     assert dry.pairs == [("task0", "task1"), ("task1", "task0")]
@@ -148,7 +146,7 @@ def test_run_pipeline__all_pairs_from_one_pass_and_resume_skips_finished_stages(
     assert mr_meta.stat().st_mtime_ns == stamp  # MR not recomputed
     pd.testing.assert_frame_equal(again.global_table, first.global_table)
 
-    changed = _example(tmp_path, mr={"methods": ["ivw", "egger", "weighted_median"], "n_boot": 50})
+    changed = example_config(tmp_path, mr={"methods": ["ivw", "egger", "weighted_median"], "n_boot": 50})
     third = run_pipeline(changed, client=client, progress=False)
     assert mr_meta.stat().st_mtime_ns != stamp  # a changed MR section reruns MR, not ISM
     assert set(third.global_table["method"]) == {"ivw", "egger", "weighted_median"}
@@ -304,7 +302,7 @@ def test_cli_run__resumes_after_the_process_is_killed_during_ism(tmp_path, clien
 
 
 def test_run_pipeline__damaged_ism_chunks_are_recomputed_exactly_and_later_stages_kept(tmp_path, client):
-    config = _example(tmp_path, report=False)
+    config = example_config(tmp_path, report=False)
     first = run_pipeline(config, client=client, progress=False)
     ism_path = Path(config.store) / "ism"
     expected = xr.open_zarr(config.store, group="ism", consolidated=False).load()
@@ -327,25 +325,10 @@ def test_run_pipeline__damaged_ism_chunks_are_recomputed_exactly_and_later_stage
 
 
 def test_run_pipeline__is_refused_while_another_writer_holds_the_store(tmp_path, client):
-    import threading
-
     from deepmr_dist.errors import StoreError
 
-    config = _example(tmp_path, report=False)
-    held, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with lock(config.store, "another run"):
-            held.set()
-            release.wait(60)
-
-    thread = threading.Thread(target=hold)
-    thread.start()
-    try:
-        held.wait(60)
+    config = example_config(tmp_path, report=False)
+    with lock_held_by_a_thread(config.store, "another run"):
         with pytest.raises(StoreError, match="is locked by another writer: another run"):
             run_pipeline(config, client=client, progress=False)
         assert not output_location(config).local.exists()  # refused before any stage
-    finally:
-        release.set()
-        thread.join(60)

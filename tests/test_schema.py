@@ -19,13 +19,30 @@ def _names(group: str) -> set[str]:
 
 
 def test_schema__mr_and_meta_groups_register_what_analysis_writes():
-    assert _names(schema.MR) == {*LOCAL_VARIABLES, "n_instruments", "reason", "note"}
+    assert _names(schema.MR) == {*LOCAL_VARIABLES, "n_instruments", "reason", "note", "n_excluded"}
     assert _names(schema.META) == {*GLOBAL_VARIABLES, "k", "n_loci_undefined", "reason", "mean_i2gx", "share_i2gx_below_0_9"}
     assert {v.dims for v in schema.variables_of(schema.MR)} == {("pair", "locus", "method")}
     assert {v.dims for v in schema.variables_of(schema.META)} == {("pair", "method")}
     for var in schema.REGISTRY:
         assert var.group in schema.GROUPS and var.description, var
         assert var.dtype == schema.TEXT or np.dtype(var.dtype), var
+
+
+def test_schema__every_variable_and_coordinate_has_names_and_units_by_the_rule():
+    """Units by the rule of the schema's docstring: none for flags, codes, checksums and text; a unit for every number."""
+    not_quantities = {"sequence", "chunk_digest"}  # base codes, a checksum
+    for var in schema.REGISTRY:
+        assert var.long_name and var.description and var.long_name != var.description, var
+        assert (var.units is None) == (var.dtype in ("bool", schema.TEXT) or var.name in not_quantities), var
+        assert set(var.attributes) == {"long_name", "description"} | ({"units"} if var.units else set())
+    assert [v.units for v in schema.variables_of(schema.MR) if v.name.startswith("local_")] == [schema.CE] * 2
+    assert schema.variable(schema.META, "i2").units == "percent" and schema.variable(schema.MR, "i2").units == "1"
+    names = [c.name for c in schema.COORDINATES]
+    assert len(names) == len(set(names)) and not set(names) & {v.name for v in schema.REGISTRY}
+    position = schema.attributes(schema.EFFECTS, "position")  # a coordinate means the same in every group
+    assert position == schema.attributes(schema.ISM, "position") and position["units"] == "bp"
+    assert schema.attributes(schema.MR, "q") == schema.variable(schema.MR, "q").attributes != schema.attributes(schema.META, "q")
+    assert schema.attributes(schema.MR, "unregistered") == {}
 
 
 def test_schema__names_shared_by_groups_are_looked_up_by_group():
@@ -88,7 +105,7 @@ def test_schema__mr_table_columns_are_the_mr_result_columns_in_order():
     from deepmr_dist.cli.mr import MR_OUTPUT_COLUMNS
     from deepmr_dist.mr.result import COLUMNS
 
-    assert list(schema.table_columns(schema.MR).values()) == list(COLUMNS[2:])
+    assert list(schema.table_columns(schema.MR).values()) == [*COLUMNS[2:], "n_excluded"]
     assert MR_OUTPUT_COLUMNS == (*COLUMNS, "n_excluded")
 
 
@@ -98,7 +115,7 @@ def test_schema__a_runs_local_table_has_deepmr_mrs_columns_and_spells_nan_NA(tmp
 
     local = local_ce(make_effects(), pairs=[("x", "y")], methods=["ivw", "egger"], rule="mutation_z", threshold=2.0)
     table = local_table_from(local.compute())
-    assert list(table.columns) == ["pair", "exposure", "outcome", *MR_OUTPUT_COLUMNS[:-1]]
+    assert list(table.columns) == ["pair", "exposure", "outcome", *MR_OUTPUT_COLUMNS]
     egger = table[table["method"] == "egger"]
     assert np.isfinite(egger["intercept_ci_lower"]).any() and np.isfinite(table["fstat"]).any()
     write_table(table, Outputs(str(tmp_path)), "local_ce")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -13,7 +11,6 @@ from deepmr_dist.models.architectures import SimulationCNN, load_simulation_cnns
 from deepmr_dist.simulation.generator import SimulationConfig, one_hot, select_split, simulate_round
 from deepmr_dist.simulation.training import (
     TrainingSettings,
-    _cluster_has_gpus,
     fold_target_scaling,
     train_ensemble,
     train_member,
@@ -164,15 +161,6 @@ def test_training__bad_arguments_raise(data, tmp_path):
         train_ensemble(*data, n_members=3, seeds=[1, 2], out_dir=tmp_path)
     with pytest.raises(InputError, match=r"\(n, 4, L\)"):
         train_member(data[0][:, :3], data[1], seed=0)
-
-
-def test_training__gpu_resources_requested_only_when_workers_declare_them():
-    def client(resources):
-        workers = {f"w{i}": {"resources": r} for i, r in enumerate(resources)}
-        return SimpleNamespace(scheduler_info=lambda **_: {"workers": workers})
-
-    assert _cluster_has_gpus(client([{"GPU": 1}, {"GPU": 1}]))
-    assert not _cluster_has_gpus(client([{}, {}]))
 
 
 def test_training__dask_cluster_gives_the_same_weights_as_in_process(data, tmp_path):

@@ -30,6 +30,7 @@ from contextlib import contextmanager
 
 from deepmr_dist import __version__
 from deepmr_dist.errors import DeepMRError
+from deepmr_dist.io import provenance
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": (
@@ -172,7 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with logging_to_stderr(args.command, level):
             log.debug("deepmr-dist %s, Python %s: deepmr %s", __version__, sys.version.split()[0], shlex.join(argv))
             try:
-                return int(args.func(args) or 0)
+                with provenance.command(argv):  # the line a store's history records for this command
+                    return int(args.func(args) or 0)
             except DeepMRError as exc:
                 print(f"deepmr {args.command}: error: {exc}", file=sys.stderr)
                 return EXIT_FAILED

@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 
 from deepmr_dist.cluster import connect
-from deepmr_dist.io import store
+from deepmr_dist.io import progress, store
 from deepmr_dist.io.lock import lock
 from deepmr_dist.io.verify import verify_ism
 from deepmr_dist.stages.effects import compute_effects
 from deepmr_dist.cli import help_of
 from deepmr_dist.cli.cluster_options import add_cluster_options, cluster_settings
-from deepmr_dist.cli.verify import add_lock_options, add_storage_options, storage_options
+from deepmr_dist.cli.storage_options import add_storage_options, storage_options
+from deepmr_dist.cli.verify import add_lock_options
 from deepmr_dist.io.location import check_reachable, normalize
 
 VERIFY_HELP = (
@@ -47,7 +48,8 @@ def run_effects(args: argparse.Namespace) -> int:
             verify_ism(path, full=args.verify == "full", storage_options=options).raise_if_damaged()
             ism = store.open_run(path, storage_options=options)["ism"]
             try:
-                effects = store.write_group(path, compute_effects(ism, ddof=args.ddof), "effects", storage_options=options)
+                with progress.shown(None if args.quiet else "effects"):  # a bar on stderr
+                    effects = store.write_group(path, compute_effects(ism, ddof=args.ddof), "effects", storage_options=options)
             except Exception:  # e.g. a chunk damaged in a way only decoding shows
                 verify_ism(path, full=True, storage_options=options).raise_if_damaged()
                 raise

@@ -10,7 +10,7 @@ from deepmr_dist.io.lock import read_lease
 from deepmr_dist.io.store import FINGERPRINT_ATTR, open_run
 from deepmr_dist.io.verify import verify_ism
 from deepmr_dist.cli import help_of
-from deepmr_dist.cli.verify import add_storage_options, storage_options
+from deepmr_dist.cli.storage_options import add_storage_options, store_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    options = storage_options(args)
+    options = store_options(args)
     groups = open_run(args.store, storage_options=options)
     ism = groups[schema.ISM]
     done = int(ism["complete"].sum().compute())
@@ -44,6 +44,9 @@ def run_inspect(args: argparse.Namespace) -> int:
         for var in ds.data_vars.values():
             chunks = var.data.chunksize if hasattr(var.data, "chunksize") else var.shape
             print(f"  {var.name:<12} {str(var.dims):<50} {str(var.dtype):<8} {var.nbytes / 2**20:10.2f} MiB  chunks {chunks}")
-    provenance = {k: v for k, v in ism.attrs.items() if k != FINGERPRINT_ATTR}
-    print("\nprovenance:\n" + json.dumps(provenance, indent=2, default=str))
+    print("\nprovenance:")
+    for key, value in ism.attrs.items():
+        if key != FINGERPRINT_ATTR:  # mappings one entry a line; lists (919 task indices) on one line
+            text = json.dumps(value, indent=2 if isinstance(value, dict) else None, default=str)
+            print(f"  {key}: " + text.replace("\n", "\n  "))
     return 0

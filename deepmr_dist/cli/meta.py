@@ -5,16 +5,18 @@ Input (CSV/TSV or Parquet by suffix): columns ``[group,] estimate, se``
 group and study) stop the command unless ``--duplicates keep|drop``.
 Output: one row per group and method, columns ``group, method, k, estimate,
 se, ci_lower, ci_upper, pvalue, tau2, i2, h2, q, q_pvalue, pi_lower, pi_upper,
-reason, n_excluded``; with ``--hksj`` each method also gets rows
-``<method>_hksj`` (Hartung-Knapp) and ``<method>_hksj_adhoc`` (truncated).
-A missing number is written ``NA``.
+reason, n_excluded`` (those of a run's ``global_ce`` table after its pair);
+with ``--hksj`` each method also gets rows ``<method>_hksj`` (Hartung-Knapp)
+and ``<method>_hksj_adhoc`` (truncated). A missing number, and an empty
+``reason`` (the estimate is defined), are written ``NA``.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -29,8 +31,18 @@ from deepmr_dist.io.tables import (
     write_table,
 )
 from deepmr_dist.cli import help_of
+from deepmr_dist.cli.storage_options import add_storage_options, storage_options
 
-__all__ = ["add_duplicates_option", "register", "report_rows", "run", "parse_methods", "check_alpha"]
+__all__ = [
+    "add_duplicates_option",
+    "check_alpha",
+    "parse_methods",
+    "register",
+    "report_rows",
+    "run",
+    "stats_parser",
+    "write_output",
+]
 
 log = logging.getLogger(__name__)
 
@@ -90,14 +102,29 @@ def report_rows(table: PaddedTable) -> None:
             log.warning("%s", message)
 
 
+def stats_parser(subparsers: argparse._SubParsersAction, command: str, doc: str) -> argparse.ArgumentParser:
+    """The parser of ``deepmr mr`` or ``deepmr meta``: its one-line help, and its module's docstring ``doc`` as description."""
+    return subparsers.add_parser(
+        command, help=help_of(command), description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
+def write_output(frame: pd.DataFrame, columns: Sequence[str], path: str, options: Mapping[str, Any] | None) -> None:
+    """Write a result table: ``columns`` first, in order, then any others; empty text cells missing; one log line.
+
+    Missing numbers and empty codes are both written :data:`deepmr_dist.schema.TABLE_NA`
+    (:func:`deepmr_dist.pipeline.outputs.with_missing_text`, as a run's tables).
+    """
+    from deepmr_dist.pipeline.outputs import with_missing_text
+
+    frame = frame[[c for c in columns if c in frame.columns] + [c for c in frame.columns if c not in columns]]
+    write_table(with_missing_text(frame), path, options)
+    log.info("wrote %s: %d row(s)", path, len(frame))
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``meta`` subcommand."""
-    parser = subparsers.add_parser(
-        "meta",
-        help=help_of("meta"),
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = stats_parser(subparsers, "meta", __doc__)
     parser.add_argument("input", help="CSV/TSV or Parquet table with columns [group,] estimate, se")
     parser.add_argument(
         "--method",
@@ -108,6 +135,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--alpha", type=float, default=0.05, help="1 - confidence level (default 0.05)")
     parser.add_argument("--out", required=True, help="output table (.csv, .tsv or .parquet)")
     add_duplicates_option(parser, "rows (same group and values, or same group and study)")
+    add_storage_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -115,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
     """Run ``deepmr meta``; returns the exit status."""
     methods = parse_methods(args.method, meta_methods)
     alpha = check_alpha(args.alpha)
-    table = read_meta_table(args.input, duplicates=args.duplicates)
+    options = storage_options(args)
+    table = read_meta_table(args.input, duplicates=args.duplicates, storage_options=options)
     log.debug("%s: %d group(s), %d row(s) excluded", args.input, len(table.ids), table.total_excluded)
     report_rows(table)
     est, se = table["estimate"], table["se"]
@@ -127,10 +156,10 @@ def run(args: argparse.Namespace) -> int:
         for label, hksj, adhoc in variants:
             res = meta_analysis(est, se, method, hksj=hksj, hksj_adhoc=adhoc, alpha=alpha)
             frames.append(res.to_frame(label, table.ids).assign(n_excluded=table.n_excluded))
-    out = pd.concat(frames, ignore_index=True)
-    out = _group_major(out, table.ids)
-    write_table(out, args.out)
-    log.info("wrote %s: %d row(s)", args.out, len(out))
+    from deepmr_dist.pipeline.outputs import GLOBAL_COLUMNS
+
+    out = _group_major(pd.concat(frames, ignore_index=True), table.ids)
+    write_output(out, ("group", "method", *GLOBAL_COLUMNS.values()), args.out, options)
     return 0
 
 

@@ -9,8 +9,9 @@ locus and SNP) stop the command unless ``--duplicates keep|drop``. Output: one r
 per locus and method with columns ``locus, method, n, estimate, se, ci_lower,
 ci_upper, pvalue, intercept, intercept_se, intercept_ci_lower, intercept_ci_upper,
 intercept_pvalue, rse, q, q_pvalue, i2, i2gx, fstat, reason, note, n_excluded``
-(``n_excluded``: input rows of the locus dropped as invalid); a missing number is
-written ``NA``.
+(``n_excluded``: input rows of the locus dropped as invalid), those of a run's
+``local_ce`` table after its pair; a missing number, and an empty ``reason`` or
+``note`` (none applies), are written ``NA``.
 """
 
 from __future__ import annotations
@@ -21,28 +22,23 @@ import logging
 import pandas as pd
 
 from deepmr_dist import schema
-from deepmr_dist.cli.meta import add_duplicates_option, check_alpha, parse_methods, report_rows
+from deepmr_dist.cli.meta import add_duplicates_option, check_alpha, parse_methods, report_rows, stats_parser, write_output
 from deepmr_dist.errors import InputError
-from deepmr_dist.io.tables import read_mr_table, write_table
-from deepmr_dist.cli import help_of
+from deepmr_dist.io.tables import read_mr_table
+from deepmr_dist.cli.storage_options import add_storage_options, storage_options
 
 __all__ = ["MR_OUTPUT_COLUMNS", "register", "run"]
 
 log = logging.getLogger(__name__)
 
-MR_OUTPUT_COLUMNS: tuple[str, ...] = ("locus", "method", *schema.table_columns(schema.MR).values(), "n_excluded")
+MR_OUTPUT_COLUMNS: tuple[str, ...] = ("locus", "method", *schema.table_columns(schema.MR).values())
 """Columns of ``deepmr mr``'s output: the mr group's table columns (:func:`deepmr_dist.schema.table_columns`,
-those of a run's ``local_ce`` table) and the excluded-row count."""
+those of a run's ``local_ce`` table after its pair), the excluded-row count last."""
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``mr`` subcommand."""
-    parser = subparsers.add_parser(
-        "mr",
-        help=help_of("mr"),
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = stats_parser(subparsers, "mr", __doc__)
     parser.add_argument(
         "input",
         help="CSV/TSV or Parquet table with columns locus, bx, bxse, by, byse, or TwoSampleMR's harmonised "
@@ -64,6 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap replicates of the median and mode methods (default 1000)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the bootstrap (default 0)")
     add_duplicates_option(parser, "instrument rows (same locus and values, or same locus and SNP)")
+    add_storage_options(parser)
     parser.set_defaults(func=run)
 
 
@@ -75,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     alpha = check_alpha(args.alpha)
     if args.n_boot < 2:
         raise InputError(f"--n-boot must be an integer >= 2, got {args.n_boot}")
-    table = read_mr_table(args.input, duplicates=args.duplicates)
+    options = storage_options(args)
+    table = read_mr_table(args.input, duplicates=args.duplicates, storage_options=options)
     log.debug("%s: %d loci, %d row(s) excluded", args.input, len(table.ids), table.total_excluded)
     report_rows(table)
     results = estimate(
@@ -87,7 +85,5 @@ def run(args: argparse.Namespace) -> int:
     out = pd.concat(frames, ignore_index=True)
     rank = {locus: i for i, locus in enumerate(table.ids)}
     out = out.iloc[out["locus"].map(rank).argsort(kind="stable").to_numpy()].reset_index(drop=True)
-    out = out[[c for c in MR_OUTPUT_COLUMNS if c in out.columns] + [c for c in out.columns if c not in MR_OUTPUT_COLUMNS]]
-    write_table(out, args.out)
-    log.info("wrote %s: %d row(s)", args.out, len(out))
+    write_output(out, MR_OUTPUT_COLUMNS, args.out, options)
     return 0

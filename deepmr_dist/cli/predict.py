@@ -16,7 +16,8 @@ from deepmr_dist.stages.predict import ISMSettings, PredictReport, predict
 from deepmr_dist.io.sequence import DEFAULT_IUPAC, IUPAC_MODES, read_bed_regions, read_fasta, read_onehot
 from deepmr_dist.cli import help_of
 from deepmr_dist.cli.cluster_options import add_cluster_options, cluster_settings
-from deepmr_dist.cli.verify import add_lock_options, add_storage_options, storage_options
+from deepmr_dist.cli.storage_options import add_storage_options, storage_options
+from deepmr_dist.cli.verify import add_lock_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -50,7 +51,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     run.add_argument("--store", required=True, help="run store (directory or fsspec URL)")
     add_storage_options(run)
     run.add_argument("--chunk-loci", type=int, default=16, help="loci per store chunk and per task (default 16)")
-    run.add_argument("--mutant-batch", type=int, default=2048, help="mutants per forward pass (default 2048)")
+    run.add_argument("--mutant-batch", type=_mutant_batch, default=2048,
+                     help="mutants per forward pass, or 'auto': sized from the GPU's free memory (default 2048)")
     run.add_argument("--full-recompute", action="store_true", help="disable incremental recomputation")
     run.add_argument(
         "--precision", choices=PRECISIONS, default="fp32",
@@ -63,6 +65,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_lock_options(p)
     add_cluster_options(p)
     p.set_defaults(func=run_predict)
+
+
+def _mutant_batch(text: str) -> int | str:
+    """``--mutant-batch``: a count, or ``auto``."""
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a count or 'auto', got {text!r}") from None
 
 
 def load_loci(args: argparse.Namespace) -> xr.Dataset:
@@ -94,7 +106,8 @@ def head_from_args(args: argparse.Namespace) -> OutputHead:
 
 def run_predict(args: argparse.Namespace) -> int:
     loci = load_loci(args)
-    spec = ModelSpec(tuple(args.model), mc_dropout=args.mc_dropout, mc_seed=args.mc_seed)
+    options = storage_options(args)  # the store's, and those of --model URLs
+    spec = ModelSpec(tuple(args.model), mc_dropout=args.mc_dropout, mc_seed=args.mc_seed, storage_options=options)
     settings = ISMSettings(
         head=head_from_args(args),
         chunk_loci=args.chunk_loci,
@@ -105,7 +118,7 @@ def run_predict(args: argparse.Namespace) -> int:
     with connect(**cluster_settings(args).connect_options()) as client:
         ism = predict(loci, spec, args.store, client=client, settings=settings, overwrite=args.overwrite, progress=not args.quiet,
                       break_lock=args.break_lock, lock_timeout=args.lock_timeout,
-                      storage_options=storage_options(args))  # fmt: skip
+                      storage_options=options)  # fmt: skip
     report = PredictReport.of(ism)
     print(
         f"{report.store}: {report.n_loci} loci in {report.n_chunks} chunks; computed {report.chunks_computed} "

@@ -8,7 +8,8 @@ import time
 from deepmr_dist.cli import help_of
 from deepmr_dist.cli.effects import VERIFY_HELP
 from deepmr_dist.cli.cluster_options import add_cluster_options, cluster_overrides
-from deepmr_dist.cli.verify import add_lock_options, add_storage_options
+from deepmr_dist.cli.storage_options import add_storage_options, storage_options
+from deepmr_dist.cli.verify import add_lock_options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -49,7 +50,7 @@ def run_run(args: argparse.Namespace) -> int:
     from deepmr_dist.pipeline.plan import plan
 
     config = load_pipeline(args.pipeline, store=args.store, cluster=cluster_overrides(args),
-                           storage_options=args.storage_options)  # fmt: skip
+                           storage_options=storage_options(args))  # fmt: skip
     if args.dry_run:
         print(plan(config).describe())
         print(f"store: {config.store}; outputs: {output_location(config).location}")

@@ -29,11 +29,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_simulate(args: argparse.Namespace) -> int:
     """Run (or plan) the study of ``args.config``; ``deepmr run`` calls this for a study YAML too."""
     from deepmr_dist.cluster import connect
+    from deepmr_dist.errors import InputError
+    from deepmr_dist.io.location import is_local
     from deepmr_dist.pipeline.api import load_study
     from deepmr_dist.pipeline.study import describe_study, run_study
 
     config = load_study(args.config, rounds=getattr(args, "rounds", None), cluster=cluster_overrides(args))
     out = getattr(args, "out", None) or config.output
+    if not is_local(out):  # Path("s3://b/x") would be a local folder named after the bucket
+        raise InputError(
+            f"study directory {out}: a simulation study is written to a local or shared directory, not an fsspec URL "
+            "(each round's store and tables live under it)"
+        )
     if args.dry_run:
         print(describe_study(config, out))
         return 0

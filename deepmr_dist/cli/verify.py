@@ -1,18 +1,15 @@
 """``deepmr verify``: find missing or damaged ISM chunks of a run store and hand them back to ``predict``.
 
 Also home of :func:`add_lock_options`, the ``--break-lock`` and ``--lock-timeout``
-options of every command that writes a store, and of :func:`add_storage_options`,
-the ``--storage-options`` of every command that takes ``--store``.
+options of every command that writes a store.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-from typing import Any
 
 from deepmr_dist.cli import help_of
-from deepmr_dist.errors import InputError
+from deepmr_dist.cli.storage_options import add_storage_options, store_options
 from deepmr_dist.io import store
 from deepmr_dist.io.lock import DEFAULT_LOCK_TIMEOUT, lock
 from deepmr_dist.io.verify import mark_incomplete, Verification, verify_ism
@@ -30,34 +27,6 @@ def add_lock_options(parser: argparse.ArgumentParser) -> None:
         "--lock-timeout", type=float, default=DEFAULT_LOCK_TIMEOUT, metavar="SECONDS",
         help=f"seconds without a heartbeat after which a lease is stale (default {DEFAULT_LOCK_TIMEOUT:g})",
     )  # fmt: skip
-
-
-def add_storage_options(parser: argparse.ArgumentParser) -> None:
-    """``--storage-options JSON`` (``args.storage_options``, read by :func:`storage_options`)."""
-    parser.add_argument(
-        "--storage-options", metavar="JSON",
-        help='fsspec options of the store, a JSON object (e.g. \'{"client_kwargs": {"endpoint_url": "http://..."}}\'); '
-        "credentials come from the environment (AWS_ACCESS_KEY_ID, ...)",
-    )  # fmt: skip
-
-
-def storage_options(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The parsed ``--storage-options`` (None if not given).
-
-    Raises
-    ------
-    InputError
-        If it is not a JSON object: one line saying where it is wrong.
-    """
-    if args.storage_options is None:
-        return None
-    try:
-        options = json.loads(args.storage_options)
-    except json.JSONDecodeError as exc:
-        raise InputError(f"--storage-options is not valid JSON: {exc}") from None
-    if not isinstance(options, dict):
-        raise InputError(f"--storage-options must be a JSON object, got {type(options).__name__}: {args.storage_options}")
-    return options
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -84,7 +53,7 @@ def _print(verification: Verification) -> None:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    options = storage_options(args)
+    options = store_options(args)
     if not args.repair:
         verification = verify_ism(args.store, full=args.full, storage_options=options)
         _print(verification)

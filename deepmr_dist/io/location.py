@@ -14,6 +14,11 @@ from deepmr_dist.errors import StoreError
 def filesystem(path: str, storage_options: Mapping[str, Any] | None) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem and root path (no trailing slash) of a store path or URL.
 
+    fsspec shares one instance per protocol and options, and object-store
+    instances (s3fs, gcsfs) cache directory listings; the workers write the
+    store from other processes, so every call starts from an empty listing
+    cache: what a caller sees is what the store holds now.
+
     Raises
     ------
     StoreError
@@ -25,6 +30,7 @@ def filesystem(path: str, storage_options: Mapping[str, Any] | None) -> tuple[fs
         raise StoreError(f"{path}: {exc} (a store is a directory or an fsspec URL such as s3://bucket/run.zarr)") from None
     except ImportError as exc:  # "Install s3fs to access S3"
         raise StoreError(f"{path}: {exc}") from None
+    fs.invalidate_cache()
     return fs, root.rstrip("/")
 
 

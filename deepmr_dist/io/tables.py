@@ -32,15 +32,17 @@ both count them in :attr:`PaddedTable.n_duplicates` (:func:`duplicate_message`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from deepmr_dist import schema
 from deepmr_dist.errors import InputError
+from deepmr_dist.io.location import is_local, normalize
 
 __all__ = [
     "DUPLICATE_POLICIES",
@@ -188,11 +190,18 @@ def table_format(path: str | Path) -> str:
     )
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a CSV/TSV (every column as text, nothing parsed as missing) or Parquet file.
+def read_table(path: str | Path, storage_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
+    """Read a CSV/TSV (every column as text, nothing parsed as missing) or Parquet file, local or at an fsspec URL.
 
     Text tables keep every cell as a string so that validation can tell a
     missing value from a non-numeric one and can quote the offending text.
+
+    Parameters
+    ----------
+    path : str or Path
+        A local path, or an fsspec URL (``s3://bucket/sumstats.csv``).
+    storage_options : mapping, optional
+        fsspec options of a URL (ignored for a local path).
 
     Raises
     ------
@@ -200,16 +209,18 @@ def read_table(path: str | Path) -> pd.DataFrame:
         Unsupported suffix, missing or unreadable file.
     """
     fmt = table_format(path)
+    source, options = normalize(str(path), storage_options)
     try:
         if fmt == "parquet":
-            return pd.read_parquet(path)
+            return pd.read_parquet(source, storage_options=options)
         return pd.read_csv(
-            path,
+            source,
             sep="," if fmt == "csv" else "\t",
             dtype=str,
             keep_default_na=False,
             na_filter=False,
             skipinitialspace=True,
+            storage_options=options,
         )
     except FileNotFoundError as exc:
         raise InputError(f"{path}: file not found") from exc
@@ -223,8 +234,11 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise
 
 
-def write_table(frame: pd.DataFrame, path: str | Path) -> None:
-    """Write ``frame`` as CSV/TSV (NaN spelled :data:`deepmr_dist.schema.TABLE_NA`) or Parquet by suffix, creating parent folders.
+def write_table(frame: pd.DataFrame, path: str | Path, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Write ``frame`` as CSV/TSV (NaN spelled :data:`deepmr_dist.schema.TABLE_NA`) or Parquet by suffix.
+
+    A local path gets its parent folders created; an fsspec URL
+    (``s3://bucket/out.csv``) is written through fsspec with ``storage_options``.
 
     Raises
     ------
@@ -232,12 +246,15 @@ def write_table(frame: pd.DataFrame, path: str | Path) -> None:
         Unsupported suffix or the file cannot be written.
     """
     fmt = table_format(path)
+    target, options = normalize(str(path), storage_options)
     try:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if is_local(target):
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
         if fmt == "parquet":
-            frame.to_parquet(path, index=False)
+            frame.to_parquet(target, index=False, storage_options=options)
         else:
-            frame.to_csv(path, sep="," if fmt == "csv" else "\t", index=False, na_rep=schema.TABLE_NA)
+            frame.to_csv(target, sep="," if fmt == "csv" else "\t", index=False, na_rep=schema.TABLE_NA,
+                         storage_options=options)  # fmt: skip
     except OSError as exc:
         raise InputError(f"{path}: cannot write output: {exc}") from exc
 
@@ -490,22 +507,26 @@ def _from_twosamplemr(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[tuple[str
     return frame, flags
 
 
-def read_mr_table(path: str | Path, *, duplicates: str = DUPLICATE_POLICIES[0]) -> PaddedTable:
+def read_mr_table(
+    path: str | Path, *, duplicates: str = DUPLICATE_POLICIES[0], storage_options: Mapping[str, Any] | None = None
+) -> PaddedTable:
     """Read and validate ``deepmr mr`` input: ``locus, bx, bxse, by, byse``, or TwoSampleMR's harmonised columns.
 
     Parameters
     ----------
     path : str or Path
-        CSV/TSV or Parquet file.
+        CSV/TSV or Parquet file, local or at an fsspec URL.
     duplicates : {"error", "keep", "drop"}
         Rows repeating a locus's values or its ``SNP`` (see :func:`pad_long_table`).
+    storage_options : mapping, optional
+        fsspec options of a URL (see :func:`read_table`).
 
     Returns
     -------
     PaddedTable
         ``ids`` are the loci; ``values`` holds ``bx, bxse, by, byse``.
     """
-    frame = read_table(path)
+    frame = read_table(path, storage_options)
     flags: list[tuple[str, np.ndarray, str]] = []
     if is_twosamplemr(frame.columns):
         frame, flags = _from_twosamplemr(frame)
@@ -521,12 +542,15 @@ def read_mr_table(path: str | Path, *, duplicates: str = DUPLICATE_POLICIES[0]) 
     )
 
 
-def read_meta_table(path: str | Path, *, duplicates: str = DUPLICATE_POLICIES[0]) -> PaddedTable:
+def read_meta_table(
+    path: str | Path, *, duplicates: str = DUPLICATE_POLICIES[0], storage_options: Mapping[str, Any] | None = None
+) -> PaddedTable:
     """Read and validate ``deepmr meta`` input (``[group,] estimate, se``, optional row key ``study``).
 
-    Without a ``group`` column every row belongs to the group ``"all"``.
+    Without a ``group`` column every row belongs to the group ``"all"``. ``path`` and
+    ``storage_options`` as :func:`read_table` takes them.
     """
-    frame = read_table(path)
+    frame = read_table(path, storage_options)
     return pad_long_table(
         frame,
         id_column="group" if "group" in frame.columns else None,

@@ -7,6 +7,10 @@ missing, of another length than written (cheap: one listing per array) or
 whose values no longer hash to the record (``full``). A missing chunk never
 passes for data: Zarr would read it as the fill value, so whoever reads ISM
 predictions verifies the listing first.
+
+The unit checked is the stored object of a locus chunk: for arrays sharded
+along ``task`` (:func:`deepmr_dist.io.store.encoding_for`), the shard, index
+included, whose inner chunks no listing can see; ``full`` decodes them all.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@
 
 The flags are process-wide: :func:`precision_context` sets and restores them
 around one ISM call, so one device must not run two calls of different
-precisions at once (one Dask worker thread per GPU, as dask-cuda starts).
+precisions at once: ISM tasks hold the worker's ``GPU=1`` resource, so a GPU worker runs one at a time.
 """
 
 from __future__ import annotations

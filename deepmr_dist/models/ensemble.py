@@ -32,8 +32,8 @@ import sys
 import sysconfig
 import tempfile
 import zipfile
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,12 +103,18 @@ class ModelSpec:
     options
         Keyword arguments of every entry point's factory, as ``(name, value)``
         pairs (e.g. ``(("n_members", 5), ("tasks", ("Oct4", "Sox2")))``).
+    storage_options
+        fsspec options of the sources given as URLs (``s3://bucket/m0.pt``): s3fs's
+        ``client_kwargs`` (endpoint), ``key``/``secret``, ...; None: fsspec's defaults
+        and the environment. They may hold credentials, so they are left out of the
+        spec's repr and hash, and never enter the model's fingerprint.
     """
 
     sources: tuple[str, ...]
     mc_dropout: int = 0
     mc_seed: int = 0
     options: tuple[tuple[str, Any], ...] = ()
+    storage_options: Mapping[str, Any] | None = field(default=None, repr=False, hash=False)
 
     def __post_init__(self) -> None:
         if not self.sources:
@@ -230,17 +236,18 @@ def _load_file(path: Path) -> list[nn.Module]:
         ) from None
 
 
-def _load_url(url: str) -> list[nn.Module]:
+def _load_url(url: str, storage_options: Mapping[str, Any] | None) -> list[nn.Module]:
     """The member in a model file at an fsspec URL (``s3://bucket/m0.pt``), copied to a local temporary file.
 
-    Credentials and endpoints come from the environment, as s3fs and gcsfs read them.
+    ``storage_options`` go to fsspec (an endpoint, credentials); without them,
+    credentials and endpoints come from the environment, as s3fs and gcsfs read them.
     """
     import fsspec
 
     try:
-        with fsspec.open(url, "rb") as f:
+        with fsspec.open(url, "rb", **(storage_options or {})) as f:
             data = f.read()
-    except (OSError, ValueError, ImportError) as exc:
+    except (OSError, ValueError, TypeError, ImportError) as exc:  # TypeError: an option the filesystem does not take
         raise InputError(f"model file {url} cannot be read: {one_line(exc)}") from None
     with tempfile.TemporaryDirectory(prefix="deepmr-model-") as folder:
         local = Path(folder) / (url.rstrip("/").rpartition("/")[2] or "model.pt")
@@ -251,9 +258,9 @@ def _load_url(url: str) -> list[nn.Module]:
             raise InputError(str(exc).replace(str(local), url)) from None
 
 
-def _load_source(source: str, options: dict[str, Any]) -> list[nn.Module]:
+def _load_source(source: str, options: dict[str, Any], storage_options: Mapping[str, Any] | None) -> list[nn.Module]:
     if "://" in source:
-        return _load_url(source)
+        return _load_url(source, storage_options)
     path = Path(source)
     if path.is_file():
         return _load_file(path)
@@ -276,7 +283,7 @@ def _load_source(source: str, options: dict[str, Any]) -> list[nn.Module]:
 
 def load_members(spec: ModelSpec, device: torch.device | str = "cpu") -> list[nn.Module]:
     """Load every ensemble member in eval mode on ``device``."""
-    members = [m for source in spec.sources for m in _load_source(source, dict(spec.options))]
+    members = [m for source in spec.sources for m in _load_source(source, dict(spec.options), spec.storage_options)]
     if spec.mc_dropout:
         if len(members) != 1:
             raise InputError(f"--mc-dropout needs exactly one model, got {len(members)} members")

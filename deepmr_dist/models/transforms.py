@@ -6,7 +6,7 @@ is the one check of their names.
 
 from __future__ import annotations
 
-from deepmr_dist.errors import InputError
+from deepmr_dist.errors import check_name
 
 __all__ = ["TRANSFORMS", "check_transform"]
 
@@ -15,13 +15,5 @@ TRANSFORMS: tuple[str, ...] = ("none", "sigmoid", "log1p")
 
 
 def check_transform(transform: str) -> str:
-    """``transform`` if it is one of :data:`TRANSFORMS` (the one check of transform names).
-
-    Raises
-    ------
-    InputError
-        Naming the transform and listing the valid ones.
-    """
-    if transform not in TRANSFORMS:
-        raise InputError(f"unknown transform {transform!r}; valid: {', '.join(TRANSFORMS)}")
-    return transform
+    """``transform`` if it is one of :data:`TRANSFORMS`, else an ``InputError`` listing them (the one check)."""
+    return check_name(transform, TRANSFORMS, "transform")

@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from deepmr_dist.errors import InputError
+from deepmr_dist.errors import InputError, check_names
 from deepmr_dist.mr._data import MRData, prepare
 from deepmr_dist.mr.baseline import wald_mean
 from deepmr_dist.mr.egger import egger
@@ -64,10 +64,9 @@ def check_methods(methods: Sequence[str]) -> tuple[str, ...]:
         Naming the unknown method(s), or none given, and listing the valid ones.
     """
     methods = tuple(dict.fromkeys(methods))
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown or not methods:
-        what = f"unknown MR method(s) {', '.join(map(repr, unknown))}" if unknown else "no MR method given"
-        raise InputError(f"{what}; valid: {', '.join(METHODS)}")
+    check_names(methods, METHODS, "MR method(s)")
+    if not methods:
+        raise InputError(f"no MR method given; valid: {', '.join(METHODS)}")
     return methods
 
 

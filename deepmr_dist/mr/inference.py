@@ -3,12 +3,17 @@
 Every estimator stores its inference through :func:`store_wald` (estimate, se,
 interval, p-value) or, for the MR-Egger family, :func:`store_egger` (slope and
 intercept with the package's under-dispersion rule for t intervals).
+
+The distribution functions are :mod:`scipy.special`'s (``ndtri``, ``ndtr``,
+``stdtrit``, ``stdtr``), the same functions :data:`scipy.stats.norm` and
+:data:`scipy.stats.t` evaluate, without their per-call argument handling,
+which cost about a tenth of a batch of IVW and MR-Egger fits.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
+from scipy import special
 
 from deepmr_dist.mr.result import ResultBuilder
 
@@ -20,27 +25,27 @@ INTERCEPT_FIELDS = ("intercept", "intercept_se", "intercept_ci_lower", "intercep
 
 def z_quantile(alpha: float) -> float:
     """Two-sided normal critical value ``qnorm(1 - alpha / 2)``."""
-    return float(stats.norm.ppf(1.0 - alpha / 2.0))
+    return float(special.ndtri(1.0 - alpha / 2.0))
 
 
 def t_quantile(alpha: float, df: np.ndarray) -> np.ndarray:
     """Two-sided t critical value ``qt(1 - alpha / 2, df)``; NaN where df < 1."""
     df = np.asarray(df, dtype=np.float64)
     with np.errstate(invalid="ignore"):
-        return np.where(df >= 1, stats.t.ppf(1.0 - alpha / 2.0, np.maximum(df, 1)), np.nan)
+        return np.where(df >= 1, special.stdtrit(np.maximum(df, 1), 1.0 - alpha / 2.0), np.nan)
 
 
 def normal_p(estimate: np.ndarray, se: np.ndarray) -> np.ndarray:
     """Two-sided normal p-value ``2 * pnorm(-|estimate / se|)``."""
     with np.errstate(invalid="ignore", divide="ignore"):
-        return 2.0 * stats.norm.sf(np.abs(estimate / se))
+        return 2.0 * special.ndtr(-np.abs(estimate / se))
 
 
 def t_p(estimate: np.ndarray, se: np.ndarray, df: np.ndarray) -> np.ndarray:
     """Two-sided t p-value ``2 * pt(-|estimate / se|, df)``; NaN where df < 1."""
     df = np.asarray(df, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(df >= 1, 2.0 * stats.t.sf(np.abs(estimate / se), np.maximum(df, 1)), np.nan)
+        return np.where(df >= 1, 2.0 * special.stdtr(np.maximum(df, 1), -np.abs(estimate / se)), np.nan)
 
 
 def wald_inference(

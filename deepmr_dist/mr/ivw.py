@@ -50,28 +50,43 @@ def random_effects_mask(model: str, n: np.ndarray) -> np.ndarray:
     return np.full(n.shape, model == "random")
 
 
-def _weighted_fit(data: MRData, w: np.ndarray) -> dict[str, np.ndarray]:
-    """No-intercept weighted least squares of by on bx per locus (w already masked)."""
+def weighted_fit(data: MRData, w: np.ndarray, used: np.ndarray) -> dict[str, np.ndarray]:
+    """No-intercept weighted least squares of by on bx per locus (``w`` already masked).
+
+    ``used`` counts the instruments in the fit (``data.n``, or those of nonzero
+    weight); ``rse`` has ``used - 1`` degrees of freedom, is 1 for a single
+    instrument and NaN where ``n >= 2`` but fewer than two are used.
+    """
     sxx = (w * data.bx * data.bx).sum(axis=1)
     sxy = (w * data.bx * data.by).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         est = sxy / sxx
         resid = data.by - est[:, None] * data.bx
         rss = (w * resid * resid).sum(axis=1)
-        rse = np.sqrt(rss / (data.n - 1))
-    rse = np.where(data.n >= 2, rse, np.where(data.n == 1, 1.0, np.nan))
+        rse = np.sqrt(rss / (used - 1))
+    rse = np.where(data.n >= 2, np.where(used >= 2, rse, np.nan), np.where(data.n == 1, 1.0, np.nan))
     return {"sxx": sxx, "estimate": est, "rss": rss, "rse": rse}
 
 
-def _store_fit(
+def store_fit(
     out: ResultBuilder, data: MRData, fit: dict[str, np.ndarray], model: str, alpha: float, t_dist: bool
 ) -> None:
-    """Write the estimate of a :func:`_weighted_fit` with its ``model``'s standard error, inference and rse."""
+    """Write the estimate of a :func:`weighted_fit` with its ``model``'s standard error, inference and rse."""
     with np.errstate(invalid="ignore", divide="ignore"):
         se_fixed = 1.0 / np.sqrt(fit["sxx"])
     scale = np.where(random_effects_mask(model, data.n) & (data.n >= 2), np.maximum(1.0, fit["rse"]), 1.0)
     store_wald(out, fit["estimate"], se_fixed * scale, alpha, t_dist, data.n - 1)
     out["rse"] = fit["rse"]
+
+
+def store_heterogeneity(out: ResultBuilder, data: MRData, q: np.ndarray) -> None:
+    """Write Cochran's ``q`` (NaN below two instruments), its p-value on ``n - 1`` df and I^2."""
+    multi = data.n >= 2
+    q = np.where(multi, q, np.nan)
+    out["q"] = q
+    out["q_pvalue"] = chi2_sf(q, data.n - 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        out["i2"] = np.where(multi, np.maximum(0.0, (q - (data.n - 1)) / q), np.nan)
 
 
 def ivw(data: MRData, *, model: str = "default", alpha: float = 0.05, t_dist: bool = False) -> MRResult:
@@ -95,14 +110,9 @@ def ivw(data: MRData, *, model: str = "default", alpha: float = 0.05, t_dist: bo
         residual standard error (1 for a single instrument, as the package).
     """
     out = ResultBuilder(data.n, data.fstat())
-    fit = _weighted_fit(data, data.w)
-    _store_fit(out, data, fit, model, alpha, t_dist)
-    multi = data.n >= 2
-    q = np.where(multi, fit["rss"], np.nan)
-    out["q"] = q
-    out["q_pvalue"] = chi2_sf(q, data.n - 1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        out["i2"] = np.where(multi, np.maximum(0.0, (q - (data.n - 1)) / q), np.nan)
+    fit = weighted_fit(data, data.w, data.n)
+    store_fit(out, data, fit, model, alpha, t_dist)
+    store_heterogeneity(out, data, fit["rss"])
     out.flag(data.n < 1, "too_few_instruments")
     out.flag(~(fit["sxx"] > 0), "all_bx_zero")
     return out.build()
@@ -143,8 +153,8 @@ def penalized_ivw(
         stat = (data.bx / data.byse) ** 2 * (ratio - theta[:, None]) ** 2
     pen = chi2_1_sf(stat)
     w = data.w * np.minimum(1.0, penalization * pen)
-    fit = _weighted_fit(data, w)
-    _store_fit(out, data, fit, model, alpha, t_dist)
+    fit = weighted_fit(data, w, data.n)
+    store_fit(out, data, fit, model, alpha, t_dist)
     out.flag(data.n < 1, "too_few_instruments")
     out.flag(zero_bx & data.all_bx_zero(), "all_bx_zero")
     out.flag(zero_bx, "zero_bx")

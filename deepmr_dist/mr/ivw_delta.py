@@ -41,9 +41,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from deepmr_dist.mr._data import MRData, chi2_sf
-from deepmr_dist.mr.inference import store_wald
-from deepmr_dist.mr.ivw import random_effects_mask
+from deepmr_dist.mr._data import MRData
+from deepmr_dist.mr.ivw import store_fit, store_heterogeneity, weighted_fit
 from deepmr_dist.mr.result import MRResult, ResultBuilder
 
 
@@ -60,14 +59,8 @@ def ivw_delta(data: MRData, *, model: str = "default", alpha: float = 0.05, t_di
 
     Parameters
     ----------
-    data : MRData
-        Prepared batch (:func:`deepmr_dist.mr._data.prepare`).
-    model : {"default", "fixed", "random"}
-        ``"default"``: fixed effect when fewer than 4 instruments, else random.
-    alpha : float
-        1 - confidence level.
-    t_dist : bool
-        t distribution with ``n - 1`` degrees of freedom for CI and p-value.
+    data, model, alpha, t_dist
+        As :func:`deepmr_dist.mr.ivw.ivw`.
 
     Returns
     -------
@@ -82,27 +75,13 @@ def ivw_delta(data: MRData, *, model: str = "default", alpha: float = 0.05, t_di
     InputError
         If ``model`` is unknown.
     """
-    random = random_effects_mask(model, data.n)
     out = ResultBuilder(data.n, data.fstat())
     w = delta_weights(data)
     m = (w > 0).sum(axis=1)
-    multi = data.n >= 2
-    sxx = (w * data.bx * data.bx).sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        est = (w * data.bx * data.by).sum(axis=1) / sxx
-        resid = data.by - est[:, None] * data.bx
-        rse = np.sqrt((w * resid * resid).sum(axis=1) / (m - 1))
-        rse = np.where(multi, np.where(m >= 2, rse, np.nan), 1.0)
-        se_fixed = 1.0 / np.sqrt(sxx)
-        scale = np.where(random & multi, np.maximum(1.0, rse), 1.0)
-        q = np.where(multi, (data.n - 1) * rse * rse, np.nan)
-        i2 = np.where(multi, np.maximum(0.0, (q - (data.n - 1)) / q), np.nan)
-    store_wald(out, est, se_fixed * scale, alpha, t_dist, data.n - 1)
-    out["rse"] = rse
-    out["q"] = q
-    out["q_pvalue"] = chi2_sf(q, data.n - 1)
-    out["i2"] = i2
+    fit = weighted_fit(data, w, m)
+    store_fit(out, data, fit, model, alpha, t_dist)
+    store_heterogeneity(out, data, (data.n - 1) * fit["rse"] * fit["rse"])
     out.flag(data.n < 1, "too_few_instruments")
-    out.flag(~(sxx > 0), "all_bx_zero")
-    out.flag(multi & (m < 2), "zero_bx")
+    out.flag(~(fit["sxx"] > 0), "all_bx_zero")
+    out.flag((data.n >= 2) & (m < 2), "zero_bx")
     return out.build()

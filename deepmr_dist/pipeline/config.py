@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -185,6 +185,12 @@ class Model(Section):
     training: TrainingSettings = Field(default_factory=TrainingSettings)
     mc_dropout: int = Field(0, ge=0, description="N frozen dropout masks of one model instead of an ensemble")
     mc_seed: int = 0
+    storage_options: dict[str, Any] | None = Field(
+        None,
+        exclude=True,  # may hold credentials: never written out, never part of a fingerprint
+        description="fsspec options of sources given as URLs (s3://bucket/m0.pt); default: the store's storage_options "
+        "(none for a local store)",
+    )
 
     @model_validator(mode="after")
     def _one_kind(self) -> Model:
@@ -202,7 +208,11 @@ class Tasks(Section):
     """How task predictions are read from the model output (see :class:`~deepmr_dist.models.heads.OutputHead`)."""
 
     names: list[str] | None = Field(None, description="names of ALL model outputs, in output order")
-    keep: list[str | int] | None = Field(None, description="outputs to keep, by name or index (default all)")
+    keep: Literal["pairs"] | list[str | int] | None = Field(
+        None,
+        description='outputs to keep, by name or index (default all); "pairs": only the tasks that `pairs` names, '
+        "in output order (a 919-task model with one pair stores 2 tasks)",
+    )
     output_index: int | None = Field(None, description="element of a tuple output")
     profile_axis: int | None = Field(None, description="axis summed over (a profile output)")
     transform: Transform = Field("none", description=f"one of {', '.join(TRANSFORMS)}")
@@ -210,7 +220,9 @@ class Tasks(Section):
 
 class ISM(Section):
     chunk_loci: int = Field(64, ge=1, description="loci per store chunk and per task")
-    mutant_batch: int = Field(2048, ge=1, description="mutants per forward pass")
+    mutant_batch: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        2048, description="mutants per forward pass, or auto: sized on each worker from its GPU's free memory"
+    )
     incremental: bool = True
     precision: Literal["fp32", "tf32", "bf16", "fp16"] = Field(
         "fp32", description="ISM arithmetic: fp32, tf32 (CUDA), bf16 (CUDA or CPU autocast) or fp16 (CUDA)"
@@ -281,7 +293,9 @@ class PipelineConfig(Section):
             raise ValueError("model.train_simulation needs sequences.simulation")
         if self.effects.calibration and self.sequences.simulation is None:
             raise ValueError("effects.calibration needs held-out labelled loci: use sequences.simulation")
-        if self.tasks.keep is not None and self.tasks.names is not None:
+        if self.tasks.keep == "pairs" and self.pairs == "all":
+            raise ValueError('tasks.keep: pairs keeps the tasks that pairs name; give pairs as [[exposure, outcome], ...]')
+        if isinstance(self.tasks.keep, list) and self.tasks.names is not None:
             unknown = [t for t in self.tasks.keep if isinstance(t, str) and t not in self.tasks.names]
             unknown += [t for t in self.tasks.keep if isinstance(t, int) and not 0 <= t < len(self.tasks.names)]
             if unknown:

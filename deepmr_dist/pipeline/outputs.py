@@ -1,7 +1,14 @@
 """What a pipeline writes beside its store: where (:class:`Outputs`, :func:`output_location`) and the local and global CE tables.
 
-The tables' columns are named as ``deepmr mr`` / ``deepmr meta`` name them,
-from the schema's registry.
+One column set: the local table is ``pair, exposure, outcome``, then exactly
+``deepmr mr``'s columns (:data:`LOCAL_COLUMNS`, from the schema's registry);
+the global table is ``pair, exposure, outcome`` (the pair is ``deepmr meta``'s
+group), then exactly ``deepmr meta``'s columns after its ``group``
+(:data:`GLOBAL_COLUMNS`), then the store's dilution summary
+(:data:`GLOBAL_EXTRA_COLUMNS`), which ``deepmr meta`` cannot compute. One NA
+spelling: every table is written through :func:`with_missing_text`, so a
+missing number and an empty code (``reason``, ``note``: there is none) are
+both :data:`deepmr_dist.schema.TABLE_NA` in CSV/TSV and null in Parquet.
 """
 
 from __future__ import annotations
@@ -24,23 +31,45 @@ from deepmr_dist.io.location import filesystem, is_local, normalize, sibling
 from deepmr_dist.pipeline.config import PipelineConfig
 
 LOCAL_COLUMNS = schema.table_columns(schema.MR)
-"""mr variable -> column of ``local_ce.csv`` (:func:`deepmr_dist.schema.table_columns`)."""
-GLOBAL_COLUMNS = schema.table_columns(schema.META)
-"""meta variable -> column of ``global_ce.csv``."""
+"""mr variable -> column of ``local_ce.csv``: ``deepmr mr``'s columns after ``locus, method`` (:func:`deepmr_dist.schema.table_columns`)."""
+GLOBAL_COLUMNS: dict[str, str] = {
+    **{v.name: v.field for v in schema.variables_of(schema.META) if v.field},
+    "n_loci_undefined": "n_excluded",  # the loci left out as invalid: deepmr meta's rows left out as invalid
+}
+"""meta variable -> column of ``global_ce.csv``: ``deepmr meta``'s columns after ``group, method``, in its order
+(the kernel's result fields in registry order, then ``n_excluded``)."""
+GLOBAL_EXTRA_COLUMNS: dict[str, str] = {
+    v.name: v.name for v in schema.variables_of(schema.META) if v.name not in GLOBAL_COLUMNS
+}
+"""meta variables only a run store has (the dilution summary), the last columns of ``global_ce.csv``."""
+
+
+def with_missing_text(frame: pd.DataFrame) -> pd.DataFrame:
+    """``frame`` with its text columns as pandas strings and every empty cell missing (written :data:`deepmr_dist.schema.TABLE_NA`).
+
+    An empty ``reason`` means the estimate is defined, an empty ``note`` that
+    there is no caveat: there is no code, and a missing code is spelled as a
+    missing number is. In Parquet a missing code is a null of a string column
+    (also where a column has no code at all).
+    """
+    text = [c for c in frame.columns if pd.api.types.is_object_dtype(frame[c]) or pd.api.types.is_string_dtype(frame[c])]
+    return frame.assign(**{c: frame[c].mask(frame[c] == "").astype(pd.StringDtype()) for c in text})
+
+
+def _table(ds: xr.Dataset, ids: list[str], columns: dict[str, str]) -> pd.DataFrame:
+    """``ds``'s variables as columns named ``columns`` after ``ids``; a variable an older store lacks is all missing."""
+    frame = ds[[name for name in columns if name in ds]].reset_coords(["exposure", "outcome"]).to_dataframe().reset_index()
+    return with_missing_text(frame.rename(columns=columns).reindex(columns=[*ids, *columns.values()]))
 
 
 def local_table_from(local: xr.Dataset) -> pd.DataFrame:
-    """One row per (pair, locus, method): ``pair, exposure, outcome``, then ``deepmr mr``'s columns (the registry's)."""
-    frame = local[list(LOCAL_COLUMNS)].reset_coords(["exposure", "outcome"]).to_dataframe().reset_index()
-    frame = frame.rename(columns=LOCAL_COLUMNS)
-    return frame[["pair", "exposure", "outcome", "locus", "method", *LOCAL_COLUMNS.values()]]
+    """One row per (pair, locus, method): ``pair, exposure, outcome``, then exactly ``deepmr mr``'s columns."""
+    return _table(local, ["pair", "exposure", "outcome", "locus", "method"], LOCAL_COLUMNS)
 
 
 def global_table_from(global_: xr.Dataset) -> pd.DataFrame:
-    """One row per (pair, method), columns named as ``deepmr meta`` writes them."""
-    frame = global_[list(GLOBAL_COLUMNS)].reset_coords(["exposure", "outcome"]).to_dataframe().reset_index()
-    frame = frame.rename(columns=GLOBAL_COLUMNS)
-    return frame[["pair", "exposure", "outcome", "method", *GLOBAL_COLUMNS.values()]]
+    """One row per (pair, method): ``pair, exposure, outcome``, ``deepmr meta``'s columns after its group, the dilution summary."""
+    return _table(global_, ["pair", "exposure", "outcome", "method"], {**GLOBAL_COLUMNS, **GLOBAL_EXTRA_COLUMNS})
 
 
 @dataclass(frozen=True)
@@ -105,10 +134,11 @@ def output_location(config: PipelineConfig) -> Outputs:
 
 
 def write_table(table: pd.DataFrame, outputs: Outputs, stem: str) -> None:
-    """``stem.csv`` (NaN spelled :data:`deepmr_dist.schema.TABLE_NA`) and ``stem.parquet`` in ``outputs``, each written whole.
+    """``stem.csv`` (a missing number or code spelled :data:`deepmr_dist.schema.TABLE_NA`) and ``stem.parquet`` in ``outputs``.
 
-    See :meth:`Outputs.write_bytes`.
+    Each is written whole (see :meth:`Outputs.write_bytes`); text cells go through :func:`with_missing_text`.
     """
+    table = with_missing_text(table)
     outputs.write_bytes(f"{stem}.csv", table.to_csv(index=False, na_rep=schema.TABLE_NA).encode())
     buffer = io.BytesIO()
     table.to_parquet(buffer, index=False)

@@ -9,6 +9,7 @@ them to tell what a run would compute without running it.
 from __future__ import annotations
 
 import itertools
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ import numpy as np
 import xarray as xr
 
 from deepmr_dist.errors import InputError
+from deepmr_dist.io.store import tasks_per_chunk
 from deepmr_dist.io.sequence import read_bed_regions, read_fasta, read_onehot, sequences_dataset
 from deepmr_dist.models.architectures import head_for_tasks
 from deepmr_dist.models.ensemble import ModelSpec, is_entry_point, load_members, resolve_entry_point
@@ -33,6 +35,7 @@ __all__ = [
     "member_seeds",
     "model_spec",
     "output_head",
+    "pair_tasks",
     "plan",
     "resolve_pairs",
 ]
@@ -72,9 +75,17 @@ class Plan:
             f"tasks: {', '.join(self.tasks)}; pairs: {len(self.pairs)} ({', '.join(f'{e}->{o}' for e, o in self.pairs)})",
             f"forward passes: {self.forward_passes:,} (loci x members x (3 x length mutants + reference))",
             f"store: mut_pred {self.mut_pred_bytes / 2**20:,.1f} MiB float32 before compression; "
-            f"{n_chunks} chunk(s) of {self.chunk_loci} loci, one ISM task each",
+            f"{n_chunks} chunk(s) of {self.chunk_loci} loci, one ISM task each{self._task_chunking()}",
         ]
         return "\n".join(lines)
+
+    def _task_chunking(self) -> str:
+        """How each ``mut_pred`` chunk is split along ``task`` (:func:`deepmr_dist.io.store.tasks_per_chunk`)."""
+        column = min(self.chunk_loci, self.n_loci) * self.n_members * self.length * 4 * 4
+        per = tasks_per_chunk(column, len(self.tasks))
+        if per == len(self.tasks):
+            return ""
+        return f", each a shard of inner chunks of {per} task(s) ({per * column / 2**20:,.2f} MiB)"
 
 
 def load_sequences(config: PipelineConfig) -> tuple[xr.Dataset, xr.Dataset | None]:
@@ -112,20 +123,58 @@ def output_head(config: PipelineConfig) -> OutputHead:
     """The head of ``config.tasks`` (the simulation's CNN names its outputs exposure, outcome).
 
     With ``tasks.names``, kept tasks may be named (unknown names are errors
-    with close matches suggested) or given by index.
+    with close matches suggested) or given by index. ``tasks.keep: pairs``
+    keeps the tasks of :func:`pair_tasks`.
     """
     tasks = config.tasks
     names = tasks.names or (list(SIMULATION_TASKS) if config.model.train_simulation else None)
+    keep = pair_tasks(config, names) if tasks.keep == "pairs" else tasks.keep
     if names is not None:
-        keep = None if tasks.keep is None else [names[t] if isinstance(t, int) else t for t in tasks.keep]
+        keep = None if keep is None else [names[t] if isinstance(t, int) else t for t in keep]
         return head_for_tasks(
             names, keep, transform=tasks.transform, output_index=tasks.output_index, profile_axis=tasks.profile_axis
         )
     try:
-        indices, task_names = parse_tasks(None if tasks.keep is None else ",".join(map(str, tasks.keep)), None)
+        indices, task_names = parse_tasks(None if keep is None else ",".join(map(str, keep)), None)
         return OutputHead(tasks.output_index, tasks.profile_axis, indices, tasks.transform, task_names)
     except ValueError as exc:
         raise InputError(f"tasks: {exc}") from None
+
+
+_DEFAULT_NAME = re.compile(r"task(\d+)")
+"""The name :class:`~deepmr_dist.models.heads.OutputHead` gives output ``i`` when no names are known: ``task<i>``."""
+
+
+def pair_tasks(config: PipelineConfig, names: list[str] | None) -> list[str] | list[int]:
+    """The tasks ``config.pairs`` names, each once, in model output order (``tasks.keep: pairs``).
+
+    Parameters
+    ----------
+    names
+        Names of every model output (``tasks.names``, or the simulation's); ``None``:
+        the outputs have the default names ``task0, task1, ...``, and the indices are returned.
+
+    Raises
+    ------
+    InputError
+        Naming the pair whose task is not an output of the model (by ``names``, or not ``task<i>``).
+    """
+    found: dict[str, int] = {}
+    for index, pair in enumerate(config.pairs):
+        for task in pair:
+            match = _DEFAULT_NAME.fullmatch(task)
+            if names is not None and task not in names:
+                raise InputError(
+                    f"pairs[{index}] names task {task!r}, which tasks.names does not have (tasks.keep: pairs keeps the pairs' tasks)"
+                )
+            if names is None and match is None:
+                raise InputError(
+                    f"pairs[{index}] names task {task!r}, but without tasks.names the outputs are named "
+                    "task0, task1, ... (give tasks.names to keep the pairs' tasks by name)"
+                )
+            found[task] = names.index(task) if names is not None else int(match.group(1))
+    ordered = sorted(found, key=found.__getitem__)
+    return ordered if names is not None else [found[task] for task in ordered]
 
 
 def resolve_pairs(config: PipelineConfig, task_names: list[str]) -> list[tuple[str, str]]:
@@ -161,9 +210,11 @@ def entry_points(config: PipelineConfig) -> list[tuple[str, str]]:
 
 
 def model_spec(config: PipelineConfig) -> ModelSpec:
-    """The ensemble of ``config.model.sources``."""
+    """The ensemble of ``config.model.sources``; URLs among them are read with ``model.storage_options``, else the store's."""
     options = tuple((name, _frozen(value)) for name, value in sorted(config.model.options.items()))
-    return ModelSpec(tuple(config.model.sources), mc_dropout=config.model.mc_dropout, mc_seed=config.model.mc_seed, options=options)
+    storage = config.model.storage_options if config.model.storage_options is not None else config.storage_options
+    return ModelSpec(tuple(config.model.sources), mc_dropout=config.model.mc_dropout, mc_seed=config.model.mc_seed,
+                     options=options, storage_options=storage or None)  # fmt: skip
 
 
 def _frozen(value: Any) -> Any:

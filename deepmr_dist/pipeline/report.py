@@ -84,7 +84,7 @@ def write_report(
     if not isinstance(outputs, Outputs):
         outputs = Outputs(*normalize(str(outputs) if outputs is not None else sibling(store_path), storage_options))
     sections = [
-        _section("Global causal effects", _global_table(groups[schema.META], store_path)),
+        _section("Global causal effects", _global_table(groups[schema.META], store_path, storage_options)),
         _section("Figures", _figures(groups, outputs)),
         _section("Loci", _loci(groups)),
         _section("Store contents", _contents(store_path, groups, storage_options)),
@@ -110,11 +110,11 @@ def write_report(
 # --------------------------------------------------------------------------- sections
 
 
-def _global_table(global_: xr.Dataset, store_path: str) -> str:
+def _global_table(global_: xr.Dataset, store_path: str, storage_options: Mapping[str, Any] | None) -> str:
     table = global_table_from(global_.load())
     table.insert(len(table.columns) - 1, "tau", np.sqrt(table["tau2"]))
-    body = table.drop(columns=["exposure", "outcome"]).to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0)
-    truth = _true_global_ce(store_path)
+    body = table.drop(columns=["exposure", "outcome"]).to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0, na_rep="NA")
+    truth = _true_global_ce(store_path, storage_options)
     note = "" if truth is None else f"<p>True global CE (simulation): <b>{truth:.4f}</b></p>"
     return body + note
 
@@ -203,9 +203,9 @@ def _versions(ism: xr.Dataset) -> str:
     return f"<p>Python {platform.python_version()} on {html.escape(platform.platform())}</p>" + frame.to_html(index=False, border=0)
 
 
-def _true_global_ce(store_path: str) -> float | None:
+def _true_global_ce(store_path: str, storage_options: Mapping[str, Any] | None) -> float | None:
     try:
-        group = zarr.open_group(store_path, path=schema.TRUTH, mode="r")
+        group = zarr.open_group(store_path, path=schema.TRUTH, mode="r", storage_options=storage_options)
     except (FileNotFoundError, KeyError, zarr.errors.GroupNotFoundError):
         return None
     return float(group["global_true_ce"][()])

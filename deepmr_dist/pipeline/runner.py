@@ -46,8 +46,9 @@ import pandas as pd
 import xarray as xr
 
 from deepmr_dist import schema
-from deepmr_dist.errors import StoreError
+from deepmr_dist.cluster import task_resources
 from deepmr_dist.io import store
+from deepmr_dist.io.progress import shown as progress_bars
 from deepmr_dist.io.location import check_reachable, normalize
 from deepmr_dist.io.lock import DEFAULT_LOCK_TIMEOUT, lock
 from deepmr_dist.io.verify import mark_incomplete, verify_ism
@@ -165,28 +166,32 @@ def _sequences(run: Run) -> xr.Dataset:
     return run.loci
 
 
-def _member_paths(run: Run) -> list[Path]:
-    """Where the trained members go: ``members/`` in a local output folder (training on a remote one is refused)."""
-    if run.outputs.local is None:
-        raise StoreError(
-            f"outputs {run.outputs.location}: training members (model.train_simulation) needs a local outputs folder; "
-            "set outputs: to a local or shared directory"
-        )
-    return [run.outputs.local / "members" / f"member-{i}.pt" for i in range(run.config.model.members)]
+MEMBERS = "members"
+"""Folder of the trained members in the outputs location (``member-<i>.pt`` and ``member-<i>.json``)."""
+
+
+def _member_names(run: Run) -> list[str]:
+    """The trained members' names in the outputs location, local or remote: ``members/member-<i>.pt``."""
+    return [f"{MEMBERS}/member-{i}.pt" for i in range(run.config.model.members)]
+
+
+def _members_spec(run: Run) -> ModelSpec:
+    """The trained members as a model: read through fsspec with the outputs' storage options."""
+    return ModelSpec(tuple(run.outputs.url(name) for name in _member_names(run)), storage_options=run.outputs.storage_options)
 
 
 def _train(run: Run) -> ModelSpec:
     train = select_split(run.simulated, "train", "variant")
-    members = train_ensemble(
+    train_ensemble(
         one_hot(train["sequence"].values), train["label"].values, run.config.model.members, member_seeds(run.config),
-        client=run.client, out_dir=_member_paths(run)[0].parent, settings=run.config.model.training,
+        client=run.client, resources=task_resources(run.client), out_dir=run.outputs.url(MEMBERS),
+        storage_options=run.outputs.storage_options, settings=run.config.model.training,
     )  # fmt: skip
-    return ModelSpec(tuple(str(m.path) for m in members))
+    return _members_spec(run)
 
 
 def _trained(run: Run) -> ModelSpec | None:
-    paths = _member_paths(run)
-    return ModelSpec(tuple(map(str, paths))) if all(p.exists() for p in paths) else None
+    return _members_spec(run) if all(run.outputs.exists(name) for name in _member_names(run)) else None
 
 
 def _model(run: Run) -> ModelSpec:
@@ -279,9 +284,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("sequences", _sequences, sections=("sequences",)),
     Stage("model", _train, sections=("sequences", "model"), after=("sequences",), when=_trains, load=_trained),
     Stage("model", _model, sections=("model",), when=lambda config: not _trains(config)),
+    Stage("ism", _ism, group=schema.ISM, after=("sequences", "model"), ledger=True),
+    # After ism, which creates the store: a store holding only a calibration group is not one predict continues.
     Stage("calibration", _calibration, group=schema.CALIBRATION, sections=("sequences", "effects"), after=("model",),
           when=lambda config: config.effects.calibration),
-    Stage("ism", _ism, group=schema.ISM, after=("sequences", "model"), ledger=True),
     Stage("effects", _effects, group=schema.EFFECTS, sections=("effects",), after=("ism", "calibration")),
     Stage("mr", _mr, group=schema.MR, sections=("effects", "instruments", "mr", "pairs"), after=("effects",)),
     Stage("meta", _meta, group=schema.META, sections=("meta",), after=("mr",)),
@@ -350,7 +356,8 @@ def run_pipeline(
                 continue
             tick = time.perf_counter()
             fingerprint = stage_fingerprint(stage, run)
-            result, reused = _run_stage(stage, run, fingerprint)
+            with progress_bars(stage.name if progress else None):  # effects, mr, meta: a bar per computation
+                result, reused = _run_stage(stage, run, fingerprint)
             if stage.ledger:
                 fingerprint = store.read_fingerprint(run.store, run.storage_options) or fingerprint
             run.results[stage.name], run.fingerprints[stage.name] = result, fingerprint
@@ -375,7 +382,7 @@ def _run_stage(stage: Stage, run: Run, fingerprint: str) -> tuple[Any, bool]:
         return _verified_ism(stage, run)
     if stage.group is not None:
         if store.stage_fingerprint(run.store, stage.group, run.storage_options) == fingerprint:
-            return xr.open_zarr(run.store, group=stage.group, consolidated=False, storage_options=run.storage_options), True
+            return store.open_group(run.store, stage.group, run.storage_options), True
         try:
             return store.write_group(run.store, stage.compute(run), stage.group, fingerprint=fingerprint,
                                      storage_options=run.storage_options), False  # fmt: skip

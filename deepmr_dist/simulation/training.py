@@ -57,23 +57,28 @@ depend on the number of threads, so the ensemble trainer pins it (default 1)
 in-process and on workers alike; GPU kernels are not guaranteed bitwise
 reproducible.
 
-Weights are written as plain state dicts (``torch.save(model.state_dict())``)
-and read back with ``torch.load(path, weights_only=True)``.
+Weights are written as plain state dicts (``torch.save(model.state_dict())``),
+through fsspec to a local folder or an object store, and read back with
+``torch.load(path, weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
+import fsspec
 import numpy as np
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
-from deepmr_dist.errors import InputError
+from deepmr_dist.errors import InputError, StoreError
 from deepmr_dist.models.architectures import SimulationCNN, simulation_cnn_weight_keys
 from deepmr_dist.simulation.training_settings import CYCLE_RISE, TrainingSettings
 
@@ -123,19 +128,23 @@ class TrainingHistory:
         return self.val_mse[self.best_epoch]
 
     @classmethod
-    def read(cls, member_path: str | Path) -> TrainingHistory:
-        """The history :func:`train_ensemble` wrote beside a member (``member-<i>.json`` beside ``member-<i>.pt``)."""
-        data = json.loads(Path(member_path).with_suffix(".json").read_text())
+    def read(cls, member_path: str | Path, storage_options: Mapping[str, Any] | None = None) -> TrainingHistory:
+        """The history :func:`train_ensemble` wrote beside a member (``member-<i>.json`` beside ``member-<i>.pt``).
+
+        ``member_path`` is a local path or an fsspec URL, read with ``storage_options``.
+        """
+        fs, path = fsspec.core.url_to_fs(str(member_path), **(storage_options or {}))
+        data = json.loads(fs.cat_file(path.removesuffix(".pt") + ".json"))
         return cls(**{name: value for name, value in data.items() if name != "seed"})
 
 
 @dataclass(frozen=True)
 class TrainedMember:
-    """One ensemble member on disk."""
+    """One ensemble member as written: a local file (a ``Path``) or an object at an fsspec URL (a ``str``)."""
 
     index: int
     seed: int
-    path: Path
+    path: Path | str
     history: TrainingHistory
 
 
@@ -212,7 +221,9 @@ def train_ensemble(
     seeds: Sequence[int] | None = None,
     *,
     client=None,
+    resources: Mapping[str, float] | None = None,
     out_dir: str | Path,
+    storage_options: Mapping[str, Any] | None = None,
     settings: TrainingSettings | None = None,
     threads: int = 1,
 ) -> list[TrainedMember]:
@@ -227,12 +238,20 @@ def train_ensemble(
     seeds
         One seed per member; default ``0 .. n_members - 1``.
     client
-        A ``dask.distributed.Client``: each member becomes one task. Tasks ask
-        for ``resources={"GPU": 1}`` when the cluster's workers declare GPU
-        resources, else for none (same code on CPU). ``None`` trains in-process.
+        A ``dask.distributed.Client``: each member becomes one task (same code
+        on CPU and GPU workers). ``None`` trains in-process.
+    resources
+        What each task requests, as the caller decided it for the cluster, not
+        from the workers connected now: the pipeline passes
+        ``deepmr_dist.cluster.task_resources(client)``, ``{"GPU": 1}`` by the
+        rule of the ISM tasks, so that tasks submitted before the GPU workers
+        join wait for them. Default: none (any worker).
     out_dir
-        Run directory; member i is written to ``member-<i>.pt`` (state dict)
-        with its history in ``member-<i>.json``.
+        Run directory, a local path or an fsspec URL (``s3://bucket/run/members``);
+        member i is written to ``member-<i>.pt`` (state dict) with its history in
+        ``member-<i>.json``, the history first.
+    storage_options
+        fsspec options of a URL ``out_dir`` (an endpoint, credentials).
     settings
         Optimisation settings; default :class:`TrainingSettings()`.
     threads
@@ -250,13 +269,16 @@ def train_ensemble(
     if len(set(seeds)) != len(seeds):
         raise InputError(f"member seeds must differ, got {seeds}")
     x, y = _check_data(x, y)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    fs, root = fsspec.core.url_to_fs(str(out_dir), **(storage_options or {}))
+    try:
+        fs.makedirs(root, exist_ok=True)  # an unwritable place fails before training
+    except OSError as exc:
+        raise _unwritable(out_dir, exc) from None
     options = {"settings": settings, "threads": threads}
     if client is None:
         results = [train_member(x, y, seed, **options) for seed in seeds]
     else:
-        resources = {"GPU": 1} if _cluster_has_gpus(client) else None
+        resources = dict(resources) if resources else None
         x_future, y_future = client.scatter([x, y], broadcast=True, hash=False)
         futures = [
             client.submit(train_member, x_future, y_future, seed, pure=False, resources=resources, **options)
@@ -265,11 +287,23 @@ def train_ensemble(
         results = client.gather(futures)
     members = []
     for index, (seed, (state, history)) in enumerate(zip(seeds, results)):
-        path = out_dir / f"member-{index}.pt"
-        torch.save(state, path)
-        path.with_suffix(".json").write_text(json.dumps({"seed": seed, **asdict(history)}, indent=1))
+        weights = io.BytesIO()
+        torch.save(state, weights)
+        record = json.dumps({"seed": seed, **asdict(history)}, indent=1).encode()
+        name = f"member-{index}.pt"
+        try:
+            fs.pipe_file(f"{root}/member-{index}.json", record)  # the history first: a member file implies its history
+            fs.pipe_file(f"{root}/{name}", weights.getvalue())
+        except OSError as exc:
+            raise _unwritable(out_dir, exc) from None
+        path = Path(root) / name if isinstance(fs, LocalFileSystem) else f"{str(out_dir).rstrip('/')}/{name}"
         members.append(TrainedMember(index=index, seed=seed, path=path, history=history))
     return members
+
+
+def _unwritable(out_dir: str | Path, exc: OSError) -> StoreError:
+    """The one-line error of a filesystem that refuses the trained members."""
+    return StoreError(f"cannot write the trained members to {out_dir}: {exc.strerror or exc}")
 
 
 def _check_data(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -376,12 +410,3 @@ def _evaluate(model: SimulationCNN, x: torch.Tensor, y: torch.Tensor) -> torch.T
     model.eval()
     squared = sum(((model(xb) - yb) ** 2).sum(dim=0) for xb, yb in zip(x.split(_EVAL_CHUNK), y.split(_EVAL_CHUNK)))
     return squared / len(y)
-
-
-def _cluster_has_gpus(client) -> bool:
-    try:
-        info = client.scheduler_info(n_workers=-1)  # newer distributed lists only 5 workers by default
-    except TypeError:  # distributed before 2025 has no n_workers and lists all
-        info = client.scheduler_info()
-    workers = info["workers"].values()
-    return any(worker.get("resources", {}).get("GPU", 0) > 0 for worker in workers)

@@ -252,7 +252,7 @@ class Calibration:
                 "calibration_locus": np.array(self.loci, dtype=object),
             },
             attrs={"level": self.level, "ddof": self.ddof, "n_members": self.n_members,
-                   "source": self.source, "method": self.method},
+                   "calibration_source": self.source, "method": self.method},  # "source" is the store's (CF)
         )
 
     @classmethod
@@ -274,7 +274,7 @@ class Calibration:
             curve_levels=tuple(float(x) for x in ds["level"].values),
             coverage_before=tuple(tuple(float(x) for x in row) for row in ds["coverage_before"].values),
             coverage_after=tuple(tuple(float(x) for x in row) for row in ds["coverage_after"].values),
-            source=str(ds.attrs.get("source", "")),
+            source=str(ds.attrs.get("calibration_source", ds.attrs.get("source", ""))),  # "source": older stores
             method=str(ds.attrs.get("method", METHOD)),
         )
 

@@ -5,17 +5,21 @@ For member i, mutant m and reference r of one locus and task,
 which equals ``sqrt(var(f(m)) + var(f(r)) - 2 cov(f(m), f(r)))`` across members.
 Computing the SD of the differences directly (in float64) avoids the
 cancellation of the three-term form; round-off below zero is clamped to 0.
-Everything is elementwise within a locus chunk, so the dask graph is
-blockwise along ``locus`` and memory stays proportional to one chunk.
+Everything is elementwise within a locus chunk: one compiled kernel call per
+chunk (:mod:`deepmr_dist.ism.effect_sizes`) reads its predictions once and
+writes both outputs in their storage dtype, so the dask graph is blockwise
+along ``locus`` and memory stays proportional to one chunk.
 
 With a :class:`~deepmr_dist.stages.calibration.Calibration` (fitted on held-out
-labelled loci), ``effect_se`` of each task is multiplied by its factor, an
-elementwise product inside the same blockwise graph (no extra pass over the
-data); ``effect`` is unchanged. See :mod:`deepmr_dist.stages.calibration` for what
+labelled loci), ``effect_se`` of each task is multiplied by its factor inside
+the same kernel (no extra pass over the data); ``effect`` is unchanged. See :mod:`deepmr_dist.stages.calibration` for what
 exactly is calibrated.
 """
 
 from __future__ import annotations
+
+from functools import partial
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -84,18 +88,11 @@ def compute_effects(
     n_members = ism.sizes["member"]
     if n_members - ddof < 1:
         raise DeepMRError(f"{n_members} member(s) cannot give a standard error with ddof={ddof}")
-    diff = ism["mut_pred"].astype(np.float64) - ism["ref_pred"].astype(np.float64)
-    effect = diff.mean("member", skipna=False)
-    var = ((diff - effect) ** 2).sum("member", skipna=False) / (n_members - ddof)
-    effect_se = np.sqrt(var.clip(min=0.0))
-    if calibration is not None:
-        effect_se = effect_se * calibration.se_factor(ism, ddof)
-    out = xr.Dataset(
-        {
-            "effect": effect.transpose(*schema.VARIABLES["effect"].dims).astype(dtype),
-            "effect_se": effect_se.transpose(*schema.VARIABLES["effect_se"].dims).astype(dtype),
-        }
-    )
+    factor = None if calibration is None else np.asarray(calibration.se_factor(ism, ddof).values, dtype=np.float64)
+    effect, effect_se = _moments(ism, ddof, factor, dtype)
+    dims = schema.VARIABLES["effect"].dims
+    coords = {name: ism[name] for name in dims if name in ism.coords}
+    out = xr.Dataset({"effect": (dims, effect), "effect_se": (dims, effect_se)}, coords=coords)
     out = out.assign_coords(_variant_coords(ism))
     for name in ("effect", "effect_se"):
         out[name].attrs["description"] = schema.VARIABLES[name].description
@@ -104,6 +101,29 @@ def compute_effects(
     if calibration is not None:
         out.attrs["calibration"] = calibration.summary()
     return schema.validate(out, schema.EFFECTS)
+
+
+def _moments(ism: xr.Dataset, ddof: int, factor: np.ndarray | None, dtype: str) -> tuple[Any, Any]:
+    """``effect`` and ``effect_se`` arrays (locus, position, allele, task): one kernel call per locus block.
+
+    Dask-backed predictions give dask arrays of one task per ``mut_pred`` chunk along
+    ``locus`` (every other dim whole), which reads the block once and writes both outputs
+    (:func:`deepmr_dist.ism.effect_sizes.effect_moments`); in-memory ones give numpy arrays.
+    """
+    from deepmr_dist.ism.effect_sizes import effect_moments
+
+    mut = ism["mut_pred"].transpose(*schema.VARIABLES["mut_pred"].dims).data
+    ref = ism["ref_pred"].transpose(*schema.VARIABLES["ref_pred"].dims).data
+    kernel = partial(effect_moments, ddof=ddof, factor=factor, dtype=dtype)
+    if not hasattr(mut, "dask"):
+        both = kernel(np.asarray(mut), np.asarray(ref))
+        return both[0], both[1]
+    import dask.array as da
+
+    mut = mut.rechunk({1: -1, 2: -1, 3: -1, 4: -1})
+    ref = ref.rechunk((mut.chunks[0], -1, -1))
+    both = da.blockwise(kernel, "xlpat", mut, "lmpat", ref, "lmt", new_axes={"x": 2}, concatenate=True, dtype=dtype)
+    return both[0], both[1]
 
 
 def _variant_coords(ism: xr.Dataset) -> dict[str, xr.DataArray]:

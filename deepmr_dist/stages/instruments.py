@@ -21,11 +21,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 
-import dask
 import numpy as np
 import xarray as xr
 
-from deepmr_dist.errors import InputError
+from deepmr_dist.errors import InputError, check_name
 
 __all__ = [
     "RULES",
@@ -34,6 +33,7 @@ __all__ = [
     "instrument_mask",
     "pooled_stats",
     "select",
+    "usable",
 ]
 
 RuleFunction = Callable[[np.ndarray, np.ndarray, float, float, float], np.ndarray]
@@ -55,6 +55,17 @@ def _mutation_z(effect: np.ndarray, effect_se: np.ndarray, threshold: float, cen
 
 RULES: dict[str, RuleFunction] = {"pooled_z": _pooled_z, "mutation_z": _mutation_z}
 """The instrument-selection rules, name -> function (see the module docstring); :func:`check_rule` checks names."""
+
+
+def usable(bx: np.ndarray, bxse: np.ndarray, by: np.ndarray, byse: np.ndarray) -> np.ndarray:
+    """Which instruments the MR kernels can use: finite ``bx`` and ``by``, finite and positive SEs.
+
+    The rule of :mod:`deepmr_dist.mr` and of ``deepmr mr``'s input rows; a selected
+    instrument that fails it is counted in the mr group's ``n_excluded``.
+    """
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(bx) & np.isfinite(by) & np.isfinite(bxse) & (bxse > 0) & np.isfinite(byse) & (byse > 0)
+
 
 _CANDIDATE_DIMS = ("position", "allele")
 
@@ -79,8 +90,7 @@ def check_rule(rule: str, threshold: float | None = None) -> str:
     InputError
         Naming an unknown rule and listing the valid ones, or naming a bad threshold.
     """
-    if rule not in RULES:
-        raise InputError(f"unknown instrument rule {rule!r}; valid: {', '.join(RULES)}")
+    check_name(rule, RULES, "instrument rule")
     if threshold is not None and (not np.isfinite(threshold) or threshold < 0):
         raise InputError(f"instrument threshold must be finite and >= 0, got {threshold!r}")
     return rule
@@ -137,7 +147,7 @@ def pooled_stats(effects: xr.Dataset, exposures: Sequence[str], *, ddof: int = 0
     """Mean and SD of every exposure's effects pooled over loci, positions and alleles.
 
     All exposures are reduced in a single ``dask.compute`` (one pass over the
-    data); NaN cells (reference alleles) are skipped. Accumulation is in float64.
+    data, a progress bar inside :func:`deepmr_dist.io.progress.shown`); NaN cells (reference alleles) are skipped. Accumulation is in float64.
 
     Returns
     -------
@@ -150,7 +160,9 @@ def pooled_stats(effects: xr.Dataset, exposures: Sequence[str], *, ddof: int = 0
     check_tasks(effects, exposures)
     x = effects["effect"].sel(task=exposures).astype(np.float64)
     dims = [d for d in x.dims if d != "task"]
-    mean, sd = dask.compute(x.mean(dim=dims, skipna=True), x.std(dim=dims, skipna=True, ddof=ddof))
+    from deepmr_dist.io import progress  # distributed, only once a computation runs (configs import this module)
+
+    mean, sd = progress.compute(x.mean(dim=dims, skipna=True), x.std(dim=dims, skipna=True, ddof=ddof), what="pooled statistics")
     return {t: (float(mean.sel(task=t)), float(sd.sel(task=t))) for t in exposures}
 
 

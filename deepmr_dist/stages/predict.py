@@ -1,11 +1,13 @@
 """Stage 1: distributed saturation mutagenesis into the run store.
 
 The client validates inputs and the model, writes the store's template, then
-submits one Dask task per incomplete locus chunk. Each task runs on a worker
-(requesting ``GPU=1`` on GPU clusters), loads the ensemble once per worker
-through :data:`deepmr_dist.cluster.MODEL_CACHE`, predicts its chunk on the
-device and writes it with one chunk-aligned region write, ``complete`` last.
-Rerunning on the same store computes only the chunks that are not complete.
+submits two Dask tasks per incomplete locus chunk. The compute task runs on a
+worker (requesting ``GPU=1`` on GPU clusters), loads the ensemble once per
+worker through :data:`deepmr_dist.cluster.MODEL_CACHE` and predicts its chunk
+on the device; the write task that depends on it writes the chunk with one
+chunk-aligned region write, ``complete`` last, while the worker computes the
+next chunk (see :func:`_run_chunks`). Rerunning on the same store computes only
+the chunks that are not complete.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -32,6 +34,7 @@ from deepmr_dist.io.lock import DEFAULT_LOCK_TIMEOUT, lock
 from deepmr_dist.io.verify import mark_incomplete, verify_ism
 from deepmr_dist.cluster import MODEL_CACHE, task_resources, worker_device
 from deepmr_dist.errors import DeepMRError, ModelOutputError, StoreError
+from deepmr_dist.ism.device import to_host
 from deepmr_dist.ism.engine import make_ensemble_runners, saturation_mutagenesis
 from deepmr_dist.ism.precision import check_precision
 from deepmr_dist.models.ensemble import ModelSpec, fingerprint, load_members, member_names
@@ -53,7 +56,12 @@ class ISMSettings:
     chunk_loci
         Loci per store chunk and per Dask task.
     mutant_batch
-        Mutants per forward pass on the device.
+        Mutants per forward pass on the device (default 2,048, as ``deepmr predict`` and the YAML);
+        ``None`` or ``"auto"`` (stored as ``None``): sized on each worker from its GPU's free memory
+        (:func:`deepmr_dist.ism.device.auto_mutant_batch`), and
+        :data:`~deepmr_dist.ism.device.DEFAULT_MUTANT_BATCH` (2,048) on a CPU. Batch shapes change
+        float32 round-off, so with ``auto`` a store resumed on a GPU with other free memory can differ
+        from an undisturbed run by round-off; a number keeps resumes bit-identical.
     incremental
         Recompute only the positions a mutation touches where the model allows it (exact either way).
     precision
@@ -63,7 +71,7 @@ class ISMSettings:
 
     head: OutputHead = OutputHead()
     chunk_loci: int = 16
-    mutant_batch: int = 2048
+    mutant_batch: int | Literal["auto"] | None = 2048
     incremental: bool = True
     precision: str = "fp32"
 
@@ -71,7 +79,9 @@ class ISMSettings:
         check_precision(self.precision)
         if self.chunk_loci < 1:
             raise DeepMRError(f"chunk size must be >= 1 locus, got {self.chunk_loci}")
-        if self.mutant_batch < 1:
+        if self.mutant_batch == "auto":
+            object.__setattr__(self, "mutant_batch", None)
+        if self.mutant_batch is not None and (not isinstance(self.mutant_batch, int) or self.mutant_batch < 1):
             raise DeepMRError(f"mutant batch must be >= 1, got {self.mutant_batch}")
 
 
@@ -125,6 +135,10 @@ def check_predictions(
         )
 
 
+Predictions = tuple[np.ndarray, np.ndarray]
+"""A chunk's ``ref_pred`` (locus, member, task) and ``mut_pred`` (locus, member, position, allele, task) on the host."""
+
+
 def predict_chunk(
     path: str,
     start: int,
@@ -133,31 +147,53 @@ def predict_chunk(
     model_fp: str,
     settings: ISMSettings,
     storage_options: Mapping[str, Any] | None = None,
-    run_fp: str | None = None,
-) -> int | DeepMRError:
-    """Dask task: predict loci ``start:stop`` of the store at ``path`` and write them with their checksums.
+) -> Predictions | DeepMRError:
+    """Dask task: predict loci ``start:stop`` of the store at ``path``; :func:`write_chunk` writes them.
 
-    Returns the number of loci written, or the :class:`DeepMRError` that
-    stopped the chunk (bad model output, unreadable store, a store replaced by
-    another run than ``run_fp``): such errors are deterministic, so they come
-    back as values for the client to raise instead of being retried by Dask.
-    Torch uses the worker's thread setting (Dask workers start with
-    ``OMP_NUM_THREADS=1``).
+    The predictions accumulate on the worker's device and come to the host in
+    one copy per array (:func:`deepmr_dist.ism.device.to_host`: pinned memory
+    from a GPU). Returns them, or the :class:`DeepMRError` that stopped the
+    chunk (bad model output, unreadable store): such errors are deterministic,
+    so they come back as values for the client to raise instead of being
+    retried by Dask. Torch uses the worker's thread setting (Dask workers start
+    with ``OMP_NUM_THREADS=1``).
     """
     try:
         codes = store.read_sequences(path, start, stop, storage_options)
         runners = _ensemble(spec, model_fp, codes.shape[1], settings.incremental, settings.head)
-        device = worker_device()
-        x = codes_to_onehot(torch.from_numpy(codes).to(device))
+        x = codes_to_onehot(torch.from_numpy(codes).to(worker_device()))
         ref, mut = saturation_mutagenesis(
             runners, settings.head, x, mutant_batch=settings.mutant_batch, precision=settings.precision
         )
-        ref_np, mut_np = ref.cpu().numpy(), mut.cpu().numpy()
+        ref_np, mut_np = to_host(ref), to_host(mut)
         check_predictions(ref_np, mut_np, codes, store.read_locus_ids(path, start, stop, storage_options))
+    except DeepMRError as err:
+        return err
+    return ref_np, mut_np
+
+
+def write_chunk(
+    predicted: Predictions | DeepMRError,
+    path: str,
+    start: int,
+    storage_options: Mapping[str, Any] | None = None,
+    run_fp: str | None = None,
+) -> int | DeepMRError:
+    """Dask task: write the chunk :func:`predict_chunk` returned, its record, then its ``complete`` flags.
+
+    Returns the number of loci written, or the :class:`DeepMRError` that
+    stopped the chunk: the one :func:`predict_chunk` returned, or the store's
+    (a store replaced by another run than ``run_fp``, a misaligned region).
+    An ``OSError`` of the filesystem is raised, for Dask to retry once.
+    """
+    if isinstance(predicted, DeepMRError):
+        return predicted
+    ref_np, mut_np = predicted
+    try:
         store.write_ism_chunk(path, start, ref_np, mut_np, storage_options, fingerprint=run_fp)
     except DeepMRError as err:
         return err
-    return stop - start
+    return ref_np.shape[0]
 
 
 def predict_in_memory(loci: xr.Dataset, spec: ModelSpec, settings: ISMSettings = ISMSettings()) -> xr.Dataset:
@@ -169,7 +205,7 @@ def predict_in_memory(loci: xr.Dataset, spec: ModelSpec, settings: ISMSettings =
     ref, mut = saturation_mutagenesis(
         runners, settings.head, x, mutant_batch=settings.mutant_batch, precision=settings.precision
     )
-    ref_np, mut_np = ref.cpu().numpy(), mut.cpu().numpy()
+    ref_np, mut_np = to_host(ref), to_host(mut)
     check_predictions(ref_np, mut_np, codes, loci.locus.values)
     tasks = settings.head.names(_n_outputs(members[0], settings.head, loci, worker_device()))
     template = store.ism_template(loci, member_names(spec, len(members)), tasks, settings.chunk_loci)
@@ -306,10 +342,12 @@ def predict(
         if created:
             try:
                 template = store.ism_template(loci, member_names(spec, n_members), tasks, settings.chunk_loci)
+                indices = list(settings.head.tasks) if settings.head.tasks is not None else list(range(len(tasks)))
                 store.create_store(
-                    path, template, fingerprint=run_fp, attrs=_provenance(spec, model_fp, settings),
+                    path, template, fingerprint=run_fp,
+                    attrs={**_provenance(spec, model_fp, settings), store.TASK_INDICES_ATTR: indices},
                     chunk_loci=settings.chunk_loci, storage_options=storage_options,
-                )
+                )  # fmt: skip
             except BaseException:  # an interrupt too: a half-created store holds nothing to resume
                 store.remove_store(path, storage_options, keep_root=keep_root)
                 raise
@@ -375,16 +413,34 @@ def _run_chunks(
     storage_options: Mapping[str, Any] | None,
     progress: bool,
 ) -> None:
-    """Submit one task per chunk and wait for all; on failure stop every task before raising.
+    """Submit two tasks per chunk, compute then write, and wait for all; on failure stop every task before raising.
+
+    The compute task (:func:`predict_chunk`, requesting ``GPU=1`` on GPU
+    clusters) returns the chunk's predictions; the write task
+    (:func:`write_chunk`, no resources) depends on it, so it runs on the worker
+    that holds them (data locality; work stealing may move it) once they exist, and a chunk
+    counts as done only when its write task has returned. A GPU worker with a
+    second thread therefore writes chunk k while it computes chunk k+1 (the GPU
+    resource keeps its compute tasks one at a time); a single-threaded worker
+    runs the same tasks one after another. One write task per chunk, and the
+    store's chunk-aligned regions, keep two tasks from ever writing one shard;
+    :func:`deepmr_dist.io.store.write_ism_chunk` writes a chunk's ``complete``
+    flags after its data and record, so an interrupted or failed write leaves
+    the chunk incomplete, to be recomputed by a rerun. Each submission is its
+    own generation (``fifo_timeout=0``), so the scheduler and the workers run
+    tasks in submission order, compute k, write k, compute k+1, ...: a worker
+    holds the predictions of a few chunks at most, written in order (with the
+    default 100 ms, the submissions of one burst tie in priority and ran in no
+    particular order).
 
     A task that raised on its worker (after its retry) is raised as one line naming its loci:
-    :class:`StoreError` for an ``OSError`` (a full or read-only filesystem), else
-    :class:`ModelOutputError` (the model raised); the cluster's own errors (a worker lost
-    for good) are raised as they are.
+    :class:`StoreError` for a write, or a compute task's ``OSError`` (a full or read-only
+    filesystem), else :class:`ModelOutputError` (the model raised); the cluster's own errors
+    (a worker lost for good) are raised as they are.
 
-    Task keys name the run and the store (``ism-<sha256(run, path)>-<call>-<first locus>``),
-    so concurrent runs of one model into different stores, or a rerun after a
-    failure, never share a key and never receive each other's results.
+    Task keys name the run and the store (``ism-<sha256(run, path)>-<call>-<first locus>``, and
+    ``write-ism-...`` for the writes), so concurrent runs of one model into different stores, or a
+    rerun after a failure, never share a key and never receive each other's results.
     """
     if not chunks:
         return
@@ -393,48 +449,47 @@ def _run_chunks(
     resources = task_resources(client)
     run_token = hashlib.sha256(f"{run_fp}\n{path}".encode()).hexdigest()[:12]
     call_token = uuid.uuid4().hex[:6]
-    futures = [
-        client.submit(
-            predict_chunk,
-            path,
-            a,
-            b,
-            spec,
-            model_fp,
-            settings,
-            storage_options,
-            run_fp,
-            key=f"ism-{run_token}-{call_token}-{a}",
-            resources=resources,
-            pure=False,
+    computes: dict[str, Any] = {}  # write key -> its compute future, held until the write returns
+    writes = []
+    for a, b in chunks:
+        computed = client.submit(
+            predict_chunk, path, a, b, spec, model_fp, settings, storage_options,
+            key=f"ism-{run_token}-{call_token}-{a}", resources=resources, pure=False, fifo_timeout=0,
             retries=1,  # transient errors only: deterministic ones return as values
-        )
-        for a, b in chunks
-    ]
-    bounds = {future.key: chunk for future, chunk in zip(futures, chunks)}
+        )  # fmt: skip
+        written = client.submit(
+            write_chunk, computed, path, a, storage_options, run_fp,
+            key=f"write-ism-{run_token}-{call_token}-{a}", pure=False, fifo_timeout=0, retries=1,
+        )  # fmt: skip
+        computes[written.key] = computed
+        writes.append(written)
+    keys = [f.key for f in computes.values()] + [f.key for f in writes]
+    bounds = {future.key: chunk for future, chunk in zip(writes, chunks)}
     total = sum(b - a for a, b in chunks)
     with tqdm(total=total, unit="locus", desc="ISM", disable=not progress, file=sys.stderr) as bar:
         try:
-            for future in as_completed(futures, loop=client.loop):
-                bar.update(_task_result(future, *bounds[future.key], spec))
+            for future in as_completed(writes, loop=client.loop):
+                computed = computes.pop(future.key)  # released: its predictions leave the worker's memory
+                bar.update(_task_result(future, computed, *bounds[future.key], path, spec))
         except BaseException as stop:
             if isinstance(stop, KeyboardInterrupt):  # the user stopped the run: distributed's complaints about
                 for name in ("distributed.scheduler", "distributed.client"):  # gathers it cancels are noise
                     logging.getLogger(name).setLevel(logging.CRITICAL)
-            client.cancel(futures)
-            store.wait_until_stopped(client, [f.key for f in futures])
+            client.cancel([*computes.values(), *writes])
+            store.wait_until_stopped(client, keys)
             raise
 
 
-def _task_result(future: Any, start: int, stop: int, spec: ModelSpec) -> int:
-    """The loci an ISM task wrote, or the error that stopped it, as one line (see :func:`_run_chunks`)."""
+def _task_result(written: Any, computed: Any, start: int, stop: int, path: str, spec: ModelSpec) -> int:
+    """The loci a chunk's write task wrote, or the error that stopped the chunk, as one line (see :func:`_run_chunks`)."""
     try:
-        result = future.result()
+        result = written.result()
     except Exception as exc:
         if isinstance(exc, DeepMRError) or type(exc).__module__.startswith("distributed"):
             raise
-        text = str(exc).strip().splitlines()
-        what = f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+        what = store.one_line(exc)
+        if computed.status != "error":  # the prediction was made: its write raised
+            raise StoreError(f"writing loci {start}-{stop - 1} into {path} failed on a worker: {what}") from exc
         error = StoreError if isinstance(exc, OSError) else ModelOutputError
         raise error(f"ISM of loci {start}-{stop - 1} failed on a worker (model {', '.join(spec.sources)}): {what}") from exc
     if isinstance(result, DeepMRError):

@@ -47,6 +47,7 @@ from deepmr_dist.ism.incremental.rules.elementwise import (
     ELEMENTWISE_MODULES,
 )
 from deepmr_dist.ism.incremental.trace import INPLACE_FUNCTIONS, Leaves, node_call, rewrite_leaves, run_example, trace
+from deepmr_dist.ism.incremental.verify import tensor_leaves
 
 
 class CannotFuse(Exception):
@@ -306,7 +307,7 @@ class _Fuser:
             return self._elementwise(node, module)
         if differing:
             raise CannotFuse(f"{node.name} ({node.target}) has per-member parameters and no fused form")
-        for value_ in _tensors(value):
+        for value_ in tensor_leaves(value):
             if value_.ndim < 2:
                 raise CannotFuse(f"{node.name} has a value without a channel axis")
         if _is_reshape(node, module):
@@ -382,24 +383,44 @@ class _Fuser:
 
     # ------------------------------------------------------------------ layers with parameters
 
+    def _module_parameters(self, i: int, node: fx.Node, what: str) -> tuple[list[Any], list[Any]]:
+        """Every member's ``weight`` and ``bias`` of a layer module (node ``i``) called on its input alone.
+
+        Raises
+        ------
+        CannotFuse
+            If the call has other arguments.
+        """
+        if node.kwargs or len(node.args) != 1:
+            raise CannotFuse(f"{node.name}: a {what} called with extra arguments")
+        layers = [m.module(m.nodes[i]) for m in self.members]
+        return [layer.weight for layer in layers], [layer.bias for layer in layers]
+
+    def _const_parameters(self, node: fx.Node, bound: dict[str, Any], what: str) -> tuple[list[Any], list[Any]]:
+        """Every member's ``weight`` and ``bias`` (``None`` without one) of a functional layer's bound arguments.
+
+        Raises
+        ------
+        CannotFuse
+            If either is computed from the input.
+        """
+        for key in ("weight", "bias"):
+            if isinstance(bound.get(key), fx.Node) and self._layout(bound[key]) is not Layout.CONST:
+                raise CannotFuse(f"{node.name}: {what} weights computed from the input")
+        weights = _const_values(self, bound["weight"])
+        biases = _const_values(self, bound.get("bias")) if bound.get("bias") is not None else [None] * self.n
+        return weights, biases
+
     def _conv(self, i: int, node: fx.Node, module: nn.Module | None) -> _Value:
         source = node.args[0]
         assert isinstance(source, fx.Node)
         if module is not None:
-            if node.kwargs or len(node.args) != 1:
-                raise CannotFuse(f"{node.name}: a Conv1d called with extra arguments")
-            convs = [m.module(m.nodes[i]) for m in self.members]
-            weights = [c.weight for c in convs]
-            biases = [c.bias for c in convs]
+            weights, biases = self._module_parameters(i, node, "Conv1d")
             stride, padding, dilation, groups = module.stride, module.padding, module.dilation, module.groups
             padding_mode = module.padding_mode
         else:
             bound = bind(node, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"))
-            for key in ("weight", "bias"):
-                if isinstance(bound.get(key), fx.Node) and self._layout(bound[key]) is not Layout.CONST:
-                    raise CannotFuse(f"{node.name}: convolution weights computed from the input")
-            weights = _const_values(self, bound["weight"])
-            biases = _const_values(self, bound.get("bias")) if bound.get("bias") is not None else [None] * self.n
+            weights, biases = self._const_parameters(node, bound, "convolution")
             stride, padding = bound.get("stride", 1), bound.get("padding", 0)
             dilation, groups, padding_mode = bound.get("dilation", 1), bound.get("groups", 1), "zeros"
         if any(not isinstance(v, torch.Tensor) for v in (*weights, *[b for b in biases if b is not None])):
@@ -460,17 +481,9 @@ class _Fuser:
         source = node.args[0]
         assert isinstance(source, fx.Node)
         if module is not None:
-            if node.kwargs or len(node.args) != 1:
-                raise CannotFuse(f"{node.name}: a Linear called with extra arguments")
-            layers = [m.module(m.nodes[i]) for m in self.members]
-            weights, biases = [lin.weight for lin in layers], [lin.bias for lin in layers]
+            weights, biases = self._module_parameters(i, node, "Linear")
         else:
-            bound = bind(node, ("input", "weight", "bias"))
-            for key in ("weight", "bias"):
-                if isinstance(bound.get(key), fx.Node) and self._layout(bound[key]) is not Layout.CONST:
-                    raise CannotFuse(f"{node.name}: linear weights computed from the input")
-            weights = _const_values(self, bound["weight"])
-            biases = _const_values(self, bound.get("bias")) if bound.get("bias") is not None else [None] * self.n
+            weights, biases = self._const_parameters(node, bind(node, ("input", "weight", "bias")), "linear")
         if self._member_values(source)[0].ndim != 2:
             raise CannotFuse(f"{node.name}: a linear layer over an axis other than the features")
         if len({b is None for b in biases}) != 1:
@@ -690,17 +703,7 @@ def _index_is_channel_free(index: Any, ndim: int) -> bool:
 
 
 def _has_tensor(value: Any) -> bool:
-    return bool(_tensors(value))
-
-
-def _tensors(value: Any) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
+    return bool(tensor_leaves(value))
 
 
 def _shape_key(value: Any) -> Any:

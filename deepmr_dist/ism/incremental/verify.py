@@ -71,7 +71,7 @@ def _select(value: Any, outputs: Sequence[int] | None) -> Any:
 
 def compare_outputs(got: Any, want: Any, tolerance: float) -> str | None:
     """The first difference between two output structures beyond ``tolerance`` x the output scale, or ``None``."""
-    got_leaves, want_leaves = _leaves(got), _leaves(want)
+    got_leaves, want_leaves = tensor_leaves(got), tensor_leaves(want)
     if len(got_leaves) != len(want_leaves):
         return f"{len(got_leaves)} outputs instead of {len(want_leaves)}"
     for a, b in zip(got_leaves, want_leaves, strict=True):
@@ -84,11 +84,12 @@ def compare_outputs(got: Any, want: Any, tolerance: float) -> str | None:
     return None
 
 
-def _leaves(value: Any) -> list[torch.Tensor]:
+def tensor_leaves(value: Any) -> list[torch.Tensor]:
+    """The tensors of a nested output structure (tensors, tuples, lists and dict values), depth first."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, (tuple, list)):
-        return [leaf for v in value for leaf in _leaves(v)]
+        return [leaf for v in value for leaf in tensor_leaves(v)]
     if isinstance(value, dict):
-        return [leaf for v in value.values() for leaf in _leaves(v)]
+        return [leaf for v in value.values() for leaf in tensor_leaves(v)]
     return []
