@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import dask
 import numpy as np
 import pytest
 import xarray as xr
@@ -187,7 +188,8 @@ def test_effects__written_out_of_core_on_a_worker_with_400MiB(tmp_path, n_chunks
     # The float64 copy of mut_pred alone is 2.4x (fast) or 5x (slow) the worker's memory limit.
     assert 2 * mut_bytes > (2.4 if n_chunks < 100 else 5) * MEMORY_LIMIT * 0.5
 
-    with LocalCluster(
+    # The embedded cluster's scheduling (every ready task sent at once): memory stays bounded with it.
+    with dask.config.set({"distributed.scheduler.worker-saturation": float("inf")}), LocalCluster(
         n_workers=1, threads_per_worker=1, processes=True, memory_limit=MEMORY_LIMIT, host="127.0.0.1", dashboard_address=None
     ) as cluster, Client(cluster) as client:
         def peak_rss() -> int:  # nested: shipped by value, workers need not import this module

@@ -805,6 +805,10 @@ def open_group(path: str, group: str, storage_options: Mapping[str, Any] | None 
     Dask chunks run along ``locus`` only, as the store's chunks (or shards) do: an array
     sharded along ``task`` (:func:`encoding_for`) is one dask chunk per shard, not one per
     inner chunk as plain ``xr.open_zarr`` makes them (``chunks={"task": -1}`` does the same there).
+    Each chunk's task holds the array it reads (``inline_array=True``, which ``open_zarr`` does
+    not take, hence ``open_dataset``): with one shared
+    ``original-…`` key that every read depends on, the scheduler ran a whole MR stage on the one
+    worker that held it (the other stayed at its start-up memory).
 
     Raises
     ------
@@ -812,8 +816,8 @@ def open_group(path: str, group: str, storage_options: Mapping[str, Any] | None 
         If the group is absent or its metadata is unreadable.
     """
     try:
-        return _decoded(xr.open_zarr(path, group=group, consolidated=False, chunks={"task": -1},
-                                     storage_options=storage_options))  # fmt: skip
+        return _decoded(xr.open_dataset(path, engine="zarr", group=group, chunks={"task": -1}, inline_array=True,
+                                        backend_kwargs={"consolidated": False, "storage_options": storage_options}))
     except (OSError, KeyError, ValueError) as exc:
         raise StoreError(f"group {group!r} of {path} cannot be opened ({one_line(exc)}); rerun the stage that writes it") from None
 
