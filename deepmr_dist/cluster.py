@@ -278,11 +278,6 @@ def _scheduler_client(
         raise InputError(
             f"--cluster {address!r} is not a scheduler address: {exc} (expected 'local', 'slurm' or e.g. tcp://HOST:PORT)"
         ) from None
-    except TypeError as exc:  # distributed: a tls:// address without TLS certificates
-        raise InputError(
-            f"cannot connect to {where} without TLS certificates ({str(exc).splitlines()[0]}); "
-            "give --tls-ca-file, --tls-cert and --tls-key"
-        ) from None
     except (OSError, asyncio.TimeoutError) as exc:  # distributed: OSError("Timed out trying to connect ...")
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise InputError(
