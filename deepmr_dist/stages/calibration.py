@@ -412,9 +412,13 @@ def poisson_anscombe_variance(mean: np.ndarray | xr.DataArray) -> np.ndarray | x
 def read_calibration(
     path: str, *, group: str = GROUP, storage_options: Mapping[str, Any] | None = None
 ) -> Calibration:
-    """Read a calibration written as a group (``store.write_group(path, calibration.to_dataset(), group)``)."""
-    ds = xr.open_zarr(path, group=group, consolidated=False, storage_options=storage_options).load()
-    return Calibration.from_dataset(ds)
+    """Read a calibration written as a group (``store.write_group(path, calibration.to_dataset(), group)``).
+
+    Opened as every group is (:func:`deepmr_dist.io.store.open_group`: attrs decoded, a missing group one line).
+    """
+    from deepmr_dist.io import store  # here: the store imports distributed, which loading a config must not
+
+    return Calibration.from_dataset(store.open_group(path, group, storage_options).load())
 
 
 def fit_simulated_calibration(members: Sequence[Any], held_out: xr.Dataset, *, ddof: int = 0, source: str = "") -> Calibration:
