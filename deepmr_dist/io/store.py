@@ -62,6 +62,7 @@ from deepmr_dist.errors import StoreError
 from deepmr_dist.io import progress
 from deepmr_dist.io import provenance
 from deepmr_dist.io.attrs import decode_attrs, encode_attrs
+from deepmr_dist.io.block_writes import block_writes, blockable_variables
 from deepmr_dist.io.location import filesystem
 from deepmr_dist.io.lock import held_lease, is_lease_file, lock
 
@@ -83,16 +84,27 @@ PREDICTIONS = ("ref_pred", "mut_pred")
 
 
 
-def compressors() -> list[BloscCodec]:
-    """Blosc/Zstd level 1 with byte shuffle, the codec of every array in a run store.
+def compressors(shuffle: BloscShuffle = BloscShuffle.shuffle) -> list[BloscCodec]:
+    """Blosc/Zstd level 1, with byte shuffle (the ISM predictions) or bit shuffle (every derived group).
 
     Level 1 rather than 3: on float32 predictions and effects it compressed as
     well (ratio 1.38 against 1.39) and encoded about 2.3 times faster (345 against
     149 MB/s, one core, AMD EPYC), and the encoding was most of the cost of
-    writing effects beyond the arithmetic. lz4 encodes faster still but stores
-    about 12 % more bytes, which object stores bill.
+    writing effects beyond the arithmetic.
+
+    The predictions are written once and make most of a store's bytes, so they keep
+    byte shuffle, the smaller. Derived groups are written in the reductions' own
+    pass: on the synthetic effects of ``bench_scale.py`` bit shuffle encoded 3.3 times
+    faster (908 against 275 MB/s) and decoded 1.2 times faster, for 6 % more bytes
+    (ratio 1.24 against 1.31), which took the effects pass from about 3.2 read passes
+    of its predictions to below 2 (``benchmarks/README.md``). lz4 encodes faster
+    still but stores 15 % more bytes than byte-shuffled Zstd, which object stores bill.
     """
-    return [BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.shuffle)]
+    return [BloscCodec(cname="zstd", clevel=1, shuffle=shuffle)]
+
+
+DERIVED_SHUFFLE = BloscShuffle.bitshuffle
+"""Blosc's shuffle for the groups :func:`write_group` writes (see :func:`compressors`)."""
 
 
 INNER_CHUNK_BYTES = 2**20
@@ -123,9 +135,13 @@ def tasks_per_chunk(column_bytes: int, n_tasks: int, inner_chunk_bytes: int = IN
 
 
 def encoding_for(
-    ds: xr.Dataset, chunk_loci: int, *, inner_chunk_bytes: int = INNER_CHUNK_BYTES
+    ds: xr.Dataset,
+    chunk_loci: int,
+    *,
+    inner_chunk_bytes: int = INNER_CHUNK_BYTES,
+    shuffle: BloscShuffle = BloscShuffle.shuffle,
 ) -> dict[str, dict[str, Any]]:
-    """Zarr encoding: Blosc/Zstd and chunks along ``locus`` only, for every data variable of ``ds``.
+    """Zarr encoding: Blosc/Zstd with ``shuffle`` and chunks along ``locus`` only, for every data variable of ``ds``.
 
     A variable with a ``task`` dim whose locus chunk holds more than ``inner_chunk_bytes``
     (see :func:`tasks_per_chunk`) is sharded: its locus chunk is one shard (the object one
@@ -136,7 +152,7 @@ def encoding_for(
     enc = {}
     for name, arr in ds.data_vars.items():
         chunks = tuple(min(chunk_loci, n) if d == "locus" else n for d, n in zip(arr.dims, arr.shape))
-        enc[name] = {"compressors": compressors(), "chunks": chunks}
+        enc[name] = {"compressors": compressors(shuffle), "chunks": chunks}
         if "task" not in arr.dims or 0 in chunks:
             continue
         axis = arr.dims.index("task")
@@ -725,9 +741,12 @@ def _write_staging(
         (var.chunksizes["locus"][0] for var in ds.data_vars.values() if var.chunks is not None and "locus" in var.dims),
         ds.sizes.get("locus", 1),
     )
-    encoding = encoding_for(ds, chunk_loci)
+    encoding = encoding_for(ds, chunk_loci, shuffle=DERIVED_SHUFFLE)
     writes = ds.to_zarr(path, group=staging, mode="w-", compute=False, consolidated=False, encoding=encoding,
                         storage_options=storage_options)  # fmt: skip
+    blocked = blockable_variables(ds, chunk_loci)
+    if blocked:  # the arrays exist now; one task per locus block computes and writes them (not xarray's writes)
+        writes = block_writes(ds, blocked, path, staging, storage_options)
     _compute_writes(writes)
     if fingerprint is not None:
         zarr.open_group(path, path=staging, mode="r+", storage_options=storage_options).attrs[STAGE_ATTR] = fingerprint

@@ -28,34 +28,50 @@ def _moments(
     mut: np.ndarray, ref: np.ndarray, ddof: int, factor: np.ndarray, effect: np.ndarray, se: np.ndarray
 ) -> None:  # pragma: no cover - compiled
     """``mut`` (locus, member, position, allele, task), ``ref`` (locus, member, task); fills ``effect`` and
-    ``se`` (locus, position, allele, task). A locus's predictions (members x cells) stay in cache while
-    each cell's members are read, twice."""
+    ``se`` (locus, position, allele, task).
+
+    Per locus, the members' differences go into one float64 buffer (members x cells, a few hundred
+    KiB, in cache), and every later pass is one contiguous loop over the cells that LLVM vectorises;
+    each cell still sees exactly the operations, in the order, of the numpy form."""
     n_loci, n_members, n_positions, n_alleles, n_tasks = mut.shape
     denominator = n_members - ddof
+    n_cells = n_positions * n_alleles
+    size = n_cells * n_tasks
+    predictions = mut.reshape(n_loci, n_members, size)
+    effects = effect.reshape(n_loci, size)
+    errors = se.reshape(n_loci, size)
+    diff = np.empty((n_members, size))
+    total = np.empty(size)
+    squares = np.empty(size)
+    scale = np.empty(size)
+    for k in range(size):
+        scale[k] = factor[k % n_tasks]
     for locus in range(n_loci):
-        for position in range(n_positions):
-            for allele in range(n_alleles):
+        for member in range(n_members):
+            for cell in range(n_cells):
                 for task in range(n_tasks):
-                    total = np.float64(mut[locus, 0, position, allele, task]) - np.float64(ref[locus, 0, task])
-                    for member in range(1, n_members):
-                        total += np.float64(mut[locus, member, position, allele, task]) - np.float64(
-                            ref[locus, member, task]
-                        )
-                    mean = total / n_members
-                    deviation = np.float64(mut[locus, 0, position, allele, task]) - np.float64(ref[locus, 0, task]) - mean
-                    squares = deviation * deviation
-                    for member in range(1, n_members):
-                        deviation = (
-                            np.float64(mut[locus, member, position, allele, task])
-                            - np.float64(ref[locus, member, task])
-                            - mean
-                        )
-                        squares += deviation * deviation
-                    variance = squares / denominator
-                    if variance < 0.0:
-                        variance = 0.0
-                    effect[locus, position, allele, task] = mean
-                    se[locus, position, allele, task] = math.sqrt(variance) * factor[task]
+                    k = cell * n_tasks + task
+                    diff[member, k] = np.float64(predictions[locus, member, k]) - np.float64(ref[locus, member, task])
+        for k in range(size):
+            total[k] = diff[0, k]
+        for member in range(1, n_members):
+            for k in range(size):
+                total[k] += diff[member, k]
+        for k in range(size):
+            total[k] = total[k] / n_members
+        for k in range(size):
+            deviation = diff[0, k] - total[k]
+            squares[k] = deviation * deviation
+        for member in range(1, n_members):
+            for k in range(size):
+                deviation = diff[member, k] - total[k]
+                squares[k] += deviation * deviation
+        for k in range(size):
+            variance = squares[k] / denominator
+            if variance < 0.0:
+                variance = 0.0
+            effects[locus, k] = total[k]
+            errors[locus, k] = math.sqrt(variance) * scale[k]
 
 
 def effect_moments(

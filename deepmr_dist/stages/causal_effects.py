@@ -11,6 +11,7 @@ across loci with :func:`deepmr_dist.meta.meta_analysis`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import dask.array as da
@@ -156,31 +157,35 @@ def _as_codes(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return values.astype(dtype)
 
 
+def _record_dtype() -> np.dtype:
+    """One record per (pair, locus, method): every float variable, the two counts and the two codes."""
+    fields = [(name, np.float64) for name in LOCAL_VARIABLES]
+    fields += [("n_instruments", np.int64), ("n_excluded", np.int64)]
+    fields += [(field, _code_dtype(field)) for field in _CODE_FIELDS]
+    return np.dtype(fields)
+
+
 def _block_local_ce(
-    block: xr.Dataset,
+    eff: np.ndarray,
+    ses: np.ndarray,
     *,
+    tasks: list[str],
     pairs: list[tuple[str, str]],
     methods: list[str],
     rule: str,
     threshold: float,
     stats: dict[str, tuple[float, float]],
     mr_options: dict[str, Any],
-) -> xr.Dataset:
-    """MR of every pair on one locus block (numpy in, numpy out)."""
+) -> np.ndarray:
+    """MR of every pair on one locus block: ``(locus, position, allele, task)`` effects in, records ``(pair, locus, method)`` out."""
     from deepmr_dist.mr import estimate
 
-    order = ("locus", *_CANDIDATE_DIMS, "task")
-    eff = np.asarray(block["effect"].transpose(*order).values, dtype=np.float64)
-    ses = np.asarray(block["effect_se"].transpose(*order).values, dtype=np.float64)
     n_loci, n_pos, n_all, n_task = eff.shape
-    eff = eff.reshape(n_loci, n_pos * n_all, n_task)
-    ses = ses.reshape(n_loci, n_pos * n_all, n_task)
-    tasks = [str(t) for t in block["task"].values]
-    shape = (len(pairs), n_loci, len(methods))
-    out = {name: np.full(shape, np.nan) for name in LOCAL_VARIABLES}
-    n_inst = np.zeros(shape, dtype=np.int64)
-    n_excluded = np.zeros(shape, dtype=np.int64)
-    codes = {field: np.full(shape, "", dtype=_code_dtype(field)) for field in _CODE_FIELDS}
+    eff = np.asarray(eff, dtype=np.float64).reshape(n_loci, n_pos * n_all, n_task)
+    ses = np.asarray(ses, dtype=np.float64).reshape(n_loci, n_pos * n_all, n_task)
+    out = np.zeros((len(pairs), n_loci, len(methods)), dtype=_record_dtype())
+    for name in LOCAL_VARIABLES:
+        out[name] = np.nan
     selected: dict[str, tuple[InstrumentSelection, np.ndarray, np.ndarray]] = {}
     for p, (exposure, outcome) in enumerate(pairs):
         ie, io = tasks.index(exposure), tasks.index(outcome)
@@ -192,33 +197,16 @@ def _block_local_ce(
             selected[exposure] = (selection, selection.take(eff[:, :, ie]), selection.take(ses[:, :, ie]))
         selection, bx, bxse = selected[exposure]
         by, byse = selection.take(eff[:, :, io]), selection.take(ses[:, :, io])
-        n_excluded[p] = (selection.counts - instruments.usable(bx, bxse, by, byse).sum(axis=1))[:, None]
+        out["n_excluded"][p] = (selection.counts - instruments.usable(bx, bxse, by, byse).sum(axis=1))[:, None]
         results = estimate(bx, bxse, by, byse, methods=tuple(methods), **mr_options)
         for m, method in enumerate(methods):
             res = results[method]
             for name, field in LOCAL_VARIABLES.items():
                 out[name][p, :, m] = np.asarray(getattr(res, field), dtype=np.float64)
-            n_inst[p, :, m] = np.nan_to_num(np.asarray(res.n, dtype=np.float64), nan=0.0).astype(np.int64)
-            for field, arr in codes.items():
-                arr[p, :, m] = _as_codes(getattr(res, field), arr.dtype)
-    coords = {"locus": block["locus"].values}
-    data_vars = {name: (_DIMS, arr) for name, arr in out.items()}
-    data_vars["n_instruments"] = (_DIMS, n_inst)
-    data_vars["n_excluded"] = (_DIMS, n_excluded)
-    data_vars.update({field: (_DIMS, arr) for field, arr in codes.items()})
-    return xr.Dataset(data_vars, coords=coords)
-
-
-def _template(effects: xr.Dataset, n_pairs: int, n_methods: int) -> xr.Dataset:
-    locus_chunks = effects["effect"].chunksizes["locus"]
-    chunks = ((n_pairs,), locus_chunks, (n_methods,))
-    shape = (n_pairs, sum(locus_chunks), n_methods)
-    data_vars = {name: (_DIMS, da.empty(shape, chunks=chunks, dtype=np.float64)) for name in LOCAL_VARIABLES}
-    for name in ("n_instruments", "n_excluded"):
-        data_vars[name] = (_DIMS, da.empty(shape, chunks=chunks, dtype=np.int64))
-    for field in _CODE_FIELDS:
-        data_vars[field] = (_DIMS, da.empty(shape, chunks=chunks, dtype=_code_dtype(field)))
-    return xr.Dataset(data_vars, coords={"locus": effects["locus"].values})
+            out["n_instruments"][p, :, m] = np.nan_to_num(np.asarray(res.n, dtype=np.float64), nan=0.0).astype(np.int64)
+            for field in _CODE_FIELDS:
+                out[field][p, :, m] = _as_codes(getattr(res, field), out.dtype[field])
+    return out
 
 
 MR_BLOCK_BYTES = 8 * 2**20
@@ -293,8 +281,14 @@ def local_ce(
     ds = effects[["effect", "effect_se"]].sel(task=tasks).reset_coords(drop=True)
     ds = ds.chunk({"position": -1, "allele": -1, "task": -1})  # numpy -> one dask block; dask: whole non-locus dims
     ds = ds.chunk({"locus": _mr_block_loci(ds)})
-    kwargs = dict(pairs=pairs, methods=methods, rule=rule, threshold=float(threshold), stats=stats, mr_options=mr_options)
-    result = xr.map_blocks(_block_local_ce, ds, kwargs=kwargs, template=_template(ds, len(pairs), len(methods)))
+    order = ("locus", *_CANDIDATE_DIMS, "task")
+    kernel = partial(_block_local_ce, tasks=tasks, pairs=pairs, methods=methods, rule=rule, threshold=float(threshold),
+                     stats=stats, mr_options=mr_options)  # fmt: skip
+    records = da.blockwise(
+        kernel, "plm", ds["effect"].transpose(*order).data, "lxat", ds["effect_se"].transpose(*order).data, "lxat",
+        new_axes={"p": len(pairs), "m": len(methods)}, concatenate=True, dtype=_record_dtype(),
+    )  # fmt: skip
+    result = xr.Dataset({name: (_DIMS, records[name]) for name in records.dtype.names}, coords={"locus": ds["locus"].values})
     result = result.assign_coords(
         pair=[pair_label(e, o) for e, o in pairs],
         exposure=("pair", [e for e, _ in pairs]),
@@ -331,6 +325,26 @@ def _dilution_summary(i2gx: np.ndarray, dims: tuple[str, ...]) -> dict[str, tupl
         below = (finite & (i2gx < I2GX_DILUTION)).sum(axis=-1) / count
     return {"mean_i2gx": (dims, mean), "share_i2gx_below_0_9": (dims, below)}
 
+
+
+def _gathered(arrays: dict[str, xr.DataArray]) -> dict[str, np.ndarray]:
+    """The values of lazy ``(..., locus)`` arrays, their locus chunks computed on the workers and joined here.
+
+    Computing the arrays whole would join every chunk in one worker, which then holds them
+    twice beside its compiled kernels (a worker at 80 % of 1 GiB for 180,000 loci, paused).
+    """
+    lazy = {name: arr.chunk({dim: -1 for dim in arr.dims if dim != "locus"}) for name, arr in arrays.items() if arr.chunks is not None}
+    pieces = {name: arr.data.to_delayed().ravel().tolist() for name, arr in lazy.items()}
+    values = progress.compute(*(piece for blocks in pieces.values() for piece in blocks), what="local CEs")
+    out, start = {}, 0
+    for name, arr in arrays.items():
+        if name not in pieces:
+            out[name] = np.asarray(arr.values)
+            continue
+        blocks = values[start : start + len(pieces[name])]
+        start += len(pieces[name])
+        out[name] = np.concatenate([np.asarray(block) for block in blocks], axis=-1)
+    return out
 
 
 def global_ce(
@@ -370,17 +384,17 @@ def global_ce(
     """
     check_method(meta_method)
     names = ["local_ce", "local_se", *(["i2gx"] if "i2gx" in local else [])]
-    (pair_method,) = progress.compute(local[names].transpose("pair", "method", "locus"), what="local CEs")
+    pair_method = _gathered({name: local[name].transpose("pair", "method", "locus") for name in names})
     n_pairs, n_methods, n_loci = pair_method["local_ce"].shape
-    est = pair_method["local_ce"].values.reshape(n_pairs * n_methods, n_loci)
-    se = pair_method["local_se"].values.reshape(n_pairs * n_methods, n_loci)
+    est = pair_method["local_ce"].reshape(n_pairs * n_methods, n_loci)
+    se = pair_method["local_se"].reshape(n_pairs * n_methods, n_loci)
     res = meta_analysis(est, se, meta_method, hksj=hksj, hksj_adhoc=hksj_adhoc, alpha=alpha)
     dims = schema.variable(schema.META, "global_ce").dims  # (pair, method)
     shape = (n_pairs, n_methods)
     data_vars = {name: (dims, getattr(res, field).reshape(shape)) for name, field in GLOBAL_VARIABLES.items()}
     data_vars["k"] = (dims, res.k.reshape(shape))
     data_vars["n_loci_undefined"] = (dims, (n_loci - res.k).reshape(shape))
-    i2gx = pair_method["i2gx"].values if "i2gx" in pair_method else np.full((n_pairs, n_methods, n_loci), np.nan)
+    i2gx = pair_method["i2gx"] if "i2gx" in pair_method else np.full((n_pairs, n_methods, n_loci), np.nan)
     data_vars.update(_dilution_summary(i2gx, dims))
     width = max(len(code) for code in META_REASONS)
     data_vars["reason"] = (dims, res.reason.astype(f"<U{width}").reshape(shape))
