@@ -87,6 +87,7 @@ def _compute_and_write(block: _Block, shared: list[Any], path: str, group: str, 
 
 
 def _done(*counts: int) -> int:
+    """Chunks written by all block tasks (the one key a caller computes)."""
     return sum(counts)
 
 
@@ -124,7 +125,8 @@ def block_writes(
     block_keys = []
     for i, (outputs, keys) in enumerate(zip(block_outputs, needs)):
         own = {key: graph[key] for key in keys if key not in shared}
-        reads = tuple(sorted({dep for key in own for dep in own[key].dependencies if dep in shared}, key=str))
+        wanted = {dep for key in own for dep in own[key].dependencies} | {key for _, key, _ in outputs}
+        reads = tuple(sorted(wanted & shared, key=str))
         block = _Block(own, reads, tuple(outputs))
         key = (f"write-block-{token}", i)
         final[key] = Task(key, _compute_and_write, DataNode(None, block), List(*(TaskRef(k) for k in reads)),

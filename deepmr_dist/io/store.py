@@ -674,10 +674,13 @@ def write_group(
 ) -> xr.Dataset:
     """Write ``ds`` (lazy or in memory) as group ``group`` of the store, replacing it; return it opened lazily.
 
-    Every data variable is compressed with :func:`compressors` and chunked
-    along ``locus`` as ``ds`` is (its first chunk along ``locus`` when dask-backed,
-    else the whole axis), and nothing else. Dask-backed variables are
-    written block by block. Fixed-width unicode variables and coordinates are
+    Every data variable is compressed with :func:`compressors` (bit shuffle,
+    :data:`DERIVED_SHUFFLE`) and chunked along ``locus`` as ``ds`` is (its first
+    chunk along ``locus`` when dask-backed, else the whole axis), and nothing
+    else. Dask-backed variables are written block by block, one Dask task per
+    locus block computing and writing every variable's chunk of it
+    (:mod:`deepmr_dist.io.block_writes`), or, for a Dataset that cannot be
+    blocked that way, by xarray's ``to_zarr``. Fixed-width unicode variables and coordinates are
     written as variable-length strings, the string type Zarr v3 specifies
     (fixed-width UTF-32 has no v3 specification yet), through NumPy's
     ``StringDType``: unlike ``object`` it needs no pass over lazy data to infer
