@@ -26,7 +26,13 @@ one-hot sequences by:
 (d) the original DeepMR approach: 4L sequences per locus, identity copies
     included, built on the host with numpy and predicted member by member;
 (e) the forward ceiling: the members' forward passes on pre-built batches of
-    the 3L mutants (the cost of full recomputation without any overhead).
+    the 3L mutants (the cost of full recomputation without any overhead);
+(h) with ``--compile``: full recomputation with the default runners
+    (``make_ensemble_runners(incremental=False)``: fused on CUDA, member by
+    member on the CPU for distinct members), and (h') the same with
+    ``compile=True`` (``torch.compile``, inductor) in steady state: its first
+    run, compiling included, is timed apart and printed beside it (and in the
+    TSV's ``note``).
 
 With ``--global-ce``, the quickstart pipeline (``pipelines/quickstart.yaml``,
 its training shortened by ``--ce-train`` / ``--ce-epochs``) runs once per
@@ -51,7 +57,7 @@ count; ``--tsv`` also writes every row with them. Not part of the test suite. Us
         [--bpnet-loci 1] [--bpnet-members 5] [--bpnet-length 1000] [--bpnet-filters 64] [--bpnet-layers 8]
         [--bpnet-trimming 0] [--bpnet-batch 512] [--sim-repeats 3] [--bpnet-repeats 1]
         [--chrom-loci 1] [--chrom-members 5] [--chrom-length 2114] [--chrom-filters 512] [--chrom-layers 8]
-        [--chrom-batch 128] [--peers full steady deepmr ceiling] [--seed 0]
+        [--chrom-batch 128] [--peers full steady deepmr ceiling] [--compile] [--seed 0]
 """
 
 from __future__ import annotations
@@ -164,6 +170,12 @@ def run_engine(case: Case, incremental: bool) -> torch.Tensor:
     return saturation_mutagenesis(runners, case.head, case.x, mutant_batch=case.batch)[1]
 
 
+def run_full_default(case: Case, compile: bool) -> torch.Tensor:
+    """Full recomputation with the default runners (fused on CUDA), through ``torch.compile`` with ``compile``."""
+    runners = make_ensemble_runners(case.members, case.x.shape[2], incremental=False, head=case.head, compile=compile)
+    return saturation_mutagenesis(runners, case.head, case.x, mutant_batch=case.batch)[1]
+
+
 def run_pruned(case: Case) -> torch.Tensor:
     """This engine with runners that compute only the output element the head reads."""
     length = case.x.shape[2]
@@ -271,7 +283,7 @@ def timed(fn: Callable[[], Any], device: torch.device = torch.device("cpu")) -> 
 
 
 def methods(
-    case: Case, peers: set[str], precisions: list[str], report: dict[str, Any]
+    case: Case, peers: set[str], precisions: list[str], report: dict[str, Any], compile: bool = False
 ) -> dict[str, tuple[str, Callable[[], float]]]:
     """The timed rows: name -> (precision, run returning its seconds)."""
     device = case.x.device
@@ -287,6 +299,14 @@ def methods(
 
     def tangermeme(precision: str) -> float:
         return timed(lambda: run_tangermeme(case, report, precision), device)[0]
+
+    def full_default(compiled: bool) -> float:
+        key = "full default compiled" if compiled else "full default"
+        seconds, report[key] = timed(lambda: run_full_default(case, compiled), device)
+        if compiled and "compile seconds" not in report:  # that was the first run: time the steady state too
+            report["compile seconds"] = seconds
+            seconds, report[key] = timed(lambda: run_full_default(case, compiled), device)
+        return seconds
 
     rows: dict[str, tuple[str, Callable[[], float]]] = {}
     for precision in precisions:
@@ -304,6 +324,9 @@ def methods(
         rows["(d) original DeepMR (4L copies on host)"] = ("fp32", lambda: timed(lambda: run_deepmr(case), device)[0])
     if "ceiling" in peers:
         rows["(e) forward ceiling (pre-built mutants)"] = ("fp32", lambda: forward_ceiling(case))
+    if compile:
+        rows["(h) full recompute, default runners, eager"] = ("fp32", lambda: full_default(False))
+        rows["(h') the same, torch.compile"] = ("fp32", lambda: full_default(True))
     return rows
 
 
@@ -318,7 +341,9 @@ def processor(device: torch.device) -> str:
         return "unknown CPU"
 
 
-def bench(case: Case, peers: set[str], precisions: list[str], repeats: int, tsv: csv.writer | None) -> None:
+def bench(
+    case: Case, peers: set[str], precisions: list[str], repeats: int, tsv: csv.writer | None, compile: bool = False
+) -> None:
     n, _, length = case.x.shape
     device = case.x.device
     where = f"{processor(device)}, {torch.get_num_threads()} torch threads, device {device.type}"
@@ -326,7 +351,7 @@ def bench(case: Case, peers: set[str], precisions: list[str], repeats: int, tsv:
     print(f"   {where}")
     print(f"   mutant batch {case.batch} (ours and tangermeme's batch_size); best of {repeats}, methods interleaved")
     report: dict[str, Any] = {}
-    rows = methods(case, peers, precisions, report)
+    rows = methods(case, peers, precisions, report, compile)
     best = {name: float("inf") for name in rows}
     failed: dict[str, str] = {}
     for _ in range(repeats):
@@ -341,6 +366,9 @@ def bench(case: Case, peers: set[str], precisions: list[str], repeats: int, tsv:
     if "full" in report and "incremental" in report:
         diff = (report["incremental"] - report["full"]).nan_to_num().abs().max().item()
         print(f"   max |(a) - (b)| over all mutant predictions = {diff:.3g}")
+    if "full default compiled" in report and "full default" in report:
+        diff = (report["full default compiled"] - report["full default"]).nan_to_num().abs().max().item()
+        print(f"   (h') first run, compiling included: {report['compile seconds']:.2f} s; max |(h') - (h)| = {diff:.3g}")
     errors = {}
     for precision in precisions:
         key = f"fused {precision}"
@@ -364,7 +392,12 @@ def bench(case: Case, peers: set[str], precisions: list[str], repeats: int, tsv:
         if tsv is not None:
             tsv.writerow([case.name, name, precision, processor(device), torch.get_num_threads(), device.type,
                           f"{seconds:.4f}", f"{case.predictions / seconds:.1f}", f"{peer / seconds:.3f}",
-                          f"{steady / seconds:.3f}", shown, "", ""])  # fmt: skip
+                          f"{steady / seconds:.3f}", shown, "", "", _note(name, report)])  # fmt: skip
+
+
+def _note(name: str, report: dict[str, Any]) -> str:
+    """The TSV's note of a row: (h')'s first run, compiling included."""
+    return f"first run {report['compile seconds']:.2f} s, compiling included" if name.startswith("(h')") else ""
 
 
 # ----------------------------------------------------------------------------- global CE per precision
@@ -429,7 +462,7 @@ def global_ce_per_precision(args: argparse.Namespace, tsv: csv.writer | None) ->
             if tsv is not None:
                 tsv.writerow([f"global CE, {Path(args.ce_pipeline).name}", f"(g) {method}", precision,
                               processor(torch.device(device[0])), threads[0], device[0], "", "", "", "", f"{error:.3g}",
-                              f"{row['estimate']:.6g}", f"{change:.3g}"])  # fmt: skip
+                              f"{row['estimate']:.6g}", f"{change:.3g}", ""])  # fmt: skip
 
 
 def _tangermeme_version() -> str:
@@ -452,6 +485,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--precisions", nargs="+", default=["fp32"], choices=["fp32", "tf32", "bf16", "fp16"])
+    parser.add_argument("--compile", action="store_true", help="also (h), (h'): full recompute, eager and compiled")
     parser.add_argument("--tsv", help="also write every row (with processor and threads) to this TSV file")
     parser.add_argument("--global-ce", action="store_true", help="also the global CE of a pipeline at each precision")
     parser.add_argument("--ce-pipeline", default=str(QUICKSTART), help="the pipeline of --global-ce (a simulation)")
@@ -483,13 +517,14 @@ def main() -> None:
     tsv = csv.writer(out, delimiter="\t") if out else None
     if tsv is not None:
         tsv.writerow(["model", "method", "precision", "processor", "threads", "device", "seconds", "mutants_per_s",
-                      "vs_c", "vs_c_steady", "max_abs_err_vs_fp32", "global_ce", "abs_change_global_ce_vs_fp32"])  # fmt: skip
+                      "vs_c", "vs_c_steady", "max_abs_err_vs_fp32", "global_ce", "abs_change_global_ce_vs_fp32",
+                      "note"])  # fmt: skip
     cases = {"simulation": (simulation_case, args.sim_repeats), "bpnet": (bpnet_case, args.bpnet_repeats),
              "chrombpnet": (chrombpnet_case, args.bpnet_repeats)}  # fmt: skip
     try:
         for model in args.models:
             build, repeats = cases[model]
-            bench(build(args), peers, args.precisions, repeats, tsv)
+            bench(build(args), peers, args.precisions, repeats, tsv, args.compile)
         if args.global_ce:
             global_ce_per_precision(args, tsv)
     finally:

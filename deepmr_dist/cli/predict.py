@@ -59,6 +59,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="ISM arithmetic (default fp32; tf32 and fp16 need a CUDA GPU, bf16 runs on CUDA or CPU autocast)",
     )  # fmt: skip
     run.add_argument(
+        "--compile", action="store_true",
+        help="torch.compile the networks run in full (--full-recompute, or models not run incrementally); "
+        "compiles on each worker first (tens of seconds)",
+    )  # fmt: skip
+    run.add_argument(
         "--overwrite", action="store_true",
         help="replace a deepmr store made by another run, or one whose ism group is damaged (never anything else)",
     )
@@ -114,6 +119,7 @@ def run_predict(args: argparse.Namespace) -> int:
         mutant_batch=args.mutant_batch,
         incremental=not args.full_recompute,
         precision=args.precision,
+        compile=args.compile,
     )
     with connect(**cluster_settings(args).connect_options()) as client:
         ism = predict(loci, spec, args.store, client=client, settings=settings, overwrite=args.overwrite, progress=not args.quiet,

@@ -10,6 +10,9 @@ the positions a mutation touches (:mod:`deepmr_dist.ism.incremental`), told
 which leaf modules of :mod:`deepmr_dist.models` to keep whole
 (:mod:`deepmr_dist.ism.leaves`). :func:`make_ensemble_runners` chooses; the
 arithmetic precision is set per call (:mod:`deepmr_dist.ism.precision`).
+Networks run in full may go through ``torch.compile`` (``compile=True``); the
+incremental runner always runs eagerly (benchmarks/README.md, ``bench_ism.py``:
+its Python control flow breaks the traced graph, and compiled it ran slower).
 """
 
 from __future__ import annotations
@@ -102,18 +105,33 @@ Runner = MemberRunner | EnsembleRunner
 
 
 def make_runner(
-    member: nn.Module, length: int, *, incremental: bool = True, head: OutputHead | None = None
+    member: nn.Module,
+    length: int,
+    *,
+    incremental: bool = True,
+    head: OutputHead | None = None,
+    compile: bool = False,
 ) -> MemberRunner:
     """The fastest exact runner for ``member``: incremental where the model can be analysed.
 
     With a ``head`` that reads one element of a tuple output (BPNet's counts),
     the incremental runner skips the layers only the other elements need.
+    With ``compile``, a member run in full goes through ``torch.compile``.
     """
     if incremental:
         runner = build_incremental_runner(member, length, outputs=_outputs(head), leaves=MODEL_LEAVES)
         if runner is not None:
             return runner
-    return FullRecompute(member)
+    return _full(member, compile)
+
+
+def _full(module: nn.Module, compile: bool) -> FullRecompute:
+    """Full recomputation with ``module``, compiled by ``torch.compile`` (inductor, default mode) with ``compile``.
+
+    Inductor compiles on the first call, and once more on the first call with
+    another batch size (then for any size: PyTorch's automatic dynamic shapes).
+    """
+    return FullRecompute(torch.compile(module) if compile else module)
 
 
 def make_ensemble_runners(
@@ -123,6 +141,7 @@ def make_ensemble_runners(
     incremental: bool = True,
     fuse: bool | None = None,
     head: OutputHead | None = None,
+    compile: bool = False,
 ) -> list[Runner]:
     """The fastest exact runners for an ensemble: one fused runner where the members can be merged.
 
@@ -153,6 +172,11 @@ def make_ensemble_runners(
         the CPU than one by one (benchmarks/README.md) and take longer to build.
     head
         The head that will read the outputs (layers only other outputs need are skipped).
+    compile
+        Run the networks computed in full (members or fused network without an
+        incremental runner) through ``torch.compile``; the same predictions to
+        float32 round-off. Off by default: on the CPU it ran no faster and
+        compiling takes tens of seconds (benchmarks/README.md).
 
     Returns
     -------
@@ -164,14 +188,14 @@ def make_ensemble_runners(
         fuse = len(members) > 1 and (on_gpu or _shared_weights(members) >= CPU_FUSION_SHARED_WEIGHTS)
     fused = build_fused(members, length, MODEL_LEAVES) if fuse and len(members) > 1 else None
     if fused is None:
-        return [make_runner(m, length, incremental=incremental, head=head) for m in members]
+        return [make_runner(m, length, incremental=incremental, head=head, compile=compile) for m in members]
     if not incremental:
-        return [FusedRunner(fused, FullRecompute(fused.module))]
+        return [FusedRunner(fused, _full(fused.module, compile))]
     leaves = {**MODEL_LEAVES, **FUSED_LEAVES}
     fused_runner = build_incremental_runner(fused.module, length, outputs=_outputs(head), leaves=leaves)
     member_plan = plan_member(members[0], length, outputs=_outputs(head), leaves=MODEL_LEAVES)
     if member_plan is None or saving_fraction(member_plan) < MIN_SAVING:
-        return [FusedRunner(fused, fused_runner or FullRecompute(fused.module))]
+        return [FusedRunner(fused, fused_runner or _full(fused.module, compile))]
     members_work = len(members) * mutant_multiply_adds(member_plan)
     if fused_runner is not None and mutant_multiply_adds(fused_runner.plan) <= FUSION_WORK_MARGIN * members_work:
         return [FusedRunner(fused, fused_runner)]
@@ -181,7 +205,7 @@ def make_ensemble_runners(
         f"incremental at {mutant_multiply_adds(fused_runner.plan):,} multiply-adds per mutant, the members at "
         f"{members_work:,}",
     )  # fmt: skip
-    return [make_runner(m, length, incremental=True, head=head) for m in members]
+    return [make_runner(m, length, incremental=True, head=head, compile=compile) for m in members]
 
 
 def _device(member: nn.Module) -> torch.device:
@@ -292,6 +316,7 @@ def saturation_mutagenesis(
                 l, p, b = locus[sl], position[sl], base[sl]
                 preds = [head(raw, l.shape[0]) for raw in runner.mutants(x, cache, l, p, b)]
                 mut_pred[l[:, None], members, p[:, None], b[:, None]] = torch.stack(preds, dim=1).to(torch.float32)
+            del cache  # with its gather buffers, before the next runner's reference pass
             first += runner.n_members
     assert ref_pred is not None and mut_pred is not None
     return ref_pred, mut_pred

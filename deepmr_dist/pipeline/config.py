@@ -227,6 +227,9 @@ class ISM(Section):
     precision: Literal["fp32", "tf32", "bf16", "fp16"] = Field(
         "fp32", description="ISM arithmetic: fp32, tf32 (CUDA), bf16 (CUDA or CPU autocast) or fp16 (CUDA)"
     )
+    compile: bool = Field(
+        False, description="torch.compile the networks run in full (full recompute, or models not run incrementally)"
+    )
 
 
 class Effects(Section):

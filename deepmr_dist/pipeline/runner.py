@@ -211,7 +211,7 @@ def _ism(run: Run) -> tuple[xr.Dataset, bool]:
     settings = ISMSettings(
         head=output_head(run.config), chunk_loci=run.config.ism.chunk_loci,
         mutant_batch=run.config.ism.mutant_batch, incremental=run.config.ism.incremental,
-        precision=run.config.ism.precision,
+        precision=run.config.ism.precision, compile=run.config.ism.compile,
     )  # fmt: skip
     ism = predict(run.loci, run.results["model"], run.store, client=run.client, settings=settings,
                   overwrite=run.overwrite, progress=run.progress, storage_options=run.storage_options)  # fmt: skip

@@ -67,6 +67,11 @@ class ISMSettings:
     precision
         ``fp32`` (default), ``tf32``, ``bf16`` or ``fp16`` (:mod:`deepmr_dist.ism.precision`; the
         last three change predictions by more than float32 round-off; ``tf32`` and ``fp16`` need CUDA).
+    compile
+        Run the networks computed in full (``incremental=False``, or members the incremental engine
+        cannot analyse) through ``torch.compile`` on each worker (compiled once per worker and batch
+        shape; the same predictions to float32 round-off). Off by default: on the CPU it was slower
+        for the simulation CNN, and compiling takes tens of seconds (benchmarks/README.md).
     """
 
     head: OutputHead = OutputHead()
@@ -74,6 +79,7 @@ class ISMSettings:
     mutant_batch: int | Literal["auto"] | None = 2048
     incremental: bool = True
     precision: str = "fp32"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         check_precision(self.precision)
@@ -107,13 +113,15 @@ class PredictReport:
         return self.mutant_predictions / self.seconds if self.seconds > 0 else float("nan")
 
 
-def _ensemble(spec: ModelSpec, model_fp: str, length: int, incremental: bool, head: OutputHead) -> list[Any]:
+def _ensemble(spec: ModelSpec, model_fp: str, length: int, settings: ISMSettings) -> list[Any]:
     device = worker_device()
+    incremental, head, compile = settings.incremental, settings.head, settings.compile
 
     def load() -> list[Any]:
-        return make_ensemble_runners(load_members(spec, device), length, incremental=incremental, head=head)
+        members = load_members(spec, device)
+        return make_ensemble_runners(members, length, incremental=incremental, head=head, compile=compile)
 
-    return MODEL_CACHE.get((model_fp, str(device), length, incremental, head.output_index), load)
+    return MODEL_CACHE.get((model_fp, str(device), length, incremental, head.output_index, compile), load)
 
 
 def check_predictions(
@@ -160,7 +168,7 @@ def predict_chunk(
     """
     try:
         codes = store.read_sequences(path, start, stop, storage_options)
-        runners = _ensemble(spec, model_fp, codes.shape[1], settings.incremental, settings.head)
+        runners = _ensemble(spec, model_fp, codes.shape[1], settings)
         x = codes_to_onehot(torch.from_numpy(codes).to(worker_device()))
         ref, mut = saturation_mutagenesis(
             runners, settings.head, x, mutant_batch=settings.mutant_batch, precision=settings.precision
@@ -199,7 +207,9 @@ def write_chunk(
 def predict_in_memory(loci: xr.Dataset, spec: ModelSpec, settings: ISMSettings = ISMSettings()) -> xr.Dataset:
     """The ``ism`` group for ``loci`` computed in this process, without a cluster or a store."""
     members = load_members(spec, worker_device())
-    runners = make_ensemble_runners(members, loci.sizes["position"], incremental=settings.incremental, head=settings.head)
+    runners = make_ensemble_runners(
+        members, loci.sizes["position"], incremental=settings.incremental, head=settings.head, compile=settings.compile
+    )
     codes = loci["sequence"].values
     x = codes_to_onehot(torch.from_numpy(codes).to(worker_device()))
     ref, mut = saturation_mutagenesis(
@@ -253,7 +263,10 @@ def run_fingerprint(model_fp: str, loci: xr.Dataset, settings: ISMSettings) -> s
     digest = hashlib.sha256(model_fp.encode())
     digest.update(np.ascontiguousarray(loci["sequence"].values).tobytes())
     digest.update("\n".join(map(str, loci.locus.values)).encode())
-    digest.update(json.dumps(asdict(settings), sort_keys=True, default=str).encode())
+    recorded = asdict(settings)
+    if not settings.compile:  # stores made before the option existed keep their fingerprint
+        del recorded["compile"]
+    digest.update(json.dumps(recorded, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 

@@ -20,7 +20,15 @@ from torch.fx.node import map_arg
 
 from deepmr_dist.ism.incremental.plan import Kind, Plan, Step
 from deepmr_dist.ism.incremental.rules.base import Extent
-from deepmr_dist.ism.incremental.window import Batch, PaddedRef, channels_last, materialize, pad_columns, span
+from deepmr_dist.ism.incremental.window import (
+    Batch,
+    GatherBuffers,
+    PaddedRef,
+    channels_last,
+    materialize,
+    pad_columns,
+    span,
+)
 
 
 @dataclass
@@ -29,6 +37,8 @@ class ReferenceCache:
 
     refs: dict[fx.Node, PaddedRef]
     outputs: dict[fx.Node, torch.Tensor]
+    buffers: GatherBuffers | None = None
+    """Where the batches of mutants on these references gather into (``None``: fresh tensors)."""
 
 
 class _Env:
@@ -146,10 +156,22 @@ class IncrementalRunner:
     """A :class:`~deepmr_dist.ism.engine.MemberRunner` recomputing only what each mutation changes.
 
     Build with :func:`~deepmr_dist.ism.incremental.build.build_incremental_runner`.
+
+    Parameters
+    ----------
+    plan
+        The member's plan.
+    reuse_gathers
+        On the CPU, gather into buffers kept in the reference cache from one
+        batch of mutants to the next (:class:`~.window.GatherBuffers`: the same
+        results, without the page faults of fresh tensors of hundreds of MB);
+        ``False``, and on other devices (whose caching allocators reuse memory
+        already), fresh tensors per batch.
     """
 
-    def __init__(self, plan: Plan) -> None:
+    def __init__(self, plan: Plan, *, reuse_gathers: bool = True) -> None:
         self.plan = plan
+        self.reuse_gathers = reuse_gathers
         self.const_refs = {
             node: PaddedRef(_as_3d(plan.consts[node]), *pad)
             for node, pad in plan.pads.items()
@@ -180,7 +202,8 @@ class IncrementalRunner:
             if self.plan.step(node).tracked
         }
         outputs = {node: env.values[node] for node, step in self._steps() if step.kind is Kind.DELTA}
-        return self._output(env), ReferenceCache(refs, outputs)
+        buffers = GatherBuffers() if self.reuse_gathers and x.device.type == "cpu" else None
+        return self._output(env), ReferenceCache(refs, outputs, buffers)
 
     def mutants(
         self,
@@ -191,7 +214,7 @@ class IncrementalRunner:
         base: torch.Tensor,
     ) -> Any:
         """Predict mutants: reference ``x[locus[k]]`` with ``base[k]`` written at ``position[k]``."""
-        batch = Batch(x, locus, position, base)
+        batch = Batch(x, locus, position, base, cache.buffers)
         env = _Env(self.plan, self.const_refs, batch, cache)
         for node, step in self._steps():
             if node is self.plan.x:
@@ -212,10 +235,16 @@ class IncrementalRunner:
                 env.values[node] = _call(step, env.virtual)
             else:
                 env.values[node] = _call(step, env.full)
-        return self._output(env)
+        return self._output(env, cache.buffers)
 
-    def _output(self, env: _Env) -> Any:
-        return map_arg(self.plan.outputs, lambda n: _contiguous(env.full(n)))
+    def _output(self, env: _Env, buffers: GatherBuffers | None = None) -> Any:
+        """The outputs, copied out of the gather buffers the next batch overwrites."""
+
+        def value(node: fx.Node) -> Any:
+            out = _contiguous(env.full(node))
+            return out.clone() if buffers is not None and isinstance(out, torch.Tensor) and buffers.holds(out) else out
+
+        return map_arg(self.plan.outputs, value)
 
 
 def _call(step: Step, resolve: Any) -> Any:

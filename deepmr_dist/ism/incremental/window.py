@@ -6,6 +6,11 @@ the window the mutant's activation equals the reference of its locus. Windows
 and full activations are kept in channels-last memory (strides ``(width *
 channels, 1, channels)``): gathering columns is then a copy of contiguous
 rows, and convolutions run on oneDNN's channels-last kernels.
+
+Gathers write into buffers reused from one batch of mutants to the next
+(:class:`GatherBuffers`): windows of a fused network run to hundreds of MB
+per batch, and writing a fresh tensor that large is bound by first-touch page
+faults (benchmarks/README.md, ``bench_ism.py``).
 """
 
 from __future__ import annotations
@@ -21,6 +26,44 @@ def channels_last(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+BufferKey = tuple[int, torch.dtype, torch.device]
+"""``(row size, dtype, device)`` of gathered rows."""
+
+
+class GatherBuffers:
+    """Output tensors of gathers, kept from one batch of mutants for the next.
+
+    A batch's ``i``-th request for rows of one size, dtype and device gets
+    (the first rows of) the ``i``-th buffer of that key, so within a batch no
+    two gathers share memory (a gathered tensor may live to the end of its
+    batch), and the next batch, making the same requests, writes into memory
+    already paged in. Results are the same as with fresh tensors. One set
+    serves one thread at a time (it belongs to one reference cache).
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[BufferKey, list[torch.Tensor]] = {}
+        self._storages: set[int] = set()
+
+    def get(self, key: BufferKey, index: int, n_rows: int) -> torch.Tensor:
+        """``n_rows`` rows of the ``index``-th buffer of ``key``, (re)allocated when it has fewer."""
+        buffers = self._buffers.setdefault(key, [])
+        if index == len(buffers) or buffers[index].shape[0] < n_rows:
+            size, dtype, device = key
+            fresh = torch.empty((n_rows, size), dtype=dtype, device=device)
+            if index == len(buffers):
+                buffers.append(fresh)
+            else:
+                self._storages.discard(buffers[index].untyped_storage().data_ptr())
+                buffers[index] = fresh
+            self._storages.add(fresh.untyped_storage().data_ptr())
+        return buffers[index][:n_rows]
+
+    def holds(self, t: torch.Tensor) -> bool:
+        """Whether ``t`` lies in (is, or views) one of the buffers."""
+        return t.untyped_storage().data_ptr() in self._storages
+
+
 @dataclass
 class Batch:
     """The mutants of one call, with index tensors cached for the call.
@@ -31,13 +74,17 @@ class Batch:
         Reference one-hot sequences ``(loci, alphabet, length)``.
     locus, position, base
         Mutant ``k`` is ``x[locus[k]]`` with ``base[k]`` written at ``position[k]``.
+    buffers
+        Where gathers write (reused across the batches of one reference cache); ``None``: fresh tensors.
     """
 
     x: torch.Tensor
     locus: torch.Tensor
     position: torch.Tensor
     base: torch.Tensor
+    buffers: GatherBuffers | None = None
     _aranges: dict[int, torch.Tensor] = field(default_factory=dict)
+    _taken: dict[BufferKey, int] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -58,6 +105,15 @@ class Batch:
         """Boolean ``(n, width, 1)``: which window columns lie inside ``[0, length)``."""
         cols = self.columns(left, width)
         return ((cols >= 0) & (cols < length)).unsqueeze(-1)
+
+    def buffer(self, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """``(n, size)`` rows for this batch alone to gather into, or ``None`` without :attr:`buffers`."""
+        if self.buffers is None:
+            return None
+        key = (size, dtype, device)
+        index = self._taken.get(key, 0)
+        self._taken[key] = index + 1
+        return self.buffers.get(key, index, self.size)
 
 
 class PaddedRef:
@@ -104,7 +160,10 @@ class PaddedRef:
             start = batch.position + (left + self.pad_left)
         if not self.shared:
             start = start + batch.locus * self.padded_length
-        return self.spans(width).index_select(0, start).view(batch.size, width, self.channels)
+        spans = self.spans(width)
+        out = batch.buffer(spans.shape[1], spans.dtype, spans.device)
+        rows = spans.index_select(0, start) if out is None else torch.index_select(spans, 0, start, out=out)
+        return rows.view(batch.size, width, self.channels)
 
     def gather(self, batch: Batch, left: int, width: int) -> torch.Tensor:
         """Columns ``position + left + arange(width)`` per mutant as a ``(n, channels, width)`` window."""
