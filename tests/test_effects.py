@@ -80,7 +80,7 @@ def test_compute_effects__written_store_equals_numpy_mean_and_covariance_se(tmp_
     assert effects["effect"].dtype == effects["effect_se"].dtype == np.dtype(dtype)
     assert effects.attrs["ddof"] == ddof
     reopened = store.open_run(path)["effects"]  # persisted, readable lazily
-    assert reopened["effect"].data.chunksize[0] == 4
+    assert reopened["effect"].data.chunks[0] == (6,)  # whole ism chunks up to EFFECTS_BLOCK_BYTES: one block here
     # float64 to its own round-off; float32 is the float64 result rounded once (half an ulp, 2**-24 relative)
     rtol = (1e-13, 1e-9) if dtype == "float64" else (2.0**-24 * 1.01, 2.0**-24 * 1.01)
     np.testing.assert_allclose(reopened["effect"].values, expected_effect, rtol=rtol[0], atol=1e-15)
@@ -109,13 +109,17 @@ def test_compute_effects__identical_members_give_se_exactly_zero(ddof):
     np.testing.assert_allclose(effects["effect"].values, expected, rtol=1e-15, atol=0)
 
 
-def test_compute_effects__is_lazy_along_locus_chunks_and_checks_ddof(tmp_path):
+def test_compute_effects__is_lazy_in_blocks_of_whole_locus_chunks_and_checks_ddof(tmp_path, monkeypatch):
+    from deepmr_dist.stages import effects as stage
+
     codes, ref, mut = _raw(seed=13)
     path = str(tmp_path / "run.zarr")
     _write_raw_ism(path, codes, ref, mut, chunk_loci=2)
     ism = store.open_run(path)["ism"]
+    assert compute_effects(ism)["effect_se"].chunks[0] == (6,)  # all three chunks fit in one block
+    monkeypatch.setattr(stage, "EFFECTS_BLOCK_BYTES", 1)  # one chunk per block
     effects = compute_effects(ism)
-    assert effects["effect_se"].chunks[0] == (2, 2, 2)
+    assert effects["effect_se"].chunks[0] == effects["ref"].chunks[0] == (2, 2, 2)
     with pytest.raises(DeepMRError, match="ddof"):
         compute_effects(ism, ddof=2)
     with pytest.raises(DeepMRError, match="1 member"):
@@ -266,3 +270,15 @@ def test_effect_moments__kernel_is_bit_identical_to_numpy_mean_and_sd_of_the_dif
     assert out.dtype == dtype and out.shape == (2, 3, 6, 4, 2)
     assert out[0].tobytes() == mean.astype(dtype).tobytes() and out[1].tobytes() == sd.astype(dtype).tobytes()
     assert out[1][2, 0, 0, 0] == 0.0 and np.isnan(out[0][0, 1, 2, 0]) and np.isnan(out[1][1, 4, 0, 1])
+
+
+def test_effects_blocks__whole_ism_chunks_of_about_effects_block_bytes():
+    import dask.array as da
+
+    from deepmr_dist.stages import effects as stage
+
+    chunk_bytes = 64 * 5 * 200 * 4 * 4 * 4  # bench_scale's mut_pred chunk: 4.1 MB
+    mut = da.zeros((1000, 5, 200, 4, 4), dtype=np.float32, chunks=(64, -1, -1, -1, -1))
+    assert stage._block_loci(mut) == 64 * (stage.EFFECTS_BLOCK_BYTES // chunk_bytes) == 256
+    huge = da.zeros((100, 5, 1000, 4, 919), dtype=np.float32, chunks=(16, -1, -1, -1, -1))  # a DeepSEA chunk: 1.2 GB
+    assert stage._block_loci(huge) == 16  # never below one chunk

@@ -84,27 +84,25 @@ PREDICTIONS = ("ref_pred", "mut_pred")
 
 
 
-def compressors(shuffle: BloscShuffle = BloscShuffle.shuffle) -> list[BloscCodec]:
-    """Blosc/Zstd level 1, with byte shuffle (the ISM predictions) or bit shuffle (every derived group).
+def compressors(*, derived: bool = False) -> list[BloscCodec]:
+    """The codec of a run store's arrays: Blosc/Zstd level 1 with byte shuffle for the ISM predictions,
+    Blosc/lz4 with bit shuffle for every derived group (:func:`write_group`).
 
-    Level 1 rather than 3: on float32 predictions and effects it compressed as
-    well (ratio 1.38 against 1.39) and encoded about 2.3 times faster (345 against
-    149 MB/s, one core, AMD EPYC), and the encoding was most of the cost of
-    writing effects beyond the arithmetic.
+    The predictions are written once, by the GPU stage, and make most of a store's bytes, so
+    they take the smaller codec. Zstd level 1 rather than 3: on float32 predictions it compressed
+    as well (ratio 1.38 against 1.39) and encoded about 2.3 times faster (345 against 149 MB/s,
+    one core, AMD EPYC).
 
-    The predictions are written once and make most of a store's bytes, so they keep
-    byte shuffle, the smaller. Derived groups are written in the reductions' own
-    pass: on the synthetic effects of ``bench_scale.py`` bit shuffle encoded 3.3 times
-    faster (908 against 275 MB/s) and decoded 1.2 times faster, for 6 % more bytes
-    (ratio 1.24 against 1.31), which took the effects pass from about 3.2 read passes
-    of its predictions to below 2 (``benchmarks/README.md``). lz4 encodes faster
-    still but stores 15 % more bytes than byte-shuffled Zstd, which object stores bill.
+    Derived groups are encoded inside the reductions' own pass and decoded by every later
+    stage. On the float32 effects of ``bench_scale.py`` (one core, AMD EPYC), against Zstd level 1
+    with byte shuffle (ratio 1.31, encode 275 MB/s, decode 1.1 GB/s): Zstd with bit shuffle 1.24,
+    908 MB/s, 1.3 GB/s; lz4 with bit shuffle 1.15, 3.3 GB/s, 5.1 GB/s. lz4 stores 14 % more bytes
+    of a group 0.4 times the predictions' size (about 4 % of the store's bytes) and took the
+    effects pass to about 2 read passes of its predictions (``benchmarks/README.md``).
     """
-    return [BloscCodec(cname="zstd", clevel=1, shuffle=shuffle)]
-
-
-DERIVED_SHUFFLE = BloscShuffle.bitshuffle
-"""Blosc's shuffle for the groups :func:`write_group` writes (see :func:`compressors`)."""
+    if derived:
+        return [BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.bitshuffle)]
+    return [BloscCodec(cname="zstd", clevel=1, shuffle=BloscShuffle.shuffle)]
 
 
 INNER_CHUNK_BYTES = 2**20
@@ -139,9 +137,10 @@ def encoding_for(
     chunk_loci: int,
     *,
     inner_chunk_bytes: int = INNER_CHUNK_BYTES,
-    shuffle: BloscShuffle = BloscShuffle.shuffle,
+    derived: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Zarr encoding: Blosc/Zstd with ``shuffle`` and chunks along ``locus`` only, for every data variable of ``ds``.
+    """Zarr encoding: :func:`compressors` (of a ``derived`` group, or the predictions') and chunks along
+    ``locus`` only, for every data variable of ``ds``.
 
     A variable with a ``task`` dim whose locus chunk holds more than ``inner_chunk_bytes``
     (see :func:`tasks_per_chunk`) is sharded: its locus chunk is one shard (the object one
@@ -152,7 +151,7 @@ def encoding_for(
     enc = {}
     for name, arr in ds.data_vars.items():
         chunks = tuple(min(chunk_loci, n) if d == "locus" else n for d, n in zip(arr.dims, arr.shape))
-        enc[name] = {"compressors": compressors(shuffle), "chunks": chunks}
+        enc[name] = {"compressors": compressors(derived=derived), "chunks": chunks}
         if "task" not in arr.dims or 0 in chunks:
             continue
         axis = arr.dims.index("task")
@@ -674,8 +673,8 @@ def write_group(
 ) -> xr.Dataset:
     """Write ``ds`` (lazy or in memory) as group ``group`` of the store, replacing it; return it opened lazily.
 
-    Every data variable is compressed with :func:`compressors` (bit shuffle,
-    :data:`DERIVED_SHUFFLE`) and chunked along ``locus`` as ``ds`` is (its first
+    Every data variable is compressed with :func:`compressors` (a derived
+    group's: lz4, bit shuffle) and chunked along ``locus`` as ``ds`` is (its first
     chunk along ``locus`` when dask-backed, else the whole axis), and nothing
     else. Dask-backed variables are written block by block, one Dask task per
     locus block computing and writing every variable's chunk of it
@@ -744,7 +743,7 @@ def _write_staging(
         (var.chunksizes["locus"][0] for var in ds.data_vars.values() if var.chunks is not None and "locus" in var.dims),
         ds.sizes.get("locus", 1),
     )
-    encoding = encoding_for(ds, chunk_loci, shuffle=DERIVED_SHUFFLE)
+    encoding = encoding_for(ds, chunk_loci, derived=True)
     writes = ds.to_zarr(path, group=staging, mode="w-", compute=False, consolidated=False, encoding=encoding,
                         storage_options=storage_options)  # fmt: skip
     blocked = blockable_variables(ds, chunk_loci)

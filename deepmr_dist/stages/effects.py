@@ -93,7 +93,7 @@ def compute_effects(
     dims = schema.VARIABLES["effect"].dims
     coords = {name: ism[name] for name in dims if name in ism.coords}
     out = xr.Dataset({"effect": (dims, effect), "effect_se": (dims, effect_se)}, coords=coords)
-    out = out.assign_coords(_variant_coords(ism))
+    out = out.assign_coords(_variant_coords(ism, effect.chunks[0] if hasattr(effect, "dask") else None))
     for name in ("effect", "effect_se"):
         out[name].attrs["description"] = schema.VARIABLES[name].description
     out.attrs["ddof"] = ddof
@@ -106,8 +106,9 @@ def compute_effects(
 def _moments(ism: xr.Dataset, ddof: int, factor: np.ndarray | None, dtype: str) -> tuple[Any, Any]:
     """``effect`` and ``effect_se`` arrays (locus, position, allele, task): one kernel call per locus block.
 
-    Dask-backed predictions give dask arrays of one task per ``mut_pred`` chunk along
-    ``locus`` (every other dim whole), which reads the block once and writes both outputs
+    Dask-backed predictions give dask arrays of one task per block of whole ``mut_pred`` chunks
+    along ``locus`` (:data:`EFFECTS_BLOCK_BYTES`; every other dim whole), which reads the block once
+    and writes both outputs
     (:func:`deepmr_dist.ism.effect_sizes.effect_moments`); in-memory ones give numpy arrays.
     """
     from deepmr_dist.ism.effect_sizes import effect_moments
@@ -121,13 +122,31 @@ def _moments(ism: xr.Dataset, ddof: int, factor: np.ndarray | None, dtype: str) 
     import dask.array as da
 
     mut = mut.rechunk({1: -1, 2: -1, 3: -1, 4: -1})
+    mut = mut.rechunk({0: _block_loci(mut)})
     ref = ref.rechunk((mut.chunks[0], -1, -1))
     both = da.blockwise(kernel, "xlpat", mut, "lmpat", ref, "lmt", new_axes={"x": 2}, concatenate=True, dtype=dtype)
     return both[0], both[1]
 
 
-def _variant_coords(ism: xr.Dataset) -> dict[str, xr.DataArray]:
-    """Genomic coordinates of every mutation, lazily and chunked like ``ism`` along ``locus``.
+EFFECTS_BLOCK_BYTES = 16 * 2**20
+"""About what one effects block's predictions take: blocks of whole ``mut_pred`` chunks up to this size.
+
+One Dask task reads, computes and writes each block (:mod:`deepmr_dist.io.block_writes`); each task
+costs a few milliseconds of scheduling on a small machine, as much as a 64-locus chunk's arithmetic,
+so blocks of several chunks (4 of ``bench_scale.py``'s 4 MB chunks) took the effects pass from 2.4
+to about 2 read passes of its predictions there.
+"""
+
+
+def _block_loci(mut: Any) -> int:
+    """Loci per effects block: a whole number of ``mut``'s locus chunks, about :data:`EFFECTS_BLOCK_BYTES` each."""
+    chunk = mut.chunks[0][0]
+    chunk_bytes = chunk * int(np.prod(mut.shape[1:])) * mut.dtype.itemsize
+    return chunk * max(1, EFFECTS_BLOCK_BYTES // max(chunk_bytes, 1))
+
+
+def _variant_coords(ism: xr.Dataset, chunks: tuple[int, ...] | None) -> dict[str, xr.DataArray]:
+    """Genomic coordinates of every mutation, lazily in the effects' locus ``chunks`` (``None``: in memory).
 
     ``ref`` (locus, position): the reference base letter (``N`` for an
     unknown base); ``alt`` (allele): the alternative base. For loci with
@@ -138,16 +157,15 @@ def _variant_coords(ism: xr.Dataset) -> dict[str, xr.DataArray]:
     """
     coords: dict[str, xr.DataArray] = {}
     if "sequence" in ism:
-        codes = ism["sequence"].data if hasattr(ism["sequence"].data, "map_blocks") else None
-        letters = (codes.map_blocks(lambda block: BASES[np.minimum(block, 4)], dtype="<U1") if codes is not None
-                   else BASES[np.minimum(ism["sequence"].values, 4)])  # fmt: skip
+        codes = ism["sequence"].data if chunks is not None and hasattr(ism["sequence"].data, "map_blocks") else None
+        letters = (codes.rechunk((chunks, -1)).map_blocks(lambda block: BASES[np.minimum(block, 4)], dtype="<U1")
+                   if codes is not None else BASES[np.minimum(ism["sequence"].values, 4)])  # fmt: skip
         coords["ref"] = xr.DataArray(letters, dims=("locus", "position"))
     coords["alt"] = xr.DataArray(np.asarray(ism["allele"].values, dtype="<U1"), dims=("allele",))
     if "chrom" in ism.coords and "start" in ism.coords:
         import dask.array as da
 
-        chunks = ism["mut_pred"].data.chunks[0] if hasattr(ism["mut_pred"].data, "chunks") else (ism.sizes["locus"],)
-        start = da.from_array(np.asarray(ism["start"].values, dtype=np.int64), chunks=(chunks,))
+        start = da.from_array(np.asarray(ism["start"].values, dtype=np.int64), chunks=(chunks or (ism.sizes["locus"],),))
         position = np.asarray(ism["position"].values, dtype=np.int64)
         coords["variant_chrom"] = xr.DataArray(np.asarray(ism["chrom"].values).astype(object), dims=("locus",))
         coords["variant_position"] = xr.DataArray(start[:, None] + position[None, :] + 1, dims=("locus", "position"))
