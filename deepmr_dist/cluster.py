@@ -182,11 +182,11 @@ EMBEDDED_CLUSTER_CONFIG: dict[str, Any] = {
   it halved torch's CPU speed (``benchmarks/bench_simulation.py``) and made MR blocks 43 % slower
   (8.45 s against 5.9 s for 20,000 loci in one process with and without it).
 - ``worker-saturation: inf`` sends every ready task to the workers at once instead of queuing root
-  tasks on the scheduler, a round trip per task: with about 20 tasks per block (a read per chunk
-  and variable, one per output variable), that round trip cost about 1.7 ms a task on 2 cores
-  (MR of 20,000 loci on 2 workers: 5.1 s against 6.6 s; effects 6.8 s against 7.8 s). The stages'
-  graphs are blockwise along ``locus``, and dask's ordering finishes a block before starting many
-  more, so memory stays bounded (``tests/test_effects.py``: effects of 2.4x a 400 MiB worker).
+  tasks on the scheduler, a round trip per task: when xarray still wrote about 20 tasks per block (a
+  read per chunk and variable, one per output variable), that round trip cost about 1.7 ms a task on
+  2 cores (MR of 20,000 loci on 2 workers: 5.1 s against 6.6 s; effects 6.8 s against 7.8 s). Stages
+  now write one task per block (:mod:`deepmr_dist.io.block_writes`), which holds its reads, so memory
+  stays bounded by the blocks in flight (``tests/test_effects.py``: effects of 2.4x a 400 MiB worker).
 """
 
 
