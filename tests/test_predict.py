@@ -387,8 +387,10 @@ def test_predict__resume_after_sigkill_computes_only_missing_chunks(tmp_path, cl
 
     todo = store.incomplete_chunks(str(path))
     assert 0 < len(todo) < n_chunks
+    history = store.zarr.open_group(str(path), mode="r").attrs["history"].splitlines()
     # CHUNK4 is what the CLI run used (same fingerprint): the rerun resumes it.
     report = PredictReport.of(predict(example_loci, ENSEMBLE, str(path), client=client, settings=CHUNK4, progress=False))
+    assert store.zarr.open_group(str(path), mode="r").attrs["history"].splitlines()[:-1] == history  # one line more
     assert report.n_chunks == n_chunks
     assert report.chunks_computed == len(todo)
     assert report.mutant_predictions == sum(b - a for a, b in todo) * N_MEMBERS * 3 * LENGTH

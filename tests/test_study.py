@@ -152,3 +152,14 @@ def test_cli_simulate__bad_config_is_one_line_per_field(tmp_path, capsys):
     assert main(["simulate", str(config)]) == 1
     err = capsys.readouterr().err
     assert "rounds:" in err and "training:" in err and "patience=-1" in err
+
+
+def test_study_tables__spell_a_missing_value_na_as_every_table_does(tmp_path):
+    from deepmr_dist.pipeline.study import _write_atomically
+
+    path = tmp_path / "round-000" / "summary.csv"
+    _write_atomically(pd.DataFrame({"method": ["ivw", "egger"], "estimate": [1.5, np.nan], "reason": [None, "too_few"]}), path)
+    assert path.read_text().splitlines() == ["method,estimate,reason", "ivw,1.5,NA", "egger,NA,too_few"]
+    back = pd.read_csv(path)
+    assert np.isnan(back["estimate"][1]) and pd.isna(back["reason"][0])
+    assert not list(path.parent.glob("*.partial"))

@@ -190,6 +190,8 @@ def test_cli_verify__damage_exits_1_naming_the_loci_and_repair_marks_them_incomp
     assert main(["verify", "--store", str(path), "--repair"]) == 0
     assert "marked 1 chunk(s) (4 loci) incomplete" in capsys.readouterr().out
     assert store.incomplete_chunks(str(path)) == [(0, 4)]
+    history = store.zarr.open_group(str(path), mode="r").attrs["history"].splitlines()
+    assert "verify --store" in history[-1] and history[-1].endswith("--repair")  # the repair is on record
     assert not (path / LOCK_NAME).exists()  # the repair's lease is gone with it
 
 

@@ -479,6 +479,12 @@ def _record_history(path: str, history: str, storage_options: Mapping[str, Any] 
     provenance.current().stores.add(_store_key(path, storage_options))
 
 
+def record_command(path: str, storage_options: Mapping[str, Any] | None = None) -> None:
+    """Add the current command's line to the store's ``history`` (once per command), for writes made outside
+    :func:`write_group` and :func:`create_store`: a resumed ``predict``, ``verify --repair``."""
+    _record_history(path, _history_now(path, storage_options), storage_options)
+
+
 def chunk_bounds(n_loci: int, chunk_loci: int) -> list[tuple[int, int]]:
     """Half-open locus ranges of the store's chunks."""
     return [(start, min(start + chunk_loci, n_loci)) for start in range(0, n_loci, chunk_loci)]

@@ -27,7 +27,9 @@ import zarr
 from deepmr_dist import schema
 from deepmr_dist.errors import StoreError
 from deepmr_dist.io.location import filesystem
-from deepmr_dist.io.store import PREDICTIONS, RECORD, check_run_store, chunk_bounds, chunk_key, locus_digests, one_line
+from deepmr_dist.io.store import (
+    PREDICTIONS, RECORD, check_run_store, chunk_bounds, chunk_key, locus_digests, one_line, record_command,
+)
 
 
 @dataclass(frozen=True)
@@ -268,4 +270,6 @@ def mark_incomplete(path: str, verification: Verification, storage_options: Mapp
         if recorded:
             for name in RECORD:
                 group[name][chunk.start : chunk.stop] = 0
+    if verification.damaged:
+        record_command(path, storage_options)
     return verification.damaged_loci

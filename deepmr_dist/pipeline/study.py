@@ -346,7 +346,8 @@ def _claim_directory(study_dir: Path, config: StudyConfig, *, rescore: bool = Fa
 
 
 def _write_atomically(frame: pd.DataFrame, path: Path) -> None:
+    """``frame`` as CSV at ``path``, a missing value spelled :data:`deepmr_dist.schema.TABLE_NA` as in every table."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
-    frame.to_csv(partial, index=False)
+    frame.to_csv(partial, index=False, na_rep=schema.TABLE_NA)
     os.replace(partial, path)

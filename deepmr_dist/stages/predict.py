@@ -370,6 +370,8 @@ def predict(
             todo = store.incomplete_chunks(path, storage_options)
             n_loci, chunk = store.ism_chunking(path, storage_options)
             _run_chunks(client, todo, path, spec, run_fp, model_fp, settings, storage_options, progress)
+            if todo and not created:  # a resume wrote chunks: its command joins the store's history
+                store.record_command(path, storage_options)
         except Exception:
             if created:
                 store.remove_store(path, storage_options, keep_root=keep_root)
