@@ -123,3 +123,19 @@ def test_truth__mutants_cover_every_alternative_at_every_instance_position():
         assert alternatives == {0, 1, 2, 3} - {int(codes[0, position])}
         other = np.delete(mutants[0, offset], position, axis=1)
         assert np.all(other == np.delete(codes[0], position))
+
+
+def test_truth_of_loci__a_locus_without_an_instance_keeps_the_registrys_dtypes(round_both):
+    from deepmr_dist import schema
+    from deepmr_dist.simulation.truth import true_causal_effects_of
+
+    truth = true_causal_effects(round_both)
+    loci = ["no-instance", *truth["locus"].values[::-1]]
+    of = true_causal_effects_of(round_both, np.array(loci))
+    assert of["locus"].values.tolist() == loci
+    for var in schema.variables_of(schema.TRUTH):
+        assert of[var.name].dtype == np.dtype(var.dtype), var.name
+    first = of.isel(locus=0)
+    assert np.isnan(first["true_ce"]) and np.isnan(first["exposure_ss"])
+    assert int(first["n_mutations"]) == 0 and not bool(first["functional"])
+    xr.testing.assert_identical(of.isel(locus=slice(1, None)), truth.isel(locus=slice(None, None, -1)))

@@ -59,7 +59,7 @@ from deepmr_dist.pipeline.outputs import Outputs, global_table_from, local_table
 from deepmr_dist.pipeline.plan import entry_points, load_sequences, member_seeds, model_spec, output_head, resolve_pairs
 from deepmr_dist.simulation.generator import one_hot, select_split
 from deepmr_dist.simulation.training import train_ensemble
-from deepmr_dist.simulation.truth import true_causal_effects
+from deepmr_dist.simulation.truth import true_causal_effects_of
 from deepmr_dist.stages.calibration import Calibration, fit_simulated_calibration
 from deepmr_dist.stages.causal_effects import global_ce, local_ce
 from deepmr_dist.stages.effects import compute_effects
@@ -240,7 +240,7 @@ def _meta(run: Run) -> xr.Dataset:
 
 
 def _truth(run: Run) -> xr.Dataset:
-    return true_causal_effects(run.simulated).reindex(locus=run.loci["locus"].values)  # NaN: no exposure instance
+    return true_causal_effects_of(run.simulated, run.loci["locus"].values)
 
 
 def _outputs(run: Run) -> pd.DataFrame:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from deepmr_dist import schema
 from deepmr_dist.errors import InputError
 from deepmr_dist.simulation.binding import binding_probability
 from deepmr_dist.simulation.counts import CountParameters, anscombe, expected_counts
@@ -65,6 +66,21 @@ def exposure_mutants(codes: np.ndarray, starts: np.ndarray, motif_length: int) -
     mutants[rows[:, :, None], np.arange(motif_length)[None, :, None], np.arange(3)[None, None, :],
             positions[:, :, None]] = alternatives
     return mutants
+
+
+_ABSENT = {"f": np.nan, "i": 0, "b": False}
+"""What a truth variable holds, by dtype kind, for a locus without an exposure instance."""
+
+
+def true_causal_effects_of(ds: xr.Dataset, loci: np.ndarray, *, split: str | None = "test") -> xr.Dataset:
+    """:func:`true_causal_effects` for exactly ``loci``, in their order: the ``truth`` group of a run.
+
+    A locus without an exposure instance has ``true_ce`` and ``exposure_ss`` NaN, ``n_mutations``
+    0 and ``functional`` False, so every variable keeps the registry's dtype (reindexing alone
+    would turn the int and bool ones into float64 NaN).
+    """
+    absent = {v.name: _ABSENT[np.dtype(v.dtype).kind] for v in schema.variables_of(schema.TRUTH) if "locus" in v.dims}
+    return true_causal_effects(ds, split=split).reindex(locus=loci, fill_value=absent)
 
 
 def true_causal_effects(ds: xr.Dataset, *, split: str | None = "test") -> xr.Dataset:
