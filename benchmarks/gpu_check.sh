@@ -1,22 +1,29 @@
 #!/usr/bin/env bash
-# GPU checks of the ISM engine in one table, in at most 9 minutes on one GPU:
+# GPU checks of the ISM engine in one table, in at most 8 minutes on one GPU (9 with --compile):
 #   1. the GPU tests (pytest -m gpu: fused ISM on cuda against brute force on the CPU, the batch sized
 #      from free memory, each precision's error, `deepmr predict` on cuda);
 #   2. ISM mutants/s at each precision, ours (fused ensemble, the default) against tangermeme on the
 #      same device (its default call, and its fastISM steady state), for BPNet 64x8 at 1 kb and a
-#      ChromBPNet-sized BPNet (512 filters, 8 dilated layers, 2,114 bp in, 1 kb out); for BPNet also
-#      full recomputation eager and through torch.compile (bench_ism.py --compile: rows (h), (h'),
-#      (h') in steady state, its first run with compiling in the note);
+#      ChromBPNet-sized BPNet (512 filters, 8 dilated layers, 2,114 bp in, 1 kb out); with --compile,
+#      for BPNet also full recomputation eager and through torch.compile (bench_ism.py --compile:
+#      rows (h), (h') in steady state, its first run with compiling in the note; 60 s more);
 #   3. the change of the quickstart pipeline's global CE at each precision against fp32 (bench_ism.py
 #      --global-ce: ISM, effects, mr, meta through the embedded cluster), beside the ISM's max |error|;
 #   4. the wall time of `deepmr predict` of 2,000 loci x 5 BPNet 64x8 members (1 kb, counts head)
 #      through the embedded cluster (one worker per GPU, two threads: a write overlaps the next chunk).
-# Usage: benchmarks/gpu_check.sh [--smoke]
+# Usage: benchmarks/gpu_check.sh [--smoke] [--compile]
 #   --smoke: tiny sizes, on the GPU if there is one and else on the CPU (fp32 and bf16 only), in a minute or two.
+#   --compile: add the torch.compile rows (step 2, BPNet).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-SMOKE=0
-[[ "${1:-}" == "--smoke" ]] && SMOKE=1
+SMOKE=0 COMPILE=()
+for arg in "$@"; do
+    case "$arg" in
+        --smoke) SMOKE=1 ;;
+        --compile) COMPILE=(--compile) ;;
+        *) echo "gpu_check.sh: unknown option $arg (usage: gpu_check.sh [--smoke] [--compile])" >&2; exit 2 ;;
+    esac
+done
 CUDA=$(python -c 'import torch; print(int(torch.cuda.is_available()))')
 if ((!SMOKE && !CUDA)); then
     echo "gpu_check.sh: no CUDA GPU here; run with --smoke for the CPU smoke test" >&2
@@ -36,7 +43,7 @@ else
     CHROM=(--chrom-loci 1 --chrom-members 2 --chrom-length 2114 --chrom-filters 512 --chrom-layers 8 --chrom-trimming 557 --chrom-batch 256)
     CE=(--ce-train 1000 --ce-epochs 5)
     LOCI=2000 MEMBERS=5 LENGTH=1000 FILTERS=64 LAYERS=8 CHUNK=64
-    T_TESTS=45 T_BPNET=150 T_CHROM=100 T_CE=60 T_PREDICT=180
+    T_TESTS=45 T_BPNET=$((${#COMPILE[@]} ? 150 : 90)) T_CHROM=100 T_CE=60 T_PREDICT=180
 fi
 
 echo "== 1/4 GPU tests (pytest -m gpu, at most ${T_TESTS} s)" >&2
@@ -45,7 +52,7 @@ echo "$?" >"$OUT/tests.rc"
 tail -3 "$OUT/tests.log" >&2
 
 for model in bpnet chrombpnet; do
-    if [[ $model == bpnet ]]; then SIZES=("${BPNET[@]}" --compile); LIMIT=$T_BPNET; else SIZES=("${CHROM[@]}"); LIMIT=$T_CHROM; fi
+    if [[ $model == bpnet ]]; then SIZES=("${BPNET[@]}" "${COMPILE[@]}"); LIMIT=$T_BPNET; else SIZES=("${CHROM[@]}"); LIMIT=$T_CHROM; fi
     echo "== 2/4 ISM throughput, $model (at most ${LIMIT} s)" >&2
     # shellcheck disable=SC2086 # PRECISIONS is a list of words
     timeout "$LIMIT" python benchmarks/bench_ism.py --models "$model" --device "$DEVICE" --threads "$(nproc)" \
