@@ -62,7 +62,7 @@ from deepmr_dist.errors import StoreError
 from deepmr_dist.io import progress
 from deepmr_dist.io import provenance
 from deepmr_dist.io.attrs import decode_attrs, encode_attrs
-from deepmr_dist.io.block_writes import block_writes, blockable_variables
+from deepmr_dist.io.block_writes import block_writes, blockable_variables, metadata_template
 from deepmr_dist.io.location import filesystem
 from deepmr_dist.io.lock import held_lease, is_lease_file, lock
 
@@ -750,9 +750,10 @@ def _write_staging(
         ds.sizes.get("locus", 1),
     )
     encoding = encoding_for(ds, chunk_loci, derived=True)
-    writes = ds.to_zarr(path, group=staging, mode="w-", compute=False, consolidated=False, encoding=encoding,
-                        storage_options=storage_options)  # fmt: skip
     blocked = blockable_variables(ds, chunk_loci)
+    template = metadata_template(ds, blocked) if blocked else ds
+    writes = template.to_zarr(path, group=staging, mode="w-", compute=False, consolidated=False, encoding=encoding,
+                              storage_options=storage_options)  # fmt: skip
     if blocked:  # the arrays exist now; one task per locus block computes and writes them (not xarray's writes)
         writes = block_writes(ds, blocked, path, staging, storage_options)
     _compute_writes(writes)
