@@ -30,10 +30,16 @@ from dask.array.optimization import optimize as optimize_array_graph
 from dask.highlevelgraph import HighLevelGraph
 from dask.delayed import Delayed
 
-__all__ = ["blockable_variables", "block_writes", "metadata_template"]
+__all__ = ["block_loci", "blockable_variables", "block_writes", "metadata_template"]
 
 _WRITABLE_KINDS = frozenset("fiuUT")
 """dtype kinds written as they are: xarray's Zarr encoding leaves floats, ints and strings unchanged."""
+
+
+def block_loci(chunk_loci: int, chunk_bytes: int, target_bytes: int) -> int:
+    """Loci per block of a stage's task: the most whole stored chunks (``chunk_loci`` loci, ``chunk_bytes``
+    each) within ``target_bytes``, and never less than one chunk."""
+    return chunk_loci * max(1, target_bytes // max(chunk_bytes, 1))
 
 
 def blockable_variables(ds: xr.Dataset, chunk_loci: int) -> list[str] | None:

@@ -22,6 +22,7 @@ from deepmr_dist import schema
 from deepmr_dist.stages import instruments
 from deepmr_dist.errors import InputError
 from deepmr_dist.io import progress
+from deepmr_dist.io.block_writes import block_loci
 from deepmr_dist.meta import META_REASONS, check_method, meta_analysis
 
 __all__ = [
@@ -222,7 +223,7 @@ def _mr_block_loci(ds: xr.Dataset) -> int:
     """Loci per MR block: a whole number of ``ds``'s locus chunks, about :data:`MR_BLOCK_BYTES` of float64 each."""
     chunk = ds["effect"].chunksizes["locus"][0]
     per_locus = 8 * ds.sizes["position"] * ds.sizes["allele"] * ds.sizes["task"]
-    return chunk * max(1, MR_BLOCK_BYTES // (per_locus * chunk))
+    return block_loci(chunk, per_locus * chunk, MR_BLOCK_BYTES)
 
 
 def local_ce(

@@ -5,10 +5,10 @@ For member i, mutant m and reference r of one locus and task,
 which equals ``sqrt(var(f(m)) + var(f(r)) - 2 cov(f(m), f(r)))`` across members.
 Computing the SD of the differences directly (in float64) avoids the
 cancellation of the three-term form; round-off below zero is clamped to 0.
-Everything is elementwise within a locus chunk: one compiled kernel call per
-chunk (:mod:`deepmr_dist.ism.effect_sizes`) reads its predictions once and
-writes both outputs in their storage dtype, so the dask graph is blockwise
-along ``locus`` and memory stays proportional to one chunk.
+Everything is elementwise within a locus: one compiled kernel call per block
+of whole chunks (:mod:`deepmr_dist.ism.effect_sizes`, :data:`EFFECTS_BLOCK_BYTES`)
+reads its predictions once and writes both outputs in their storage dtype, so
+the dask graph is blockwise along ``locus`` and memory stays proportional to one block.
 
 With a :class:`~deepmr_dist.stages.calibration.Calibration` (fitted on held-out
 labelled loci), ``effect_se`` of each task is multiplied by its factor inside
@@ -27,6 +27,7 @@ import xarray as xr
 from deepmr_dist import schema
 from deepmr_dist.stages.calibration import Calibration
 from deepmr_dist.errors import DeepMRError, InputError, StoreError
+from deepmr_dist.io.block_writes import block_loci
 
 
 BASES = np.array(list("ACGTN"))
@@ -121,8 +122,7 @@ def _moments(ism: xr.Dataset, ddof: int, factor: np.ndarray | None, dtype: str) 
         return both[0], both[1]
     import dask.array as da
 
-    mut = mut.rechunk({1: -1, 2: -1, 3: -1, 4: -1})
-    mut = mut.rechunk({0: _block_loci(mut)})
+    mut = mut.rechunk({0: _block_loci(mut), 1: -1, 2: -1, 3: -1, 4: -1})
     ref = ref.rechunk((mut.chunks[0], -1, -1))
     both = da.blockwise(kernel, "xlpat", mut, "lmpat", ref, "lmt", new_axes={"x": 2}, concatenate=True, dtype=dtype)
     return both[0], both[1]
@@ -141,8 +141,7 @@ to about 2 read passes of its predictions there.
 def _block_loci(mut: Any) -> int:
     """Loci per effects block: a whole number of ``mut``'s locus chunks, about :data:`EFFECTS_BLOCK_BYTES` each."""
     chunk = mut.chunks[0][0]
-    chunk_bytes = chunk * int(np.prod(mut.shape[1:])) * mut.dtype.itemsize
-    return chunk * max(1, EFFECTS_BLOCK_BYTES // max(chunk_bytes, 1))
+    return block_loci(chunk, chunk * int(np.prod(mut.shape[1:])) * mut.dtype.itemsize, EFFECTS_BLOCK_BYTES)
 
 
 def _variant_coords(ism: xr.Dataset, chunks: tuple[int, ...] | None) -> dict[str, xr.DataArray]:

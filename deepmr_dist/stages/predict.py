@@ -115,13 +115,17 @@ class PredictReport:
 
 def _ensemble(spec: ModelSpec, model_fp: str, length: int, settings: ISMSettings) -> list[Any]:
     device = worker_device()
-    incremental, head, compile = settings.incremental, settings.head, settings.compile
 
     def load() -> list[Any]:
-        members = load_members(spec, device)
-        return make_ensemble_runners(members, length, incremental=incremental, head=head, compile=compile)
+        return _runners(load_members(spec, device), length, settings)
 
-    return MODEL_CACHE.get((model_fp, str(device), length, incremental, head.output_index, compile), load)
+    key = (model_fp, str(device), length, settings.incremental, settings.head.output_index, settings.compile)
+    return MODEL_CACHE.get(key, load)
+
+
+def _runners(members: list[Any], length: int, settings: ISMSettings) -> list[Any]:
+    """The ensemble's runners for sequences of ``length`` under ``settings`` (incremental, head, compile)."""
+    return make_ensemble_runners(members, length, incremental=settings.incremental, head=settings.head, compile=settings.compile)
 
 
 def check_predictions(
@@ -207,9 +211,7 @@ def write_chunk(
 def predict_in_memory(loci: xr.Dataset, spec: ModelSpec, settings: ISMSettings = ISMSettings()) -> xr.Dataset:
     """The ``ism`` group for ``loci`` computed in this process, without a cluster or a store."""
     members = load_members(spec, worker_device())
-    runners = make_ensemble_runners(
-        members, loci.sizes["position"], incremental=settings.incremental, head=settings.head, compile=settings.compile
-    )
+    runners = _runners(members, loci.sizes["position"], settings)
     codes = loci["sequence"].values
     x = codes_to_onehot(torch.from_numpy(codes).to(worker_device()))
     ref, mut = saturation_mutagenesis(
